@@ -1,0 +1,219 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Storage(_message.Message):
+    __slots__ = ("driver", "source", "fstype", "options", "mount_point")
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FSTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    driver: str
+    source: str
+    fstype: str
+    options: _containers.RepeatedScalarFieldContainer[str]
+    mount_point: str
+    def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ...) -> None: ...
+
+class CreateSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "hostname", "storages", "sandbox_pidns")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    STORAGES_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_PIDNS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    hostname: str
+    storages: _containers.RepeatedCompositeFieldContainer[Storage]
+    sandbox_pidns: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: bool = ...) -> None: ...
+
+class DestroySandboxRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "oci_spec", "rootfs", "rootfs_overlay", "storages")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    OCI_SPEC_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    STORAGES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    oci_spec: bytes
+    rootfs: str
+    rootfs_overlay: bool
+    storages: _containers.RepeatedCompositeFieldContainer[Storage]
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., rootfs: _Optional[str] = ..., rootfs_overlay: bool = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ...) -> None: ...
+
+class StartContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class StartContainerResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class RemoveContainerRequest(_message.Message):
+    __slots__ = ("container_id", "timeout_seconds")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    timeout_seconds: int
+    def __init__(self, container_id: _Optional[str] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+
+class ExecProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "process")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    process: bytes
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[bytes] = ...) -> None: ...
+
+class ExecProcessResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class SignalProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "signal", "all")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    signal: int
+    all: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: bool = ...) -> None: ...
+
+class WaitProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class WaitProcessResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    def __init__(self, status: _Optional[int] = ...) -> None: ...
+
+class WriteStreamRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "data")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    data: bytes
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteStreamResponse(_message.Message):
+    __slots__ = ("len",)
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    len: int
+    def __init__(self, len: _Optional[int] = ...) -> None: ...
+
+class ReadStreamRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "len")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    len: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., len: _Optional[int] = ...) -> None: ...
+
+class ReadStreamResponse(_message.Message):
+    __slots__ = ("data", "eof")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    eof: bool
+    def __init__(self, data: _Optional[bytes] = ..., eof: bool = ...) -> None: ...
+
+class CloseStdinRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class TtyWinResizeRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "row", "column")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    row: int
+    column: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., row: _Optional[int] = ..., column: _Optional[int] = ...) -> None: ...
+
+class GuestDetailsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuestDetailsResponse(_message.Message):
+    __slots__ = ("kernel_release", "online_cpus", "mem_total_bytes", "boot_id", "agent_version", "crun_version")
+    KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CRUN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    kernel_release: str
+    online_cpus: int
+    mem_total_bytes: int
+    boot_id: str
+    agent_version: str
+    crun_version: str
+    def __init__(self, kernel_release: _Optional[str] = ..., online_cpus: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., boot_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., crun_version: _Optional[str] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class HealthCheckResponse(_message.Message):
+    __slots__ = ("status",)
+    class ServingStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN: _ClassVar[HealthCheckResponse.ServingStatus]
+        SERVING: _ClassVar[HealthCheckResponse.ServingStatus]
+        NOT_SERVING: _ClassVar[HealthCheckResponse.ServingStatus]
+    UNKNOWN: HealthCheckResponse.ServingStatus
+    SERVING: HealthCheckResponse.ServingStatus
+    NOT_SERVING: HealthCheckResponse.ServingStatus
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: HealthCheckResponse.ServingStatus
+    def __init__(self, status: _Optional[_Union[HealthCheckResponse.ServingStatus, str]] = ...) -> None: ...
+
+class VersionCheckResponse(_message.Message):
+    __slots__ = ("grpc_version", "agent_version")
+    GRPC_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    grpc_version: str
+    agent_version: str
+    def __init__(self, grpc_version: _Optional[str] = ..., agent_version: _Optional[str] = ...) -> None: ...
