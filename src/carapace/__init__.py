@@ -1,0 +1,1 @@
+"""carapace: a sandboxed container runtime."""

@@ -1,0 +1,202 @@
+"""asyncio ttrpc client: many concurrent calls multiplexed over one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from carapace.protocols import ttrpc_pb2
+from carapace.ttrpc.errors import Code, TtrpcError
+from carapace.ttrpc.wire import (
+    MAX_MESSAGE_SIZE,
+    MSG_REQUEST,
+    MSG_RESPONSE,
+    encode_frame,
+    oversize_message,
+    read_frame,
+)
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+_MAX_STREAM_ID = (1 << 32) - 1
+_CLOSED_MESSAGE = "ttrpc connection closed"
+
+
+class Client:
+    """A ttrpc client over an established stream.
+
+    Must be constructed inside a running event loop: it starts a reader task
+    that dispatches responses to the pending calls by stream id.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        self._reader = reader
+        self._writer = writer
+        self._pending: dict[int, asyncio.Future[ttrpc_pb2.Response]] = {}
+        self._next_stream_id = 1
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        self._reader_task = loop.create_task(self._read_loop(), name="ttrpc-client-reader")
+
+    @classmethod
+    async def connect_unix(cls, path: str) -> Client:
+        """Connect to a ttrpc server listening on a unix socket."""
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (by close() or by the peer)."""
+        return self._closed
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> M:
+        """Call service/method with a protobuf request, parsing the reply as response_type."""
+        payload = await self.call_raw(
+            service, method, request.SerializeToString(), timeout=timeout, metadata=metadata
+        )
+        response = response_type()
+        try:
+            response.ParseFromString(payload)
+        except DecodeError as e:
+            name = response_type.DESCRIPTOR.full_name
+            raise TtrpcError(
+                Code.INTERNAL, f"cannot parse {name} reply of {service}/{method}: {e}"
+            ) from e
+        return response
+
+    async def call_raw(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> bytes:
+        """Call service/method with a raw payload, returning the raw reply payload."""
+        if self._closed:
+            raise TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE)
+        if timeout is not None and timeout <= 0:
+            raise TtrpcError(Code.DEADLINE_EXCEEDED, f"{service}/{method}: deadline exceeded")
+        request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
+        if timeout is not None:
+            request.timeout_nano = max(1, int(timeout * 1_000_000_000))
+        if metadata:
+            for key, value in metadata.items():
+                request.metadata.add(key=key, value=value)
+        body = request.SerializeToString()
+        # Refuse an oversize request before a stream id is spent or anything is written.
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise TtrpcError(Code.RESOURCE_EXHAUSTED, oversize_message(len(body)))
+
+        stream_id = self._next_stream_id
+        if stream_id > _MAX_STREAM_ID:
+            raise TtrpcError(Code.RESOURCE_EXHAUSTED, "ttrpc stream ids exhausted")
+        self._next_stream_id += 2
+        frame = encode_frame(stream_id, MSG_REQUEST, body)
+        future: asyncio.Future[ttrpc_pb2.Response] = asyncio.get_running_loop().create_future()
+        self._pending[stream_id] = future
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                await self._send(frame)
+                response = await future
+        except TimeoutError:
+            if deadline.expired():
+                raise TtrpcError(
+                    Code.DEADLINE_EXCEEDED, f"{service}/{method}: deadline exceeded"
+                ) from None
+            raise
+        finally:
+            self._pending.pop(stream_id, None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # mark as retrieved when we bailed out early
+        if response.status.code != Code.OK:
+            raise TtrpcError.from_status(response.status)
+        return response.payload
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._write_lock:
+            if self._closed or self._writer.is_closing():
+                raise TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE)
+            try:
+                self._writer.write(frame)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as e:
+                raise TtrpcError(Code.UNAVAILABLE, f"{_CLOSED_MESSAGE}: {e}") from e
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await read_frame(self._reader)
+                if frame.msg_type != MSG_RESPONSE:
+                    log.warning(
+                        "ttrpc client: ignoring message type %d on stream %d",
+                        frame.msg_type,
+                        frame.stream_id,
+                    )
+                    continue
+                future = self._pending.pop(frame.stream_id, None)
+                if future is None or future.done():
+                    log.debug("ttrpc client: dropping response for stream %d", frame.stream_id)
+                    continue
+                if frame.payload is None:
+                    future.set_exception(
+                        TtrpcError(Code.RESOURCE_EXHAUSTED, oversize_message(frame.length))
+                    )
+                    continue
+                response = ttrpc_pb2.Response()
+                try:
+                    response.ParseFromString(frame.payload)
+                except DecodeError as e:
+                    future.set_exception(TtrpcError(Code.INTERNAL, f"invalid ttrpc response: {e}"))
+                    continue
+                future.set_result(response)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("ttrpc client: reader failed")
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for future in pending:
+            if not future.done():
+                future.set_exception(TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE))
+        self._writer.close()
+        self._closed_event.set()
+
+    async def close(self) -> None:
+        """Close the connection, failing every pending call with UNAVAILABLE."""
+        self._shutdown()
+        current = asyncio.current_task()
+        if current is not self._reader_task and not self._reader_task.done():
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is gone (peer EOF or close())."""
+        await self._closed_event.wait()
