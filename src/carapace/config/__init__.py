@@ -1,0 +1,115 @@
+"""configuration.toml: schema, defaults and loading.
+
+Looked up at $CARAPACE_CONFIG, else /etc/carapace/configuration.toml; a missing
+file means all defaults. Unknown sections or keys are errors, so a typo never
+silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carapace.errors import InvalidArgument
+
+DEFAULT_CONFIG_PATH = Path("/etc/carapace/configuration.toml")
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+
+@dataclass
+class HypervisorConfig:
+    path: str = "/usr/bin/qemu-system-x86_64"
+    #: "auto" probes KVM (and caches the verdict); "kvm" or "tcg" force one.
+    accel: str = "auto"
+    #: Guest image directory (vmlinux, initrd.img, rootfs/); kernel/initrd override files.
+    image_dir: str = "/var/lib/carapace/guest"
+    kernel: str = ""
+    initrd: str = ""
+    default_vcpus: float = 1
+    default_memory: int = 1024  # MiB
+    #: Most vCPUs and memory a VM can grow to (hotplug headroom).
+    default_maxvcpus: int = 0  # 0: the host's CPUs
+    boot_timeout: float = 90.0
+    shutdown_timeout: float = 10.0
+    kernel_params: str = ""
+
+
+@dataclass
+class RuntimeConfig:
+    run_dir: str = "/run/carapace"
+    state_dir: str = "/var/lib/carapace"
+    #: Kill the VM when the process that owns the sandbox dies (in-process owners).
+    kill_vm_with_owner: bool = True
+
+
+@dataclass
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: str = ""
+
+    @property
+    def image_dir(self) -> Path:
+        return Path(self.hypervisor.image_dir)
+
+
+def _apply(section: Any, values: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        f = fields.get(key)
+        if f is None:
+            raise InvalidArgument(
+                f"{where}: unknown key {key!r}; accepted: {', '.join(sorted(fields))}"
+            )
+        current = getattr(section, key)
+        expected = type(current)
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+        if isinstance(value, bool) and expected is not bool:
+            ok = False
+        if not ok:
+            raise InvalidArgument(
+                f"{where}.{key}: {value!r} is a {type(value).__name__}; expected a "
+                f"{expected.__name__}"
+            )
+        setattr(section, key, expected(value))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"{source}: not valid TOML: {e}") from e
+    cfg = Config(source=source)
+    sections = {"hypervisor": cfg.hypervisor, "runtime": cfg.runtime}
+    for name, values in data.items():
+        if name not in sections or not isinstance(values, dict):
+            raise InvalidArgument(
+                f"{source}: unknown section [{name}]; accepted: "
+                f"{', '.join('[' + s + ']' for s in sections)}"
+            )
+        _apply(sections[name], values, f"{source} [{name}]")
+    if cfg.hypervisor.accel not in ACCELERATORS:
+        raise InvalidArgument(
+            f"{source} [hypervisor] accel: {cfg.hypervisor.accel!r}; accepted: "
+            f"{', '.join(ACCELERATORS)}"
+        )
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """The configuration from ``path``, $CARAPACE_CONFIG or the default location."""
+    if path is None:
+        env = os.environ.get("CARAPACE_CONFIG")
+        path = Path(env) if env else DEFAULT_CONFIG_PATH
+        if not env and not path.exists():
+            return Config(source="defaults")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read configuration {p}: {e.strerror}") from e
+    return parse_config(text, str(p))

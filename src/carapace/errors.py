@@ -1,0 +1,46 @@
+"""The one exception hierarchy of carapace.
+
+Every message says what was wrong, the value seen and what would be accepted, so a
+user can act on it from a terminal or from ``kubectl describe pod``.
+"""
+
+from __future__ import annotations
+
+
+class CarapaceError(Exception):
+    """Base of every error carapace reports to a user."""
+
+    #: Exit status the CLI uses for this error (runc and docker use 125 for their own failures).
+    exit_code = 125
+
+
+class InvalidArgument(CarapaceError):
+    """A value given by the user (flag, annotation, spec field, config key) is not accepted."""
+
+
+class NotFound(CarapaceError):
+    """A sandbox, container, process or file that was named does not exist."""
+
+
+class AlreadyExists(CarapaceError):
+    """Something with that name exists already."""
+
+
+class HostError(CarapaceError):
+    """The host lacks something carapace needs (a package, a device, a permission)."""
+
+
+class ImageError(CarapaceError):
+    """The guest image cannot be built or is unusable."""
+
+
+class HypervisorError(CarapaceError):
+    """The VM failed to start, boot or answer."""
+
+
+class AgentError(CarapaceError):
+    """The guest agent refused or failed a request."""
+
+
+class StateError(CarapaceError):
+    """An operation is not valid in the sandbox's or container's current state."""

@@ -1,0 +1,112 @@
+"""Early system set-up done by the agent when it is PID 1 of the guest.
+
+Runs before anything else: mounts the pseudo filesystems, loads the kernel modules
+the image lists, enables cgroup v2 controllers. Stdlib only (ctypes for mount(2)
+and finit_module(2)), no subprocess, so it costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+
+from carapace.linux import MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_REC, mount
+
+log = logging.getLogger("carapace.agent")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_FINIT_MODULE = 313  # x86_64
+
+MODULE_LIST = "/lib/modules/carapace.load"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def load_module(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rc = _libc.syscall(SYS_FINIT_MODULE, fd, b"", 0)
+        if rc != 0:
+            err = ctypes.get_errno()
+            if err != errno.EEXIST:
+                raise OSError(err, f"finit_module {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def load_modules(list_path: str = MODULE_LIST) -> list[str]:
+    loaded = []
+    try:
+        with open(list_path) as f:
+            paths = [p.strip() for p in f if p.strip()]
+    except FileNotFoundError:
+        return loaded
+    for p in paths:
+        load_module(p)
+        loaded.append(os.path.basename(p))
+    return loaded
+
+
+def make_root_a_mount() -> None:
+    """Put a bind mount of the initramfs over / and chroot into it.
+
+    The initramfs root has no parent mount, so pivot_root(2) (which crun uses to
+    enter a container's rootfs) fails with EINVAL under it; under a bind mount of it
+    moved onto / it works.
+    """
+    os.makedirs("/newroot", exist_ok=True)
+    mount("/", "/newroot", None, MS_BIND | MS_REC)
+    os.chdir("/newroot")
+    mount("/newroot", "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def early_init() -> None:
+    """Mount what a Linux userspace and crun need, load modules, set up cgroup v2."""
+    make_root_a_mount()
+    nosuid_nodev = MS_NOSUID | MS_NODEV
+    mount("proc", "/proc", "proc", nosuid_nodev | MS_NOEXEC)
+    mount("sysfs", "/sys", "sysfs", nosuid_nodev | MS_NOEXEC)
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=0666")
+    mount("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777")
+    mount("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755")
+    mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777")
+    mount("cgroup2", CGROUP_ROOT, "cgroup2", nosuid_nodev | MS_NOEXEC)
+    for name, target in (("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
+                         ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr")):
+        if not os.path.lexists(target):
+            os.symlink(name, target)
+    load_modules()
+    enable_cgroup_controllers(CGROUP_ROOT)
+    with open("/proc/sys/kernel/hostname", "w") as f:
+        f.write("carapace")
+
+
+def enable_cgroup_controllers(root: str) -> None:
+    """Delegate every available controller from the root to its children."""
+    try:
+        with open(os.path.join(root, "cgroup.controllers")) as f:
+            controllers = f.read().split()
+        with open(os.path.join(root, "cgroup.subtree_control"), "w") as f:
+            f.write(" ".join("+" + c for c in controllers))
+    except OSError as e:
+        log.warning("cannot enable cgroup controllers: %s", e)
+
+
+def find_virtio_port(name: str, sysfs: str = "/sys/class/virtio-ports") -> str | None:
+    """The /dev node of the virtio-serial port called ``name``, if it exists yet."""
+    try:
+        ports = os.listdir(sysfs)
+    except FileNotFoundError:
+        return None
+    for port in ports:
+        try:
+            with open(os.path.join(sysfs, port, "name")) as f:
+                if f.read().strip() == name:
+                    return f"/dev/{port}"
+        except OSError:
+            continue
+    return None

@@ -1,0 +1,1 @@
+"""QEMU: command line, accelerator probe, process and QMP control."""

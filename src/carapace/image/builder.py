@@ -1,0 +1,494 @@
+"""Builds the guest image (kernel + initramfs) and the default busybox rootfs.
+
+Everything comes from Debian packages installed on the host: the distribution
+kernel (kept as an uncompressed vmlinux for the faster PVH boot), its modules,
+busybox-static, Debian's CPython with the stdlib subset the agent imports, crun
+with its libraries, plus protobuf and the agent's own code from the virtualenv.
+Nothing is downloaded. A manifest records the inputs; an unchanged input set is
+not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from carapace.errors import ImageError
+from carapace.image.cpio import Entry, encode_archive
+
+BUILDER_VERSION = "1"
+GUEST_PYTHON = "/usr/bin/python3.11"
+GUEST_LIB = "/opt/carapace/lib"  # where the agent package and protobuf live in the guest
+AGENT_PORT_NAME = "carapace.agent"
+SHARE_TAG = "carapace"
+MODULE_LIST = "lib/modules/carapace.load"
+
+#: Debian packages the image is made of (the kernel package is found at build time).
+PACKAGES = ("busybox-static", "python3.11-minimal", "libpython3.11-stdlib", "crun")
+
+#: Kernel modules the guest loads at boot (their dependencies are added from modules.dep).
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "virtio_net",
+    "virtio_blk",
+)
+
+#: Modules of the stdlib the agent may import lazily (the import capture adds the rest).
+EXTRA_STDLIB = (
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "encodings.idna",
+    "encodings.aliases",
+)
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest image: what the hypervisor boots."""
+
+    kernel: Path
+    initrd: Path
+    rootfs: Path  # default container rootfs (busybox)
+    manifest: dict[str, object]
+
+    @property
+    def kernel_release(self) -> str:
+        return str(self.manifest["kernel_release"])
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    except FileNotFoundError as e:
+        raise ImageError(f"command {argv[0]!r} not found; is it installed?") from e
+    except subprocess.CalledProcessError as e:
+        raise ImageError(f"{' '.join(argv)} failed ({e.returncode}): {e.stderr.strip()}") from e
+
+
+def package_version(name: str) -> str:
+    """Installed version of a Debian package, or an ImageError naming it."""
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", name],
+        capture_output=True,
+        text=True,
+    )
+    status, _, version = r.stdout.partition(" ")
+    if r.returncode != 0 or status != "installed":
+        raise ImageError(
+            f"Debian package {name!r} is not installed; the guest image needs it "
+            f"(apt-get install {name})"
+        )
+    return version
+
+
+def kernel_package() -> tuple[str, str]:
+    """(package, kernel release) of the kernel linux-image-amd64 depends on."""
+    package_version("linux-image-amd64")
+    deps = _run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"])
+    for dep in deps.split(","):
+        name = dep.strip().split(" ")[0]
+        if name.startswith("linux-image-") and name != "linux-image-amd64":
+            return name, name.removeprefix("linux-image-")
+    raise ImageError(f"cannot find the kernel package in linux-image-amd64's Depends: {deps!r}")
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """Decompress the ELF vmlinux from a bzImage's XZ payload (Debian's compression)."""
+    start = bzimage.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        raise ImageError("no XZ payload found in the kernel image; cannot extract vmlinux")
+    out = lzma.LZMADecompressor().decompress(bzimage[start:])
+    if out[:4] != b"\x7fELF":
+        raise ImageError("the kernel's XZ payload is not an ELF vmlinux")
+    return out
+
+
+def module_closure(modules_dep: str, wanted: Iterable[str]) -> list[str]:
+    """Paths (relative to /lib/modules/<release>) of ``wanted`` modules and their
+    dependencies, in an order where each module comes after what it depends on."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in modules_dep.splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        base = path.rsplit("/", 1)[-1]
+        for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        by_name[base.replace("-", "_")] = path
+    order: list[str] = []
+
+    def visit(path: str, stack: tuple[str, ...]) -> None:
+        if path in order:
+            return
+        if path in stack:
+            raise ImageError(f"module dependency cycle through {path}")
+        for dep in deps.get(path, []):
+            visit(dep, (*stack, path))
+        order.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise ImageError(f"kernel module {name!r} not found in modules.dep")
+        visit(by_name[key], ())
+    return order
+
+
+def shared_libraries(paths: Iterable[str]) -> set[str]:
+    """Every shared library (and the loader) the ELF files at ``paths`` need."""
+    libs: set[str] = set()
+    for path in paths:
+        out = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            line = line.strip()
+            if "=>" in line:
+                target = line.split("=>", 1)[1].strip().split(" ")[0]
+            else:
+                target = line.split(" ")[0]
+            if target.startswith("/"):
+                libs.add(target)
+    return libs
+
+
+_CAPTURE = r"""
+import importlib, json, sys
+sys.path[:0] = sys.argv[1].split(":")
+for name in sys.argv[2].split(","):
+    importlib.import_module(name)
+files = {}
+for name, mod in list(sys.modules.items()):
+    f = getattr(mod, "__file__", None)
+    if f:
+        files[name] = f
+print(json.dumps(files))
+"""
+
+
+class ImageBuilder:
+    """Builds the guest image into ``out_dir``, only when its inputs changed."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        progress: ProgressFn | None = None,
+        kernel_path: Path | None = None,
+    ) -> None:
+        self.out_dir = out_dir
+        self.progress = progress or (lambda _msg: None)
+        self._kernel_path = kernel_path
+
+    # -- inputs ---------------------------------------------------------------
+
+    def _agent_sources(self) -> dict[str, Path]:
+        """Files of the carapace package that go into the guest, by guest-relative name."""
+        import carapace
+
+        pkg = Path(carapace.__file__).parent
+        out: dict[str, Path] = {"carapace/__init__.py": pkg / "__init__.py",
+                                "carapace/errors.py": pkg / "errors.py",
+                                "carapace/linux.py": pkg / "linux.py"}
+        for sub in ("guest", "ttrpc", "protocols"):
+            for f in sorted((pkg / sub).rglob("*.py")):
+                out[f"carapace/{f.relative_to(pkg)}"] = f
+        return out
+
+    def inputs(self) -> dict[str, object]:
+        """What the image is made of: package versions and hashes of our own files."""
+        import google.protobuf
+
+        kpkg, release = kernel_package()
+        versions = {kpkg: package_version(kpkg)}
+        for p in PACKAGES:
+            versions[p] = package_version(p)
+        h = hashlib.sha256()
+        for name, path in sorted(self._agent_sources().items()):
+            h.update(name.encode() + b"\0" + path.read_bytes())
+        return {
+            "builder_version": BUILDER_VERSION,
+            "kernel_release": release,
+            "packages": versions,
+            "protobuf": google.protobuf.__version__,
+            "agent_sha256": h.hexdigest(),
+            "modules": list(GUEST_MODULES),
+        }
+
+    # -- outputs --------------------------------------------------------------
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / "manifest.json"
+
+    def current(self) -> GuestImage | None:
+        """The image on disk, if it is complete and its files match the manifest."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+        outputs = manifest.get("outputs", {})
+        for name in ("vmlinux", "initrd.img"):
+            path = self.out_dir / name
+            meta = outputs.get(name)
+            if not meta or not path.exists() or path.stat().st_size != meta.get("size"):
+                return None
+        if not (self.out_dir / "rootfs" / "bin" / "busybox").exists():
+            return None
+        return GuestImage(
+            kernel=self.out_dir / "vmlinux",
+            initrd=self.out_dir / "initrd.img",
+            rootfs=self.out_dir / "rootfs",
+            manifest=manifest,
+        )
+
+    def up_to_date(self) -> GuestImage | None:
+        img = self.current()
+        if img is None:
+            return None
+        if img.manifest.get("inputs") != self.inputs():
+            return None
+        return img
+
+    def build(self, force: bool = False) -> GuestImage:
+        if not force:
+            img = self.up_to_date()
+            if img is not None:
+                self.progress(f"guest image is up to date ({self.out_dir})")
+                return img
+        t0 = time.monotonic()
+        inputs = self.inputs()
+        release = str(inputs["kernel_release"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".build-") as tmp:
+            work = Path(tmp)
+            self.progress(f"[1/4] kernel {release}: extracting vmlinux")
+            kernel = self._kernel_path or Path(f"/boot/vmlinuz-{release}")
+            try:
+                vmlinux = extract_vmlinux(kernel.read_bytes())
+            except OSError as e:
+                raise ImageError(f"cannot read the kernel {kernel}: {e.strerror}") from e
+            (work / "vmlinux").write_bytes(vmlinux)
+            self.progress("[2/4] initramfs: modules, busybox, python, crun, agent")
+            entries = self._initramfs_entries(release, work)
+            initrd = encode_archive(entries)
+            (work / "initrd.img").write_bytes(initrd)
+            self.progress("[3/4] default container rootfs (busybox)")
+            rootfs_tmp = work / "rootfs"
+            build_busybox_rootfs(rootfs_tmp)
+            self.progress("[4/4] writing manifest")
+            outputs = {}
+            for name in ("vmlinux", "initrd.img"):
+                data = (work / name).read_bytes()
+                outputs[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            manifest = {
+                "inputs": inputs,
+                "kernel_release": release,
+                "outputs": outputs,
+                "initrd_files": len(entries),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            for name in ("vmlinux", "initrd.img"):
+                os.replace(work / name, self.out_dir / name)
+            old_rootfs = self.out_dir / "rootfs"
+            if old_rootfs.exists():
+                shutil.rmtree(old_rootfs)
+            os.replace(rootfs_tmp, old_rootfs)
+            tmp_manifest = work / "manifest.json"
+            tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(tmp_manifest, self.manifest_path)
+        self.progress(
+            f"built guest image in {time.monotonic() - t0:.1f}s: "
+            f"vmlinux {outputs['vmlinux']['size'] / 2**20:.1f} MiB, "
+            f"initramfs {outputs['initrd.img']['size'] / 2**20:.1f} MiB "
+            f"({len(entries)} files) in {self.out_dir}"
+        )
+        img = self.current()
+        assert img is not None
+        return img
+
+    # -- the initramfs --------------------------------------------------------
+
+    def _initramfs_entries(self, release: str, work: Path) -> list[Entry]:
+        files = InitramfsTree()
+        for d in ("dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt", "usr/bin",
+                  "usr/lib", "lib", "lib64", "bin", "sbin"):
+            files.dir(d)
+        files.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+        files.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        files.file("etc/group", b"root:x:0:\n")
+        files.file("etc/hostname", b"carapace\n")
+        # busybox: a shell for debugging and for hooks
+        files.copy("bin/busybox", Path("/bin/busybox"))
+        for applet in ("sh", "mount", "umount", "ls", "cat", "poweroff", "insmod"):
+            files.symlink(f"bin/{applet}", "busybox")
+        # kernel modules, in load order
+        moddir = Path(f"/lib/modules/{release}")
+        try:
+            modules_dep = (moddir / "modules.dep").read_text()
+        except OSError as e:
+            raise ImageError(
+                f"cannot read {moddir}/modules.dep ({e.strerror}); is linux-image-{release} "
+                "installed?"
+            ) from e
+        order = module_closure(modules_dep, GUEST_MODULES)
+        for rel in order:
+            files.copy(f"lib/modules/{release}/{rel}", moddir / rel)
+        files.file(MODULE_LIST, "".join(f"/lib/modules/{release}/{r}\n" for r in order).encode())
+        # CPython with just what the agent imports
+        elfs = [GUEST_PYTHON, "/usr/bin/crun"]
+        for p in elfs:
+            if not Path(p).exists():
+                raise ImageError(f"{p} is missing; install python3.11-minimal and crun")
+        files.copy("usr/bin/python3.11", Path(GUEST_PYTHON))
+        files.symlink("usr/bin/python3", "python3.11")
+        files.copy("usr/bin/crun", Path("/usr/bin/crun"))
+        staged = self._stage_python(work)
+        for rel, path in sorted(staged.items()):
+            files.copy(rel, path)
+            if path.suffix == ".so":
+                elfs.append(str(path))
+        for lib in sorted(shared_libraries(elfs)):
+            real = Path(lib).resolve()
+            rel = lib.lstrip("/")
+            if rel.startswith("lib64/"):
+                continue  # the loader is reached through the lib64 symlink
+            files.copy(rel, real)
+        files.copy("lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                   Path("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2").resolve())
+        files.file("init", INIT_SCRIPT.encode(), mode=0o755)
+        return files.entries()
+
+    def _stage_python(self, work: Path) -> dict[str, Path]:
+        """Copy the agent, protobuf and the stdlib modules they import into a staging
+        tree, byte-compile it with the guest's Python, and return guest path -> file."""
+        import google.protobuf
+
+        stage = work / "python"
+        lib = stage / GUEST_LIB.lstrip("/")
+        for rel, src in self._agent_sources().items():
+            dst = lib / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        pb_root = Path(google.protobuf.__file__).parent.parent  # .../site-packages/google
+        shutil.copytree(pb_root, lib / "google", ignore=shutil.ignore_patterns(
+            "__pycache__", "*.pyi", "compiler", "testing", "util"))
+        # import the agent with the guest's interpreter and record what it loads
+        r = subprocess.run(
+            [GUEST_PYTHON, "-S", "-c", _CAPTURE, str(lib),
+             "carapace.guest.agent," + ",".join(EXTRA_STDLIB)],
+            capture_output=True, text=True,
+        )
+        if r.returncode != 0:
+            raise ImageError(f"the agent does not import under {GUEST_PYTHON}: {r.stderr[-2000:]}")
+        loaded: dict[str, str] = json.loads(r.stdout)
+        stdlib = Path("/usr/lib/python3.11")
+        for f in loaded.values():
+            p = Path(f)
+            if p.is_relative_to(stdlib):
+                dst = stage / p.relative_to("/")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, dst)
+        (stage / "usr/lib/python3.11/lib-dynload").mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [GUEST_PYTHON, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode",
+             "unchecked-hash", "-s", str(stage), "-p", "/", str(stage)],
+            check=True, capture_output=True,
+        )
+        out: dict[str, Path] = {}
+        for path in stage.rglob("*"):
+            if path.is_file():
+                out[str(path.relative_to(stage))] = path
+        return out
+
+
+class InitramfsTree:
+    """Entries of the initramfs, with parent directories created on demand."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+
+    def dir(self, name: str, mode: int = 0o755) -> None:
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in self._entries:
+                self._entries[d] = Entry(name=d, mode=stat.S_IFDIR | mode)
+
+    def _parent(self, name: str) -> None:
+        if "/" in name:
+            self.dir(name.rsplit("/", 1)[0])
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._parent(name)
+        self._entries[name] = Entry(name=name, mode=stat.S_IFREG | mode, data=data)
+
+    def copy(self, name: str, src: Path) -> None:
+        st = src.stat()
+        self.file(name, src.read_bytes(), mode=stat.S_IMODE(st.st_mode))
+
+    def symlink(self, name: str, target: str) -> None:
+        self._parent(name)
+        self._entries[name] = Entry(name=name, mode=stat.S_IFLNK | 0o777, data=target.encode())
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+
+#: The guest's /init: CPython straight to the agent (which mounts, loads modules, serves).
+INIT_SCRIPT = f"""#!{GUEST_PYTHON} -S
+import sys
+sys.path.insert(0, "{GUEST_LIB}")
+from carapace.guest.agent import main
+main()
+"""
+
+
+def build_busybox_rootfs(root: Path) -> None:
+    """A minimal container rootfs: static busybox with its applets, /etc basics."""
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        raise ImageError("/bin/busybox is missing; install busybox-static")
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
+              "root", "var", "run", "home"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    applets = _run([str(busybox), "--list-full"]).split()
+    for applet in applets:
+        link = root / applet
+        if applet == "bin/busybox" or link.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        depth = applet.count("/")
+        link.symlink_to("../" * depth + "bin/busybox")
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+    )
+    (root / "etc" / "group").write_text("root:x:0:\nnobody:x:65534:\n")
+    (root / "etc" / "hostname").write_text("carapace\n")
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper
+    out = Path(argv[0]) if argv else Path("/var/lib/carapace/guest")
+    ImageBuilder(out, progress=lambda m: print(m, file=sys.stderr)).build()
+    return 0

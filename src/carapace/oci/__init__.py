@@ -1,0 +1,1 @@
+"""OCI runtime-spec: building, loading and checking config.json."""

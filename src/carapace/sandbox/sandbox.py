@@ -1,0 +1,400 @@
+"""The Sandbox: one pod, one VM, one agent connection.
+
+Lifecycle: ``start()`` creates the run dir, boots the VM and waits for the agent;
+containers come and go; ``destroy()`` stops the VM and releases every resource.
+A failure at any step undoes what was made before raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carapace import linux, sizing
+from carapace.agent.client import AgentClient
+from carapace.config import Config
+from carapace.errors import (
+    AgentError,
+    AlreadyExists,
+    CarapaceError,
+    HypervisorError,
+    ImageError,
+    InvalidArgument,
+    NotFound,
+    StateError,
+)
+from carapace.hypervisor import VMSpec
+from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
+from carapace.hypervisor.qemu.cmdline import SHARE_TAG
+from carapace.hypervisor.qemu.vm import QemuVM, tail
+from carapace.image.builder import GuestImage, ImageBuilder
+from carapace.protocols import agent_pb2 as pb
+from carapace.sandbox.state import SandboxRecord, release
+
+log = logging.getLogger("carapace.sandbox")
+
+GUEST_SHARED_DIR = "/run/carapace/shared"
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+OUTPUT_DRAIN_TIMEOUT = 5.0  # after exit, how long to wait for output streams to close
+
+Sink = Callable[[bytes], Awaitable[None] | None]
+
+
+def check_id(value: str, what: str) -> str:
+    if not ID_RE.match(value):
+        raise InvalidArgument(
+            f"{what} {value!r} is not valid; accepted: 1-64 characters of letters, digits, "
+            "'_', '.', '-', starting with a letter or digit"
+        )
+    return value
+
+
+def host_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class SandboxOptions:
+    """What the user asked for; validated by ``Sandbox.__init__`` before anything exists."""
+
+    cpus: float | str | None = None
+    memory: str | int | None = None  # docker-style size; None: the configured default
+    sandbox_id: str | None = None
+    hostname: str = "carapace"
+
+
+@dataclass
+class ProcessIO:
+    """Where a process's streams come from and go to (all optional)."""
+
+    stdin: AsyncIterator[bytes] | None = None
+    stdout: Sink | None = None
+    stderr: Sink | None = None
+    #: called once the process started, with a resize function (terminal use)
+    on_started: Callable[[Callable[[int, int], Awaitable[None]]], None] | None = None
+
+
+@dataclass
+class _Container:
+    id: str
+    mounts: list[str] = field(default_factory=list)
+    started: bool = False
+
+
+class Sandbox:
+    def __init__(self, config: Config, options: SandboxOptions | None = None,
+                 image: GuestImage | None = None) -> None:
+        opts = options or SandboxOptions()
+        hv = config.hypervisor
+        self.config = config
+        self.id = check_id(opts.sandbox_id or secrets.token_hex(6), "sandbox id")
+        self.hostname = opts.hostname
+        cpus = sizing.parse_cpus(opts.cpus if opts.cpus is not None else hv.default_vcpus,
+                                 "--cpus")
+        self.vcpus = sizing.check_vcpus(cpus, host_cpus(), "--cpus")
+        mem = sizing.parse_size(opts.memory, "--memory") if opts.memory is not None else (
+            hv.default_memory * sizing.MiB)
+        self.memory_mib = sizing.check_vm_memory(mem, "--memory")
+        self.run_dir = Path(config.runtime.run_dir) / self.id
+        self._image = image
+        self.vm: QemuVM | None = None
+        self.agent: AgentClient | None = None
+        self.record = SandboxRecord(id=self.id, run_dir=str(self.run_dir))
+        self.containers: dict[str, _Container] = {}
+        self.accel: AccelChoice | None = None
+        self.boot_id = ""
+        self._lock = asyncio.Lock()
+
+    # -- the guest image --------------------------------------------------------
+
+    def image(self) -> GuestImage:
+        if self._image is None:
+            img = ImageBuilder(self.config.image_dir).current()
+            if img is None:
+                raise ImageError(
+                    f"no guest image in {self.config.image_dir}; build it with "
+                    "`carapace guest build` (or `make run`)"
+                )
+            self._image = img
+        return self._image
+
+    def _kernel_initrd(self) -> tuple[Path, Path]:
+        hv = self.config.hypervisor
+        if hv.kernel and hv.initrd:
+            kernel, initrd = Path(hv.kernel), Path(hv.initrd)
+        else:
+            img = self.image()
+            kernel = Path(hv.kernel) if hv.kernel else img.kernel
+            initrd = Path(hv.initrd) if hv.initrd else img.initrd
+        for what, p in (("kernel", kernel), ("initrd", initrd)):
+            if not p.is_file():
+                raise NotFound(f"guest {what} {p} does not exist")
+        return kernel, initrd
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.run_dir / "shared"
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the run dir, boot the VM, wait for the agent, create the guest sandbox."""
+        kernel, initrd = self._kernel_initrd()
+        hv = self.config.hypervisor
+        self.accel = choose_accelerator(hv.accel, hv.path, kernel, initrd,
+                                        Path(self.config.runtime.state_dir) / "accel.json")
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise AlreadyExists(f"sandbox {self.id} exists already ({self.run_dir})") from None
+        try:
+            self.record.vcpus, self.record.memory_mib = self.vcpus, self.memory_mib
+            self.record.accel = self.accel.accel
+            self.record.save()
+            self.shared_dir.mkdir()
+            spec = VMSpec(name=self.id, run_dir=self.run_dir, kernel=kernel, initrd=initrd,
+                          vcpus=self.vcpus, memory_mib=self.memory_mib,
+                          accel=self.accel.accel, shared_dir=self.shared_dir,
+                          kernel_params=hv.kernel_params)
+            self.vm = QemuVM(hv.path, spec, die_with_owner=self.config.runtime.kill_vm_with_owner)
+            self.record.qemu_pid = await self.vm.start()
+            self.record.save()
+            log.info("sandbox %s: QEMU pid %d (%s: %s)", self.id, self.record.qemu_pid,
+                     self.accel.accel, self.accel.reason)
+            await self._connect_agent()
+            assert self.agent is not None
+            await self.agent.create_sandbox(self.id, self.hostname, [pb.Storage(
+                driver="9p", source=SHARE_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
+                options=["trans=virtio", "version=9p2000.L", "cache=mmap", "msize=262144"])])
+            self.boot_id = (await self.agent.guest_details()).boot_id
+            self.record.state = "running"
+            self.record.save()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _connect_agent(self) -> None:
+        assert self.vm is not None
+        self.agent = await AgentClient.connect(str(self.vm.spec.agent_socket))
+        timeout = self.config.hypervisor.boot_timeout
+        check = asyncio.ensure_future(self.agent.check(timeout))
+        exit_wait = asyncio.ensure_future(self.vm.wait())
+        try:
+            done, _ = await asyncio.wait({check, exit_wait}, timeout=timeout + 1,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exit_wait.cancel()
+        if check in done and check.exception() is None:
+            return
+        check.cancel()
+        console = tail(self.vm.spec.console_log, 15) or "(the console printed nothing)"
+        if exit_wait in done or self.vm.exited():
+            why = f"QEMU exited with status {self.vm.proc.returncode if self.vm.proc else '?'}"
+        elif check.done() and check.exception() is not None:
+            why = f"the agent failed: {check.exception()}"
+        else:
+            why = f"the agent did not answer within {timeout:g}s"
+        raise HypervisorError(f"sandbox {self.id}: the VM failed to boot ({why}). "
+                              f"Console log tail:\n{console}")
+
+    async def destroy(self) -> None:
+        """Stop the VM (gracefully, then by force) and release everything. Idempotent."""
+        async with self._lock:
+            if self.record.state == "deleted":
+                return
+            if self.agent is not None and self.vm is not None and not self.vm.exited():
+                for cid in list(self.containers):
+                    with contextlib.suppress(CarapaceError):
+                        await self.remove_container(cid)
+                with contextlib.suppress(CarapaceError, OSError):
+                    await self.agent.destroy_sandbox(timeout=5)
+            await self._release()
+
+    async def _release(self) -> None:
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                await self.agent.close()
+            self.agent = None
+        if self.vm is not None:
+            await self.vm.stop(self.config.hypervisor.shutdown_timeout)
+            self.record.state = "stopped"
+        problems = await asyncio.get_running_loop().run_in_executor(None, release, self.record)
+        self.record.state = "deleted"
+        if problems:
+            raise StateError(f"sandbox {self.id}: could not release: {'; '.join(problems)}")
+
+    # -- containers ---------------------------------------------------------------
+
+    def _agent(self) -> AgentClient:
+        if self.agent is None or self.record.state != "running":
+            raise StateError(f"sandbox {self.id} is not running (state {self.record.state})")
+        return self.agent
+
+    async def create_container(self, container_id: str, spec: dict[str, Any], rootfs: Path,
+                               overlay: bool = True) -> None:
+        """Share ``rootfs`` into the guest and create the container there.
+        ``overlay``: the guest writes to an in-memory layer, never to ``rootfs``."""
+        agent = self._agent()
+        check_id(container_id, "container id")
+        if container_id in self.containers:
+            raise AlreadyExists(f"container {container_id} exists already in sandbox {self.id}")
+        if not rootfs.is_dir():
+            raise NotFound(f"rootfs {rootfs} is not a directory")
+        c = _Container(container_id)
+        self.containers[container_id] = c
+        target = self.shared_dir / container_id / "rootfs"
+        try:
+            target.mkdir(parents=True)
+            self.record.mounts.append(str(target))
+            self.record.containers.append(container_id)
+            self.record.save()
+            c.mounts.append(str(target))
+            linux.bind_mount(str(rootfs), str(target), readonly=overlay)
+            await agent.create_container(container_id, spec,
+                                         f"{GUEST_SHARED_DIR}/{container_id}/rootfs", overlay)
+        except BaseException:
+            await self._unshare(c)
+            raise
+
+    async def _unshare(self, c: _Container) -> None:
+        for m in reversed(c.mounts):
+            with contextlib.suppress(OSError):
+                if linux.is_mountpoint(m):
+                    linux.umount(m, lazy=True)
+            if m in self.record.mounts:
+                self.record.mounts.remove(m)
+        if c.id in self.record.containers:
+            self.record.containers.remove(c.id)
+        shutil.rmtree(self.shared_dir / c.id, ignore_errors=True)
+        self.containers.pop(c.id, None)
+        if self.record.state != "deleted":
+            with contextlib.suppress(OSError):
+                self.record.save()
+
+    async def start_container(self, container_id: str) -> int:
+        c = self._container(container_id)
+        pid = await self._agent().start_container(container_id)
+        c.started = True
+        return pid
+
+    def _container(self, container_id: str) -> _Container:
+        c = self.containers.get(container_id)
+        if c is None:
+            raise NotFound(f"container {container_id} not found in sandbox {self.id}")
+        return c
+
+    async def remove_container(self, container_id: str) -> None:
+        c = self._container(container_id)
+        try:
+            await self._agent().remove_container(container_id)
+        finally:
+            await self._unshare(c)
+
+    async def kill(self, container_id: str, sig: int = signal.SIGTERM, exec_id: str = "",
+                   all_processes: bool = False) -> None:
+        self._container(container_id)
+        await self._agent().signal_process(container_id, exec_id, int(sig), all_processes)
+
+    async def wait(self, container_id: str, exec_id: str = "") -> int:
+        return await self._agent().wait_process(container_id, exec_id)
+
+    async def relay(self, container_id: str, exec_id: str, io: ProcessIO,
+                    started: Awaitable[Any]) -> int:
+        """Relay ``io`` for a created process, await ``started`` (what starts it), and
+        return its exit status once it exited and its output was drained."""
+        agent = self._agent()
+        tasks = [asyncio.ensure_future(_pump_out(agent, "stdout", container_id, exec_id,
+                                                 io.stdout)),
+                 asyncio.ensure_future(_pump_out(agent, "stderr", container_id, exec_id,
+                                                 io.stderr))]
+        stdin_task = None
+        try:
+            await started
+            if io.on_started is not None:
+                io.on_started(lambda rows, cols: agent.tty_win_resize(
+                    container_id, exec_id, rows, cols))
+            if io.stdin is not None:
+                stdin_task = asyncio.ensure_future(_pump_in(agent, container_id, exec_id,
+                                                            io.stdin))
+            else:
+                await agent.close_stdin(container_id, exec_id)
+            status = await agent.wait_process(container_id, exec_id)
+            _, pending = await asyncio.wait(tasks, timeout=OUTPUT_DRAIN_TIMEOUT)
+            for t in tasks:
+                if t.done() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            return status
+        finally:
+            for t in [*tasks, *([stdin_task] if stdin_task else [])]:
+                t.cancel()
+            await asyncio.gather(*tasks, *([stdin_task] if stdin_task else []),
+                                 return_exceptions=True)
+
+    async def run(self, args: list[str] | None = None, *, spec: dict[str, Any] | None = None,
+                  rootfs: Path | None = None, overlay: bool = True, io: ProcessIO | None = None,
+                  container_id: str | None = None, env: list[str] | None = None,
+                  cwd: str = "/", terminal: bool = False) -> int:
+        """Run one container to completion and remove it; returns its exit status."""
+        from carapace.oci.spec import default_spec
+
+        if spec is None:
+            if args is None:
+                raise InvalidArgument("run: give a command or a spec")
+            spec = default_spec(args, env=env, cwd=cwd, terminal=terminal,
+                                hostname=self.hostname)
+        cid = container_id or f"c-{secrets.token_hex(4)}"
+        await self.create_container(cid, spec, rootfs or self.image().rootfs, overlay=overlay)
+        try:
+            return await self.relay(cid, "", io or ProcessIO(), self.start_container(cid))
+        finally:
+            with contextlib.suppress(CarapaceError):
+                await self.remove_container(cid)
+
+    async def exec(self, container_id: str, exec_id: str, process: dict[str, Any],
+                   io: ProcessIO | None = None) -> int:
+        """Run an extra process in a running container; returns its exit status."""
+        agent = self._agent()
+        self._container(container_id)
+        return await self.relay(container_id, exec_id, io or ProcessIO(),
+                                agent.exec_process(container_id, exec_id, process))
+
+    async def guest_details(self) -> pb.GuestDetailsResponse:
+        return await self._agent().guest_details()
+
+
+async def _pump_out(agent: AgentClient, stream: str, cid: str, exec_id: str,
+                    sink: Sink | None) -> None:
+    while True:
+        try:
+            data, eof = await agent.read_stream(stream, cid, exec_id)
+        except AgentError:
+            return
+        if eof:
+            return
+        if sink is not None:
+            r = sink(data)
+            if r is not None:
+                await r
+
+
+async def _pump_in(agent: AgentClient, cid: str, exec_id: str,
+                   source: AsyncIterator[bytes]) -> None:
+    try:
+        async for chunk in source:
+            if chunk:
+                await agent.write_stdin(cid, exec_id, chunk)
+    except AgentError:
+        return
+    with contextlib.suppress(AgentError):
+        await agent.close_stdin(cid, exec_id)

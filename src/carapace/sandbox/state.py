@@ -1,0 +1,116 @@
+"""A sandbox's persisted state (run_dir/state.json) and cleaning what a dead owner left.
+
+Every resource is recorded here before it is created, so a later process (`carapace
+gc`, a shim's delete) can find and release it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from carapace import linux
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    run_dir: str
+    state: str = "creating"  # creating -> running -> stopped -> deleted
+    owner_pid: int = field(default_factory=os.getpid)
+    created_at: float = field(default_factory=time.time)
+    qemu_pid: int = 0
+    vcpus: int = 0
+    memory_mib: int = 0
+    accel: str = ""
+    mounts: list[str] = field(default_factory=list)
+    containers: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) / STATE_FILE
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> SandboxRecord:
+        data = json.loads((run_dir / STATE_FILE).read_text())
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_our_qemu(pid: int, sandbox_id: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(a.startswith(f"carapace-{sandbox_id},".encode()) for a in argv)
+
+
+def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
+    """Release everything the record lists: the QEMU process (only if it is really that
+    sandbox's), mounts, the run dir. Returns what could not be released."""
+    problems: list[str] = []
+    if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid,
+                                                                        record.id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.qemu_pid, signal.SIGKILL)
+        deadline = time.monotonic() + kill_wait
+        while pid_alive(record.qemu_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pid_alive(record.qemu_pid):
+            problems.append(f"QEMU pid {record.qemu_pid} did not die")
+    for m in reversed(record.mounts):
+        try:
+            if linux.is_mountpoint(m):
+                linux.umount(m, lazy=True)
+        except OSError as e:
+            problems.append(str(e))
+    if not problems:
+        shutil.rmtree(record.run_dir, ignore_errors=True)
+        if os.path.exists(record.run_dir):
+            problems.append(f"run dir {record.run_dir} could not be removed")
+    return problems
+
+
+def stale_sandboxes(run_root: Path) -> list[SandboxRecord]:
+    """Sandboxes under ``run_root`` whose owner process is gone."""
+    out = []
+    if not run_root.is_dir():
+        return out
+    for d in sorted(run_root.iterdir()):
+        try:
+            rec = SandboxRecord.load(d)
+        except (OSError, ValueError, TypeError):
+            continue
+        if not pid_alive(rec.owner_pid):
+            out.append(rec)
+    return out
