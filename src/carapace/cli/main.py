@@ -1,0 +1,312 @@
+"""The `carapace` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import termios
+import threading
+import tty
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn
+
+from carapace.config import Config, load_config
+from carapace.errors import CarapaceError, InvalidArgument, NotFound
+
+log = logging.getLogger("carapace")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are CarapaceErrors (one line, exit status 125)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidArgument(message if self.prog == "carapace" else f"{self.prog}: {message}")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="carapace", description="Run containers in lightweight VMs.")
+    p.add_argument("--config", help="configuration.toml (default: $CARAPACE_CONFIG or "
+                   "/etc/carapace/configuration.toml)")
+    p.add_argument("--debug", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    r = sub.add_parser("run", help="run a command in a container in a new pod VM")
+    r.add_argument("--cpus", help="vCPUs of the pod VM (e.g. 1, 2, 0.5)")
+    r.add_argument("--memory", "-m", help="memory of the pod VM (e.g. 512M, 1G)")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--rootfs", help="root filesystem directory (default: built-in busybox)")
+    src.add_argument("--bundle", help="OCI bundle directory (config.json + rootfs)")
+    r.add_argument("-i", "--interactive", action="store_true", help="relay stdin")
+    r.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("-w", "--workdir", default="/", help="working directory in the container")
+    r.add_argument("--name", help="sandbox id (default: random)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+
+    c = sub.add_parser("check", help="what this host has and lacks")
+    c.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("guest", help="the guest image")
+    gsub = g.add_subparsers(dest="guest_command", required=True, parser_class=ArgumentParser)
+    gb = gsub.add_parser("build", help="build the guest kernel + initramfs")
+    gb.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    gb.add_argument("--dir", help="output directory (default: [hypervisor] image_dir)")
+    gsub.add_parser("info", help="show the guest image manifest")
+
+    sub.add_parser("gc", help="clean sandboxes whose owner process died")
+    return p
+
+
+# -- run ----------------------------------------------------------------------------
+
+
+def _stdin_chunks() -> AsyncIterator[bytes]:
+    """stdin as an async iterator, read by a daemon thread (works for ttys, pipes, files)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            fut = asyncio.run_coroutine_threadsafe(queue.put(data), loop)
+            try:
+                fut.result()
+            except Exception:
+                return
+            if not data:
+                return
+
+    threading.Thread(target=reader, daemon=True, name="stdin").start()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            data = await queue.get()
+            if not data:
+                return
+            yield data
+
+    return chunks()
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    return write
+
+
+async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    from carapace.oci.spec import default_spec, load_bundle, parse_env
+    from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    parse_env(args.env)
+    rootfs: Path | None = None
+    if args.bundle:
+        spec, rootfs = load_bundle(Path(args.bundle))
+        if cmd:
+            spec["process"]["args"] = cmd
+        spec["process"]["terminal"] = bool(args.tty)
+    else:
+        if args.rootfs:
+            rootfs = Path(args.rootfs)
+            if not rootfs.is_dir():
+                raise NotFound(f"--rootfs {args.rootfs}: no such directory")
+        if not cmd:
+            raise InvalidArgument("run: no command given; usage: carapace run [OPTIONS] -- CMD")
+        spec = default_spec(cmd, env=args.env, cwd=args.workdir, terminal=args.tty)
+    sandbox = Sandbox(cfg, SandboxOptions(cpus=args.cpus, memory=args.memory,
+                                          sandbox_id=args.name))
+    rootfs = rootfs or sandbox.image().rootfs
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    cid = "main"
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1 and sandbox.containers.get(cid) is not None:
+            asyncio.ensure_future(_forward(sandbox, cid, sig))
+        else:
+            main_task.cancel()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(s, on_signal, s)
+    saved_tty = None
+    io = ProcessIO(stdout=_writer(1), stderr=_writer(2))
+    if args.interactive or args.tty:
+        io.stdin = _stdin_chunks()
+    if args.tty and os.isatty(0):
+        saved_tty = termios.tcgetattr(0)
+
+        def on_started(resize: Callable[[int, int], Awaitable[None]]) -> None:
+            def winch() -> None:
+                size = os.get_terminal_size(0)
+                asyncio.ensure_future(resize(size.lines, size.columns))
+
+            loop.add_signal_handler(signal.SIGWINCH, winch)
+            winch()
+
+        io.on_started = on_started
+    try:
+        await sandbox.start()
+        if saved_tty is not None:
+            tty.setraw(0)
+        return await sandbox.run(spec=spec, rootfs=rootfs, overlay=not args.bundle, io=io,
+                                 container_id=cid)
+    finally:
+        if saved_tty is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
+        await asyncio.shield(sandbox.destroy())
+
+
+async def _forward(sandbox: object, cid: str, sig: signal.Signals) -> None:
+    from carapace.sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    with contextlib.suppress(CarapaceError):
+        await sandbox.kill(cid, sig)
+
+
+# -- check ----------------------------------------------------------------------------
+
+
+def cgroup_version(root: str = "/sys/fs/cgroup") -> str:
+    try:
+        st = os.statvfs(root)
+        del st
+    except OSError:
+        return "none"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == root:
+                return "v2" if parts[2] == "cgroup2" else "v1"
+    return "none"
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    from carapace.hypervisor.qemu.accel import choose_accelerator
+    from carapace.image.builder import ImageBuilder
+
+    rows: list[tuple[str, bool, str]] = []
+    hv = cfg.hypervisor
+    qemu_ok = Path(hv.path).exists()
+    if qemu_ok:
+        import subprocess
+
+        v = subprocess.run([hv.path, "--version"], capture_output=True, text=True)
+        rows.append(("qemu", True, f"{hv.path}: {v.stdout.splitlines()[0] if v.stdout else '?'}"))
+    else:
+        rows.append(("qemu", False, f"{hv.path} missing (apt-get install qemu-system-x86)"))
+    img = ImageBuilder(cfg.image_dir).current()
+    if img is None:
+        rows.append(("guest image", False, f"not built in {cfg.image_dir} "
+                     "(carapace guest build)"))
+    else:
+        size = img.initrd.stat().st_size / 2**20
+        rows.append(("guest image", True, f"kernel {img.kernel_release}, initramfs "
+                     f"{size:.1f} MiB in {cfg.image_dir}"))
+        pkgs = img.manifest.get("inputs", {})
+        crun = pkgs.get("packages", {}).get("crun") if isinstance(pkgs, dict) else None
+        rows.append(("crun in image", bool(crun), f"crun {crun}" if crun else "missing"))
+    if qemu_ok and img is not None:
+        choice = choose_accelerator(hv.accel, hv.path, img.kernel, img.initrd,
+                                    Path(cfg.runtime.state_dir) / "accel.json")
+        rows.append(("accelerator", True, f"{choice.accel}: {choice.reason}"
+                     + (" (cached probe)" if choice.cached else "")))
+    else:
+        from carapace.hypervisor.qemu.accel import kvm_precheck
+
+        why = kvm_precheck()
+        rows.append(("accelerator", True, "kvm may work (not probed: no image)" if why is None
+                     else f"tcg: {why}"))
+    rows.append(("cgroups", True, f"host cgroup {cgroup_version()}"))
+    tun = Path("/dev/net/tun").exists()
+    rows.append(("tun", tun, "/dev/net/tun present" if tun else "/dev/net/tun missing"))
+    ready = all(ok for name, ok, _ in rows if name in ("qemu", "guest image", "crun in image"))
+    if args.json:
+        print(json.dumps({"ready": ready, "checks": [
+            {"name": n, "ok": ok, "detail": d} for n, ok, d in rows]}, indent=2))
+    else:
+        for name, ok, detail in rows:
+            print(f"{'ok ' if ok else 'NO '} {name:14} {detail}")
+        print("verdict: ready to run pods" if ready else
+              "verdict: NOT ready (see the NO lines above)")
+    return 0 if ready else 1
+
+
+# -- guest, gc ----------------------------------------------------------------------------
+
+
+def cmd_guest(cfg: Config, args: argparse.Namespace) -> int:
+    from carapace.image.builder import ImageBuilder
+
+    if args.guest_command == "build":
+        out = Path(args.dir) if args.dir else cfg.image_dir
+        ImageBuilder(out, progress=lambda m: print(m, file=sys.stderr, flush=True)).build(
+            force=args.force)
+        return 0
+    img = ImageBuilder(cfg.image_dir).current()
+    if img is None:
+        raise NotFound(f"no guest image in {cfg.image_dir}; run `carapace guest build`")
+    print(json.dumps(img.manifest, indent=2))
+    return 0
+
+
+def cmd_gc(cfg: Config, args: argparse.Namespace) -> int:
+    from carapace.sandbox.state import release, stale_sandboxes
+
+    status = 0
+    for rec in stale_sandboxes(Path(cfg.runtime.run_dir)):
+        problems = release(rec)
+        if problems:
+            status = 1
+            print(f"{rec.id}: {'; '.join(problems)}", file=sys.stderr)
+        else:
+            print(f"removed sandbox {rec.id}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                            format="%(message)s")
+        cfg = load_config(args.config)
+        if args.command == "run":
+            return asyncio.run(cmd_run(cfg, args))
+        if args.command == "check":
+            return cmd_check(cfg, args)
+        if args.command == "guest":
+            return cmd_guest(cfg, args)
+        if args.command == "gc":
+            return cmd_gc(cfg, args)
+        raise InvalidArgument(f"unknown command {args.command!r}")
+    except CarapaceError as e:
+        print(f"carapace: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
