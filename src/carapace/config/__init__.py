@@ -29,7 +29,7 @@ class HypervisorConfig:
     image_dir: str = "/var/lib/carapace/guest"
     kernel: str = ""
     initrd: str = ""
-    default_vcpus: float = 1
+    default_vcpus: float = 1.0
     default_memory: int = 1024  # MiB
     #: Most vCPUs and memory a VM can grow to (hotplug headroom).
     default_maxvcpus: int = 0  # 0: the host's CPUs

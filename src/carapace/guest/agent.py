@@ -500,10 +500,19 @@ async def _receive_fd(listener: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     conn, _ = await loop.sock_accept(listener)
     with conn:
-        conn.setblocking(True)
+        conn.setblocking(False)
         fds = array.array("i")
-        msg, anc, _flags, _addr = await loop.run_in_executor(
-            None, conn.recvmsg, 4096, socket.CMSG_SPACE(fds.itemsize))
+        while True:
+            try:
+                _msg, anc, _flags, _addr = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+                break
+            except BlockingIOError:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(conn.fileno())
         for level, ctype, data in anc:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])

@@ -55,6 +55,7 @@ EXTRA_STDLIB = (
     "encodings.utf_8",
     "encodings.idna",
     "encodings.aliases",
+    "concurrent.futures.thread",
 )
 
 ProgressFn = Callable[[str], None]

@@ -314,13 +314,14 @@ class Sandbox:
         """Relay ``io`` for a created process, await ``started`` (what starts it), and
         return its exit status once it exited and its output was drained."""
         agent = self._agent()
+        # the process exists once ``started`` returns; its output waits in the guest
+        await started
         tasks = [asyncio.ensure_future(_pump_out(agent, "stdout", container_id, exec_id,
                                                  io.stdout)),
                  asyncio.ensure_future(_pump_out(agent, "stderr", container_id, exec_id,
                                                  io.stderr))]
         stdin_task = None
         try:
-            await started
             if io.on_started is not None:
                 io.on_started(lambda rows, cols: agent.tty_win_resize(
                     container_id, exec_id, rows, cols))

@@ -1,0 +1,75 @@
+"""Integration tests: real VMs (QEMU), real crun in the guest, real mounts.
+
+One sandbox is shared by the tests that can share one (booting costs seconds under
+TCG); a fixture checks after every test that nothing new was left behind: no QEMU
+process, no run dir, no mount of carapace's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import carapace
+from carapace.config import load_config
+from carapace.image.builder import ImageBuilder
+
+REPO = Path(__file__).resolve().parents[2]
+CARAPACE = str(REPO / ".venv" / "bin" / "carapace")
+RUN_ROOT = Path(load_config().runtime.run_dir)
+
+pytestmark = pytest.mark.vm
+
+
+def qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def run_dirs() -> set[str]:
+    return {p.name for p in RUN_ROOT.iterdir()} if RUN_ROOT.is_dir() else set()
+
+
+def carapace_mounts() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1] for line in f if "carapace" in line.split()[1]}
+
+
+def resources() -> tuple[set[int], set[str], set[str]]:
+    return qemu_pids(), run_dirs(), carapace_mounts()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_image() -> None:
+    cfg = load_config()
+    if ImageBuilder(cfg.image_dir).current() is None:
+        pytest.fail(f"no guest image in {cfg.image_dir}: run `make image` (make test does)")
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, no QEMU process, run dir or mount exists that did not before."""
+    before = resources()
+    yield
+    after = resources()
+    leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]
+    assert leaked == [[], [], []], (
+        f"{request.node.name} left behind qemu pids / run dirs / mounts: {leaked}"
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_sandbox() -> Iterator[carapace.Sandbox]:
+    with carapace.Sandbox(cpus=1, memory="512M") as sb:
+        yield sb
+    # the session's sandbox is gone once closed
+    assert not (RUN_ROOT / sb.id).exists()
+    assert sb.qemu_pid not in qemu_pids()
+
+
+def host_kernel() -> str:
+    return os.uname().release
