@@ -19,9 +19,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from carapace.config import Config, load_config
-from carapace.sandbox import ProcessIO
+from carapace.sandbox import ProcessIO, SandboxOptions
 from carapace.sandbox import Sandbox as AsyncSandbox
-from carapace.sandbox import SandboxOptions
 
 T = TypeVar("T")
 
@@ -40,12 +39,18 @@ class RunResult:
 class Sandbox:
     """A pod VM; containers run in it one after another or concurrently."""
 
-    def __init__(self, cpus: float | str | None = None, memory: str | int | None = None,
-                 sandbox_id: str | None = None, config: Config | None = None) -> None:
+    def __init__(
+        self,
+        cpus: float | str | None = None,
+        memory: str | int | None = None,
+        sandbox_id: str | None = None,
+        config: Config | None = None,
+    ) -> None:
         self._config = config or load_config()
         # validates the arguments before anything is started
-        self._sandbox = AsyncSandbox(self._config, SandboxOptions(
-            cpus=cpus, memory=memory, sandbox_id=sandbox_id))
+        self._sandbox = AsyncSandbox(
+            self._config, SandboxOptions(cpus=cpus, memory=memory, sandbox_id=sandbox_id)
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -73,8 +78,9 @@ class Sandbox:
 
     def start(self) -> Sandbox:
         loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, daemon=True,
-                                        name=f"carapace-{self.id}")
+        self._thread = threading.Thread(
+            target=loop.run_forever, daemon=True, name=f"carapace-{self.id}"
+        )
         self._thread.start()
         self._loop = loop
         try:
@@ -103,12 +109,23 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
-    def run(self, args: list[str], *, stdin: bytes | None = None, env: list[str] | None = None,
-            cwd: str = "/", rootfs: str | Path | None = None) -> RunResult:
+    def run(
+        self,
+        args: list[str],
+        *,
+        stdin: bytes | None = None,
+        env: list[str] | None = None,
+        cwd: str = "/",
+        rootfs: str | Path | None = None,
+    ) -> RunResult:
         """Run ``args`` in a new container of this sandbox and wait for it."""
         out: list[bytes] = []
         err: list[bytes] = []
@@ -118,10 +135,14 @@ class Sandbox:
                 for i in range(0, len(stdin), 1 << 20):
                     yield stdin[i : i + (1 << 20)]
 
-        io = ProcessIO(stdin=source() if stdin is not None else None, stdout=out.append,
-                       stderr=err.append)
-        code = self._call(self._sandbox.run(args, env=env, cwd=cwd, io=io,
-                                            rootfs=Path(rootfs) if rootfs else None))
+        io = ProcessIO(
+            stdin=source() if stdin is not None else None, stdout=out.append, stderr=err.append
+        )
+        code = self._call(
+            self._sandbox.run(
+                args, env=env, cwd=cwd, io=io, rootfs=Path(rootfs) if rootfs else None
+            )
+        )
         return RunResult(code, b"".join(out), b"".join(err))
 
     def guest_details(self) -> Any:

@@ -9,8 +9,13 @@ import ctypes
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MS_RDONLY = 1
@@ -28,8 +33,13 @@ MNT_DETACH = 2
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
     """mount(2); creates ``target`` if missing; raises OSError naming what failed."""
     os.makedirs(target, exist_ok=True)
-    rc = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                     flags, data.encode() if data else None)
+    rc = _libc.mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
+    )
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")

@@ -13,8 +13,9 @@ from carapace.image.builder import ImageBuilder
 from .conftest import CARAPACE, RUN_ROOT, host_kernel, qemu_pids
 
 
-def carapace(*args: str, stdin: bytes | None = None, timeout: float = 180
-             ) -> subprocess.CompletedProcess[bytes]:
+def carapace(
+    *args: str, stdin: bytes | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([CARAPACE, *args], input=stdin, capture_output=True, timeout=timeout)
 
 
@@ -27,24 +28,38 @@ def test_run_prints_guest_kernel_and_exit_code() -> None:
 
 
 def test_run_relays_stdin() -> None:
-    r = subprocess.run(f"echo hi | {CARAPACE} run -i -- cat", shell=True, capture_output=True,
-                       timeout=180)
+    r = subprocess.run(
+        f"echo hi | {CARAPACE} run -i -- cat", shell=True, capture_output=True, timeout=180
+    )
     assert (r.returncode, r.stdout) == (0, b"hi\n"), r.stderr
 
 
 def test_run_with_a_bundle_and_a_rootfs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     guest = ImageBuilder(load_config().image_dir).current()
     assert guest is not None
-    r = carapace("run", "--rootfs", str(guest.rootfs), "--env", "A=1", "--workdir", "/etc",
-                 "--", "sh", "-c", "echo $A $(pwd)")
+    r = carapace(
+        "run",
+        "--rootfs",
+        str(guest.rootfs),
+        "--env",
+        "A=1",
+        "--workdir",
+        "/etc",
+        "--",
+        "sh",
+        "-c",
+        "echo $A $(pwd)",
+    )
     assert (r.returncode, r.stdout) == (0, b"1 /etc\n"), r.stderr
 
 
 def test_interrupt_cleans_up() -> None:
     before = qemu_pids()
-    p = subprocess.Popen([CARAPACE, "run", "--memory", "512M", "--", "sh", "-c",
-                          "echo ready; sleep 300"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [CARAPACE, "run", "--memory", "512M", "--", "sh", "-c", "echo ready; sleep 300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
     assert qemu_pids() - before  # the pod VM is up

@@ -27,9 +27,12 @@ async def _lifecycle() -> None:
         await sb.start_container("sleeper")
         # exec into it while it runs
         out: list[bytes] = []
-        code = await sb.exec("sleeper", "e1", process_spec(
-            ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; exit 7"]),
-            ProcessIO(stdout=out.append))
+        code = await sb.exec(
+            "sleeper",
+            "e1",
+            process_spec(["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; exit 7"]),
+            ProcessIO(stdout=out.append),
+        )
         assert (code, b"".join(out)) == (7, b"sleep 300 ")
         await sb.kill("sleeper", signal.SIGKILL)
         assert await sb.wait("sleeper") == 137
@@ -40,14 +43,20 @@ async def _lifecycle() -> None:
         tty_out: list[bytes] = []
         resized = asyncio.Event()
 
+        tasks = []
+
         def on_started(resize):  # type: ignore[no-untyped-def]
             async def go() -> None:
                 await resize(33, 101)
                 resized.set()
-            asyncio.ensure_future(go())
 
-        code = await sb.run(["sh", "-c", "sleep 1; tty; stty size"], terminal=True,
-                            io=ProcessIO(stdout=tty_out.append, on_started=on_started))
+            tasks.append(asyncio.ensure_future(go()))
+
+        code = await sb.run(
+            ["sh", "-c", "sleep 1; tty; stty size"],
+            terminal=True,
+            io=ProcessIO(stdout=tty_out.append, on_started=on_started),
+        )
         text = b"".join(tty_out).decode()
         assert code == 0 and resized.is_set()
         assert "/dev/pts/" in text and "33 101" in text, text

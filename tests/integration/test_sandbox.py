@@ -54,8 +54,9 @@ def test_large_output_arrives_intact(shared_sandbox: carapace.Sandbox) -> None:
 
 
 def test_environment_and_workdir(shared_sandbox: carapace.Sandbox) -> None:
-    r = shared_sandbox.run(["sh", "-c", 'echo "$FOO|$EMPTY|$(pwd)"'],
-                           env=["FOO=bar baz", "EMPTY="], cwd="/tmp")
+    r = shared_sandbox.run(
+        ["sh", "-c", 'echo "$FOO|$EMPTY|$(pwd)"'], env=["FOO=bar baz", "EMPTY="], cwd="/tmp"
+    )
     assert r.text == "bar baz||/tmp\n"
 
 
@@ -64,9 +65,16 @@ def test_containers_share_the_vm_but_not_the_rootfs(shared_sandbox: carapace.San
 
     def run(name: str) -> None:
         # each writes a file into its own rootfs, then lists what the other wrote
-        results[name] = shared_sandbox.run(["sh", "-c", (
-            f"echo {name} > /marker-{name}; sleep 1; ls / | grep marker; "
-            "cat /proc/sys/kernel/random/boot_id; grep ' / ' /proc/self/mountinfo")])
+        results[name] = shared_sandbox.run(
+            [
+                "sh",
+                "-c",
+                (
+                    f"echo {name} > /marker-{name}; sleep 1; ls / | grep marker; "
+                    "cat /proc/sys/kernel/random/boot_id; grep ' / ' /proc/self/mountinfo"
+                ),
+            ]
+        )
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
     for t in threads:

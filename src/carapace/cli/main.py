@@ -32,8 +32,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="carapace", description="Run containers in lightweight VMs.")
-    p.add_argument("--config", help="configuration.toml (default: $CARAPACE_CONFIG or "
-                   "/etc/carapace/configuration.toml)")
+    p.add_argument(
+        "--config",
+        help="configuration.toml (default: $CARAPACE_CONFIG or /etc/carapace/configuration.toml)",
+    )
     p.add_argument("--debug", action="store_true", help="log details to stderr")
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
@@ -130,20 +132,25 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         if not cmd:
             raise InvalidArgument("run: no command given; usage: carapace run [OPTIONS] -- CMD")
         spec = default_spec(cmd, env=args.env, cwd=args.workdir, terminal=args.tty)
-    sandbox = Sandbox(cfg, SandboxOptions(cpus=args.cpus, memory=args.memory,
-                                          sandbox_id=args.name))
+    sandbox = Sandbox(cfg, SandboxOptions(cpus=args.cpus, memory=args.memory, sandbox_id=args.name))
     rootfs = rootfs or sandbox.image().rootfs
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
     cid = "main"
     signals_seen = 0
+    background: set[asyncio.Future[None]] = set()
+
+    def spawn(coro: Awaitable[None]) -> None:
+        fut = asyncio.ensure_future(coro)
+        background.add(fut)
+        fut.add_done_callback(background.discard)
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1 and sandbox.containers.get(cid) is not None:
-            asyncio.ensure_future(_forward(sandbox, cid, sig))
+            spawn(_forward(sandbox, cid, sig))
         else:
             main_task.cancel()
 
@@ -159,7 +166,7 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         def on_started(resize: Callable[[int, int], Awaitable[None]]) -> None:
             def winch() -> None:
                 size = os.get_terminal_size(0)
-                asyncio.ensure_future(resize(size.lines, size.columns))
+                spawn(resize(size.lines, size.columns))
 
             loop.add_signal_handler(signal.SIGWINCH, winch)
             winch()
@@ -169,8 +176,9 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         await sandbox.start()
         if saved_tty is not None:
             tty.setraw(0)
-        return await sandbox.run(spec=spec, rootfs=rootfs, overlay=not args.bundle, io=io,
-                                 container_id=cid)
+        return await sandbox.run(
+            spec=spec, rootfs=rootfs, overlay=not args.bundle, io=io, container_id=cid
+        )
     finally:
         if saved_tty is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
@@ -218,38 +226,61 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
         rows.append(("qemu", False, f"{hv.path} missing (apt-get install qemu-system-x86)"))
     img = ImageBuilder(cfg.image_dir).current()
     if img is None:
-        rows.append(("guest image", False, f"not built in {cfg.image_dir} "
-                     "(carapace guest build)"))
+        rows.append(("guest image", False, f"not built in {cfg.image_dir} (carapace guest build)"))
     else:
         size = img.initrd.stat().st_size / 2**20
-        rows.append(("guest image", True, f"kernel {img.kernel_release}, initramfs "
-                     f"{size:.1f} MiB in {cfg.image_dir}"))
+        rows.append(
+            (
+                "guest image",
+                True,
+                f"kernel {img.kernel_release}, initramfs {size:.1f} MiB in {cfg.image_dir}",
+            )
+        )
         pkgs = img.manifest.get("inputs", {})
         crun = pkgs.get("packages", {}).get("crun") if isinstance(pkgs, dict) else None
         rows.append(("crun in image", bool(crun), f"crun {crun}" if crun else "missing"))
     if qemu_ok and img is not None:
-        choice = choose_accelerator(hv.accel, hv.path, img.kernel, img.initrd,
-                                    Path(cfg.runtime.state_dir) / "accel.json")
-        rows.append(("accelerator", True, f"{choice.accel}: {choice.reason}"
-                     + (" (cached probe)" if choice.cached else "")))
+        choice = choose_accelerator(
+            hv.accel, hv.path, img.kernel, img.initrd, Path(cfg.runtime.state_dir) / "accel.json"
+        )
+        rows.append(
+            (
+                "accelerator",
+                True,
+                f"{choice.accel}: {choice.reason}" + (" (cached probe)" if choice.cached else ""),
+            )
+        )
     else:
         from carapace.hypervisor.qemu.accel import kvm_precheck
 
         why = kvm_precheck()
-        rows.append(("accelerator", True, "kvm may work (not probed: no image)" if why is None
-                     else f"tcg: {why}"))
+        rows.append(
+            (
+                "accelerator",
+                True,
+                "kvm may work (not probed: no image)" if why is None else f"tcg: {why}",
+            )
+        )
     rows.append(("cgroups", True, f"host cgroup {cgroup_version()}"))
     tun = Path("/dev/net/tun").exists()
     rows.append(("tun", tun, "/dev/net/tun present" if tun else "/dev/net/tun missing"))
     ready = all(ok for name, ok, _ in rows if name in ("qemu", "guest image", "crun in image"))
     if args.json:
-        print(json.dumps({"ready": ready, "checks": [
-            {"name": n, "ok": ok, "detail": d} for n, ok, d in rows]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "ready": ready,
+                    "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in rows],
+                },
+                indent=2,
+            )
+        )
     else:
         for name, ok, detail in rows:
             print(f"{'ok ' if ok else 'NO '} {name:14} {detail}")
-        print("verdict: ready to run pods" if ready else
-              "verdict: NOT ready (see the NO lines above)")
+        print(
+            "verdict: ready to run pods" if ready else "verdict: NOT ready (see the NO lines above)"
+        )
     return 0 if ready else 1
 
 
@@ -262,7 +293,8 @@ def cmd_guest(cfg: Config, args: argparse.Namespace) -> int:
     if args.guest_command == "build":
         out = Path(args.dir) if args.dir else cfg.image_dir
         ImageBuilder(out, progress=lambda m: print(m, file=sys.stderr, flush=True)).build(
-            force=args.force)
+            force=args.force
+        )
         return 0
     img = ImageBuilder(cfg.image_dir).current()
     if img is None:
@@ -289,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                            format="%(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s"
+        )
         cfg = load_config(args.config)
         if args.command == "run":
             return asyncio.run(cmd_run(cfg, args))

@@ -46,8 +46,12 @@ log = logging.getLogger("carapace.agent")
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(time.time(), 3), "level": record.levelname.lower(),
-                 "msg": record.getMessage(), "component": "agent"}
+        entry = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            "component": "agent",
+        }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -179,8 +183,10 @@ class Agent:
 
     def _mount_storage(self, st: pb.Storage) -> None:
         if not st.mount_point.startswith("/"):
-            raise TtrpcError(Code.INVALID_ARGUMENT,
-                             f"storage mount point must be absolute, got {st.mount_point!r}")
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"storage mount point must be absolute, got {st.mount_point!r}",
+            )
         fstype = st.fstype or st.driver
         flags = 0
         data = [o for o in st.options if o not in ("ro", "rw")]
@@ -214,8 +220,9 @@ class Agent:
         except ValueError as e:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"OCI spec is not JSON: {e}") from e
         if not os.path.isdir(req.rootfs):
-            raise TtrpcError(Code.NOT_FOUND,
-                             f"container rootfs {req.rootfs!r} does not exist in the guest")
+            raise TtrpcError(
+                Code.NOT_FOUND, f"container rootfs {req.rootfs!r} does not exist in the guest"
+            )
         bundle = os.path.join(CONTAINERS_DIR, cid)
         os.makedirs(bundle)
         mounts: list[str] = []
@@ -225,9 +232,13 @@ class Agent:
                 for d in ("upper", "work", "rootfs"):
                     os.makedirs(os.path.join(bundle, d))
                 merged = os.path.join(bundle, "rootfs")
-                linux.mount("overlay", merged, "overlay", 0,
-                              f"lowerdir={req.rootfs},upperdir={bundle}/upper,"
-                              f"workdir={bundle}/work")
+                linux.mount(
+                    "overlay",
+                    merged,
+                    "overlay",
+                    0,
+                    f"lowerdir={req.rootfs},upperdir={bundle}/upper,workdir={bundle}/work",
+                )
                 mounts.append(merged)
                 rootfs = merged
             for st in req.storages:
@@ -239,8 +250,13 @@ class Agent:
             terminal = bool(config.get("process", {}).get("terminal"))
             proc = Process(container_id=cid, exec_id="", terminal=terminal)
             container = Container(id=cid, bundle=bundle, rootfs=rootfs, mounts=mounts, init=proc)
-            await self._spawn(proc, bundle, lambda stdio, sock: self._crun.create(
-                cid, bundle, os.path.join(bundle, "init.pid"), stdio, sock))
+            await self._spawn(
+                proc,
+                bundle,
+                lambda stdio, sock: self._crun.create(
+                    cid, bundle, os.path.join(bundle, "init.pid"), stdio, sock
+                ),
+            )
         except BaseException as e:
             for m in reversed(mounts):
                 with contextlib.suppress(OSError):
@@ -305,8 +321,7 @@ class Agent:
     async def start_container(self, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
         c = self._container(req.container_id)
         if c.started:
-            raise TtrpcError(Code.FAILED_PRECONDITION,
-                             f"container {c.id!r} is already started")
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id!r} is already started")
         try:
             await self._crun.start(c.id)
         except CrunError as e:
@@ -350,22 +365,29 @@ class Agent:
         if not req.exec_id or "/" in req.exec_id:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid exec id {req.exec_id!r}")
         if req.exec_id in c.execs:
-            raise TtrpcError(Code.ALREADY_EXISTS,
-                             f"exec {req.exec_id!r} exists already in container {c.id!r}")
+            raise TtrpcError(
+                Code.ALREADY_EXISTS, f"exec {req.exec_id!r} exists already in container {c.id!r}"
+            )
         if c.init.exit is None or c.init.exit.done():
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id!r} is not running")
         try:
             process = json.loads(req.process)
         except ValueError as e:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"process is not JSON: {e}") from e
-        proc = Process(container_id=c.id, exec_id=req.exec_id,
-                       terminal=bool(process.get("terminal")))
+        proc = Process(
+            container_id=c.id, exec_id=req.exec_id, terminal=bool(process.get("terminal"))
+        )
         pfile = os.path.join(c.bundle, f"exec-{req.exec_id}.json")
         with open(pfile, "w") as f:
             json.dump(process, f)
         try:
-            await self._spawn(proc, c.bundle, lambda stdio, sock: self._crun.exec(
-                c.id, pfile, os.path.join(c.bundle, f"{req.exec_id}.pid"), stdio, sock))
+            await self._spawn(
+                proc,
+                c.bundle,
+                lambda stdio, sock: self._crun.exec(
+                    c.id, pfile, os.path.join(c.bundle, f"{req.exec_id}.pid"), stdio, sock
+                ),
+            )
         except CrunError as e:
             raise TtrpcError(Code.INTERNAL, str(e)) from e
         c.execs[req.exec_id] = proc
@@ -380,8 +402,10 @@ class Agent:
                 raise TtrpcError(Code.INTERNAL, str(e)) from e
             return pb.Empty()
         if p.exit is None or p.exit.done():
-            raise TtrpcError(Code.NOT_FOUND, f"process {req.exec_id or 'init'} of container "
-                             f"{req.container_id!r} is not running")
+            raise TtrpcError(
+                Code.NOT_FOUND,
+                f"process {req.exec_id or 'init'} of container {req.container_id!r} is not running",
+            )
         try:
             os.kill(p.pid, req.signal)
         except ProcessLookupError:
@@ -432,8 +456,7 @@ class Agent:
         p = self._process(req.container_id, req.exec_id)
         if p.master_fd < 0:
             raise TtrpcError(Code.FAILED_PRECONDITION, "the process has no terminal")
-        fcntl.ioctl(p.master_fd, termios.TIOCSWINSZ,
-                    struct.pack("HHHH", req.row, req.column, 0, 0))
+        fcntl.ioctl(p.master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", req.row, req.column, 0, 0))
         return pb.Empty()
 
     # -- information ----------------------------------------------------------
@@ -447,8 +470,11 @@ class Agent:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
         return pb.GuestDetailsResponse(
-            kernel_release=platform.release(), online_cpus=len(os.sched_getaffinity(0)),
-            mem_total_bytes=mem, boot_id=boot_id, agent_version=AGENT_VERSION,
+            kernel_release=platform.release(),
+            online_cpus=len(os.sched_getaffinity(0)),
+            mem_total_bytes=mem,
+            boot_id=boot_id,
+            agent_version=AGENT_VERSION,
             crun_version=await self._crun.version(),
         )
 
@@ -507,18 +533,27 @@ async def _receive_fd(listener: socket.socket) -> int:
                 _msg, anc, _flags, _addr = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
                 break
             except BlockingIOError:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(conn.fileno())
+                await _readable(loop, conn.fileno())
         for level, ctype, data in anc:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
         if not fds:
             raise OSError("crun sent no terminal fd on the console socket")
         return fds[0]
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _power_off() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -49,12 +49,20 @@ class Crun:
     ) -> None:
         """Run ``crun <args>``; raise CrunError with crun's own message on failure."""
         log = os.path.join(self.log_dir, f"{container_id}.log")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(log)
-        except FileNotFoundError:
-            pass
-        argv = [CRUN, "--root", CRUN_ROOT, "--cgroup-manager", "cgroupfs", "--log", f"file:{log}",
-                "--log-format", "json", *args]
+        argv = [
+            CRUN,
+            "--root",
+            CRUN_ROOT,
+            "--cgroup-manager",
+            "cgroupfs",
+            "--log",
+            f"file:{log}",
+            "--log-format",
+            "json",
+            *args,
+        ]
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         try:
             fds = stdio or (null, null, null)
@@ -67,8 +75,14 @@ class Crun:
             msg = _log_message(log) or f"exit status {status}"
             raise CrunError(f"crun {args[0]} {container_id}: {msg}")
 
-    async def create(self, container_id: str, bundle: str, pid_file: str,
-                     stdio: tuple[int, int, int] | None, console_socket: str | None) -> None:
+    async def create(
+        self,
+        container_id: str,
+        bundle: str,
+        pid_file: str,
+        stdio: tuple[int, int, int] | None,
+        console_socket: str | None,
+    ) -> None:
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
@@ -77,8 +91,14 @@ class Crun:
     async def start(self, container_id: str) -> None:
         await self.run(["start", container_id], container_id)
 
-    async def exec(self, container_id: str, process_file: str, pid_file: str,
-                   stdio: tuple[int, int, int] | None, console_socket: str | None) -> None:
+    async def exec(
+        self,
+        container_id: str,
+        process_file: str,
+        pid_file: str,
+        stdio: tuple[int, int, int] | None,
+        console_socket: str | None,
+    ) -> None:
         args = ["exec", "--detach", "--process", process_file, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
@@ -100,8 +120,9 @@ class Crun:
     async def version(self) -> str:
         r, w = os.pipe()
         try:
-            pid = os.posix_spawn(CRUN, [CRUN, "--version"], os.environ,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
+            pid = os.posix_spawn(
+                CRUN, [CRUN, "--version"], os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)]
+            )
         finally:
             os.close(w)
         await self.reaper.wait(pid)

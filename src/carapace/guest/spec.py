@@ -26,7 +26,8 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str
     linux = out.setdefault("linux", {})
     linux["cgroupsPath"] = f"/carapace/{container_id}"
     linux["namespaces"] = [
-        ns for ns in linux.get("namespaces", [])
+        ns
+        for ns in linux.get("namespaces", [])
         if ns.get("type") not in SHARED_NAMESPACES and not ns.get("path")
     ]
     out["mounts"] = [m for m in out.get("mounts", []) if is_guest_mount(m)]
@@ -37,8 +38,6 @@ def is_guest_mount(mount: dict[str, Any]) -> bool:
     """Whether a spec mount can be made inside the guest: a pseudo filesystem, or a
     bind of something the agent placed in the guest (the shared dir, devices)."""
     mtype = mount.get("type") or "bind"
-    if mtype == "bind" or "bind" in mount.get("options", []) or "rbind" in mount.get(
-        "options", []
-    ):
+    if mtype == "bind" or "bind" in mount.get("options", []) or "rbind" in mount.get("options", []):
         return str(mount.get("source", "")).startswith(GUEST_BIND_SOURCES)
     return mtype in GUEST_MOUNT_TYPES

@@ -36,7 +36,7 @@ def load_module(path: str) -> None:
 
 
 def load_modules(list_path: str = MODULE_LIST) -> list[str]:
-    loaded = []
+    loaded: list[str] = []
     try:
         with open(list_path) as f:
             paths = [p.strip() for p in f if p.strip()]
@@ -75,8 +75,12 @@ def early_init() -> None:
     mount("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755")
     mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777")
     mount("cgroup2", CGROUP_ROOT, "cgroup2", nosuid_nodev | MS_NOEXEC)
-    for name, target in (("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
-                         ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr")):
+    for name, target in (
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ):
         if not os.path.lexists(target):
             os.symlink(name, target)
     load_modules()

@@ -207,9 +207,11 @@ class ImageBuilder:
         import carapace
 
         pkg = Path(carapace.__file__).parent
-        out: dict[str, Path] = {"carapace/__init__.py": pkg / "__init__.py",
-                                "carapace/errors.py": pkg / "errors.py",
-                                "carapace/linux.py": pkg / "linux.py"}
+        out: dict[str, Path] = {
+            "carapace/__init__.py": pkg / "__init__.py",
+            "carapace/errors.py": pkg / "errors.py",
+            "carapace/linux.py": pkg / "linux.py",
+        }
         for sub in ("guest", "ttrpc", "protocols"):
             for f in sorted((pkg / sub).rglob("*.py")):
                 out[f"carapace/{f.relative_to(pkg)}"] = f
@@ -297,7 +299,7 @@ class ImageBuilder:
             rootfs_tmp = work / "rootfs"
             build_busybox_rootfs(rootfs_tmp)
             self.progress("[4/4] writing manifest")
-            outputs = {}
+            outputs: dict[str, dict[str, int | str]] = {}
             for name in ("vmlinux", "initrd.img"):
                 data = (work / name).read_bytes()
                 outputs[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -319,8 +321,8 @@ class ImageBuilder:
             os.replace(tmp_manifest, self.manifest_path)
         self.progress(
             f"built guest image in {time.monotonic() - t0:.1f}s: "
-            f"vmlinux {outputs['vmlinux']['size'] / 2**20:.1f} MiB, "
-            f"initramfs {outputs['initrd.img']['size'] / 2**20:.1f} MiB "
+            f"vmlinux {int(outputs['vmlinux']['size']) / 2**20:.1f} MiB, "
+            f"initramfs {int(outputs['initrd.img']['size']) / 2**20:.1f} MiB "
             f"({len(entries)} files) in {self.out_dir}"
         )
         img = self.current()
@@ -331,8 +333,22 @@ class ImageBuilder:
 
     def _initramfs_entries(self, release: str, work: Path) -> list[Entry]:
         files = InitramfsTree()
-        for d in ("dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt", "usr/bin",
-                  "usr/lib", "lib", "lib64", "bin", "sbin"):
+        for d in (
+            "dev",
+            "proc",
+            "sys",
+            "run",
+            "tmp",
+            "etc",
+            "root",
+            "mnt",
+            "usr/bin",
+            "usr/lib",
+            "lib",
+            "lib64",
+            "bin",
+            "sbin",
+        ):
             files.dir(d)
         files.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
         files.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
@@ -374,8 +390,10 @@ class ImageBuilder:
             if rel.startswith("lib64/"):
                 continue  # the loader is reached through the lib64 symlink
             files.copy(rel, real)
-        files.copy("lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-                   Path("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2").resolve())
+        files.copy(
+            "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            Path("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2").resolve(),
+        )
         files.file("init", INIT_SCRIPT.encode(), mode=0o755)
         return files.entries()
 
@@ -391,13 +409,23 @@ class ImageBuilder:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
         pb_root = Path(google.protobuf.__file__).parent.parent  # .../site-packages/google
-        shutil.copytree(pb_root, lib / "google", ignore=shutil.ignore_patterns(
-            "__pycache__", "*.pyi", "compiler", "testing", "util"))
+        shutil.copytree(
+            pb_root,
+            lib / "google",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyi", "compiler", "testing", "util"),
+        )
         # import the agent with the guest's interpreter and record what it loads
         r = subprocess.run(
-            [GUEST_PYTHON, "-S", "-c", _CAPTURE, str(lib),
-             "carapace.guest.agent," + ",".join(EXTRA_STDLIB)],
-            capture_output=True, text=True,
+            [
+                GUEST_PYTHON,
+                "-S",
+                "-c",
+                _CAPTURE,
+                str(lib),
+                "carapace.guest.agent," + ",".join(EXTRA_STDLIB),
+            ],
+            capture_output=True,
+            text=True,
         )
         if r.returncode != 0:
             raise ImageError(f"the agent does not import under {GUEST_PYTHON}: {r.stderr[-2000:]}")
@@ -411,9 +439,23 @@ class ImageBuilder:
                 shutil.copy2(p, dst)
         (stage / "usr/lib/python3.11/lib-dynload").mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [GUEST_PYTHON, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode",
-             "unchecked-hash", "-s", str(stage), "-p", "/", str(stage)],
-            check=True, capture_output=True,
+            [
+                GUEST_PYTHON,
+                "-m",
+                "compileall",
+                "-q",
+                "-j",
+                "0",
+                "--invalidation-mode",
+                "unchecked-hash",
+                "-s",
+                str(stage),
+                "-p",
+                "/",
+                str(stage),
+            ],
+            check=True,
+            capture_output=True,
         )
         out: dict[str, Path] = {}
         for path in stage.rglob("*"):
@@ -469,8 +511,21 @@ def build_busybox_rootfs(root: Path) -> None:
     busybox = Path("/bin/busybox")
     if not busybox.exists():
         raise ImageError("/bin/busybox is missing; install busybox-static")
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
-              "root", "var", "run", "home"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "var",
+        "run",
+        "home",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
     shutil.copy2(busybox, root / "bin" / "busybox")

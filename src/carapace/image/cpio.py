@@ -86,6 +86,14 @@ def decode_archive(data: bytes) -> list[Entry]:
         if name == TRAILER:
             return entries
         entries.append(
-            Entry(name=name, mode=f[1], data=body, uid=f[2], gid=f[3], mtime=f[5],
-                  rdev_major=f[9], rdev_minor=f[10])
+            Entry(
+                name=name,
+                mode=f[1],
+                data=body,
+                uid=f[2],
+                gid=f[3],
+                mtime=f[5],
+                rdev_major=f[9],
+                rdev_minor=f[10],
+            )
         )

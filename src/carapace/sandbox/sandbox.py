@@ -92,18 +92,21 @@ class _Container:
 
 
 class Sandbox:
-    def __init__(self, config: Config, options: SandboxOptions | None = None,
-                 image: GuestImage | None = None) -> None:
+    def __init__(
+        self, config: Config, options: SandboxOptions | None = None, image: GuestImage | None = None
+    ) -> None:
         opts = options or SandboxOptions()
         hv = config.hypervisor
         self.config = config
         self.id = check_id(opts.sandbox_id or secrets.token_hex(6), "sandbox id")
         self.hostname = opts.hostname
-        cpus = sizing.parse_cpus(opts.cpus if opts.cpus is not None else hv.default_vcpus,
-                                 "--cpus")
+        cpus = sizing.parse_cpus(opts.cpus if opts.cpus is not None else hv.default_vcpus, "--cpus")
         self.vcpus = sizing.check_vcpus(cpus, host_cpus(), "--cpus")
-        mem = sizing.parse_size(opts.memory, "--memory") if opts.memory is not None else (
-            hv.default_memory * sizing.MiB)
+        mem = (
+            sizing.parse_size(opts.memory, "--memory")
+            if opts.memory is not None
+            else (hv.default_memory * sizing.MiB)
+        )
         self.memory_mib = sizing.check_vm_memory(mem, "--memory")
         self.run_dir = Path(config.runtime.run_dir) / self.id
         self._image = image
@@ -151,8 +154,9 @@ class Sandbox:
         """Create the run dir, boot the VM, wait for the agent, create the guest sandbox."""
         kernel, initrd = self._kernel_initrd()
         hv = self.config.hypervisor
-        self.accel = choose_accelerator(hv.accel, hv.path, kernel, initrd,
-                                        Path(self.config.runtime.state_dir) / "accel.json")
+        self.accel = choose_accelerator(
+            hv.accel, hv.path, kernel, initrd, Path(self.config.runtime.state_dir) / "accel.json"
+        )
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.run_dir.mkdir(mode=0o700)
@@ -163,20 +167,42 @@ class Sandbox:
             self.record.accel = self.accel.accel
             self.record.save()
             self.shared_dir.mkdir()
-            spec = VMSpec(name=self.id, run_dir=self.run_dir, kernel=kernel, initrd=initrd,
-                          vcpus=self.vcpus, memory_mib=self.memory_mib,
-                          accel=self.accel.accel, shared_dir=self.shared_dir,
-                          kernel_params=hv.kernel_params)
+            spec = VMSpec(
+                name=self.id,
+                run_dir=self.run_dir,
+                kernel=kernel,
+                initrd=initrd,
+                vcpus=self.vcpus,
+                memory_mib=self.memory_mib,
+                accel=self.accel.accel,
+                shared_dir=self.shared_dir,
+                kernel_params=hv.kernel_params,
+            )
             self.vm = QemuVM(hv.path, spec, die_with_owner=self.config.runtime.kill_vm_with_owner)
             self.record.qemu_pid = await self.vm.start()
             self.record.save()
-            log.info("sandbox %s: QEMU pid %d (%s: %s)", self.id, self.record.qemu_pid,
-                     self.accel.accel, self.accel.reason)
+            log.info(
+                "sandbox %s: QEMU pid %d (%s: %s)",
+                self.id,
+                self.record.qemu_pid,
+                self.accel.accel,
+                self.accel.reason,
+            )
             await self._connect_agent()
             assert self.agent is not None
-            await self.agent.create_sandbox(self.id, self.hostname, [pb.Storage(
-                driver="9p", source=SHARE_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
-                options=["trans=virtio", "version=9p2000.L", "cache=mmap", "msize=262144"])])
+            await self.agent.create_sandbox(
+                self.id,
+                self.hostname,
+                [
+                    pb.Storage(
+                        driver="9p",
+                        source=SHARE_TAG,
+                        fstype="9p",
+                        mount_point=GUEST_SHARED_DIR,
+                        options=["trans=virtio", "version=9p2000.L", "cache=mmap", "msize=262144"],
+                    )
+                ],
+            )
             self.boot_id = (await self.agent.guest_details()).boot_id
             self.record.state = "running"
             self.record.save()
@@ -191,8 +217,9 @@ class Sandbox:
         check = asyncio.ensure_future(self.agent.check(timeout))
         exit_wait = asyncio.ensure_future(self.vm.wait())
         try:
-            done, _ = await asyncio.wait({check, exit_wait}, timeout=timeout + 1,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {check, exit_wait}, timeout=timeout + 1, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             exit_wait.cancel()
         if check in done and check.exception() is None:
@@ -205,8 +232,9 @@ class Sandbox:
             why = f"the agent failed: {check.exception()}"
         else:
             why = f"the agent did not answer within {timeout:g}s"
-        raise HypervisorError(f"sandbox {self.id}: the VM failed to boot ({why}). "
-                              f"Console log tail:\n{console}")
+        raise HypervisorError(
+            f"sandbox {self.id}: the VM failed to boot ({why}). Console log tail:\n{console}"
+        )
 
     async def destroy(self) -> None:
         """Stop the VM (gracefully, then by force) and release everything. Idempotent."""
@@ -241,8 +269,9 @@ class Sandbox:
             raise StateError(f"sandbox {self.id} is not running (state {self.record.state})")
         return self.agent
 
-    async def create_container(self, container_id: str, spec: dict[str, Any], rootfs: Path,
-                               overlay: bool = True) -> None:
+    async def create_container(
+        self, container_id: str, spec: dict[str, Any], rootfs: Path, overlay: bool = True
+    ) -> None:
         """Share ``rootfs`` into the guest and create the container there.
         ``overlay``: the guest writes to an in-memory layer, never to ``rootfs``."""
         agent = self._agent()
@@ -261,8 +290,9 @@ class Sandbox:
             self.record.save()
             c.mounts.append(str(target))
             linux.bind_mount(str(rootfs), str(target), readonly=overlay)
-            await agent.create_container(container_id, spec,
-                                         f"{GUEST_SHARED_DIR}/{container_id}/rootfs", overlay)
+            await agent.create_container(
+                container_id, spec, f"{GUEST_SHARED_DIR}/{container_id}/rootfs", overlay
+            )
         except BaseException:
             await self._unshare(c)
             raise
@@ -301,37 +331,43 @@ class Sandbox:
         finally:
             await self._unshare(c)
 
-    async def kill(self, container_id: str, sig: int = signal.SIGTERM, exec_id: str = "",
-                   all_processes: bool = False) -> None:
+    async def kill(
+        self,
+        container_id: str,
+        sig: int = signal.SIGTERM,
+        exec_id: str = "",
+        all_processes: bool = False,
+    ) -> None:
         self._container(container_id)
         await self._agent().signal_process(container_id, exec_id, int(sig), all_processes)
 
     async def wait(self, container_id: str, exec_id: str = "") -> int:
         return await self._agent().wait_process(container_id, exec_id)
 
-    async def relay(self, container_id: str, exec_id: str, io: ProcessIO,
-                    started: Awaitable[Any]) -> int:
+    async def relay(
+        self, container_id: str, exec_id: str, io: ProcessIO, started: Awaitable[Any]
+    ) -> int:
         """Relay ``io`` for a created process, await ``started`` (what starts it), and
         return its exit status once it exited and its output was drained."""
         agent = self._agent()
         # the process exists once ``started`` returns; its output waits in the guest
         await started
-        tasks = [asyncio.ensure_future(_pump_out(agent, "stdout", container_id, exec_id,
-                                                 io.stdout)),
-                 asyncio.ensure_future(_pump_out(agent, "stderr", container_id, exec_id,
-                                                 io.stderr))]
+        tasks = [
+            asyncio.ensure_future(_pump_out(agent, "stdout", container_id, exec_id, io.stdout)),
+            asyncio.ensure_future(_pump_out(agent, "stderr", container_id, exec_id, io.stderr)),
+        ]
         stdin_task = None
         try:
             if io.on_started is not None:
-                io.on_started(lambda rows, cols: agent.tty_win_resize(
-                    container_id, exec_id, rows, cols))
+                io.on_started(
+                    lambda rows, cols: agent.tty_win_resize(container_id, exec_id, rows, cols)
+                )
             if io.stdin is not None:
-                stdin_task = asyncio.ensure_future(_pump_in(agent, container_id, exec_id,
-                                                            io.stdin))
+                stdin_task = asyncio.ensure_future(_pump_in(agent, container_id, exec_id, io.stdin))
             else:
                 await agent.close_stdin(container_id, exec_id)
             status = await agent.wait_process(container_id, exec_id)
-            _, pending = await asyncio.wait(tasks, timeout=OUTPUT_DRAIN_TIMEOUT)
+            await asyncio.wait(tasks, timeout=OUTPUT_DRAIN_TIMEOUT)
             for t in tasks:
                 if t.done() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -339,21 +375,30 @@ class Sandbox:
         finally:
             for t in [*tasks, *([stdin_task] if stdin_task else [])]:
                 t.cancel()
-            await asyncio.gather(*tasks, *([stdin_task] if stdin_task else []),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *tasks, *([stdin_task] if stdin_task else []), return_exceptions=True
+            )
 
-    async def run(self, args: list[str] | None = None, *, spec: dict[str, Any] | None = None,
-                  rootfs: Path | None = None, overlay: bool = True, io: ProcessIO | None = None,
-                  container_id: str | None = None, env: list[str] | None = None,
-                  cwd: str = "/", terminal: bool = False) -> int:
+    async def run(
+        self,
+        args: list[str] | None = None,
+        *,
+        spec: dict[str, Any] | None = None,
+        rootfs: Path | None = None,
+        overlay: bool = True,
+        io: ProcessIO | None = None,
+        container_id: str | None = None,
+        env: list[str] | None = None,
+        cwd: str = "/",
+        terminal: bool = False,
+    ) -> int:
         """Run one container to completion and remove it; returns its exit status."""
         from carapace.oci.spec import default_spec
 
         if spec is None:
             if args is None:
                 raise InvalidArgument("run: give a command or a spec")
-            spec = default_spec(args, env=env, cwd=cwd, terminal=terminal,
-                                hostname=self.hostname)
+            spec = default_spec(args, env=env, cwd=cwd, terminal=terminal, hostname=self.hostname)
         cid = container_id or f"c-{secrets.token_hex(4)}"
         await self.create_container(cid, spec, rootfs or self.image().rootfs, overlay=overlay)
         try:
@@ -362,20 +407,26 @@ class Sandbox:
             with contextlib.suppress(CarapaceError):
                 await self.remove_container(cid)
 
-    async def exec(self, container_id: str, exec_id: str, process: dict[str, Any],
-                   io: ProcessIO | None = None) -> int:
+    async def exec(
+        self, container_id: str, exec_id: str, process: dict[str, Any], io: ProcessIO | None = None
+    ) -> int:
         """Run an extra process in a running container; returns its exit status."""
         agent = self._agent()
         self._container(container_id)
-        return await self.relay(container_id, exec_id, io or ProcessIO(),
-                                agent.exec_process(container_id, exec_id, process))
+        return await self.relay(
+            container_id,
+            exec_id,
+            io or ProcessIO(),
+            agent.exec_process(container_id, exec_id, process),
+        )
 
     async def guest_details(self) -> pb.GuestDetailsResponse:
         return await self._agent().guest_details()
 
 
-async def _pump_out(agent: AgentClient, stream: str, cid: str, exec_id: str,
-                    sink: Sink | None) -> None:
+async def _pump_out(
+    agent: AgentClient, stream: str, cid: str, exec_id: str, sink: Sink | None
+) -> None:
     while True:
         try:
             data, eof = await agent.read_stream(stream, cid, exec_id)
@@ -389,8 +440,9 @@ async def _pump_out(agent: AgentClient, stream: str, cid: str, exec_id: str,
                 await r
 
 
-async def _pump_in(agent: AgentClient, cid: str, exec_id: str,
-                   source: AsyncIterator[bytes]) -> None:
+async def _pump_in(
+    agent: AgentClient, cid: str, exec_id: str, source: AsyncIterator[bytes]
+) -> None:
     try:
         async for chunk in source:
             if chunk:

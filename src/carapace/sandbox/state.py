@@ -79,8 +79,7 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
     """Release everything the record lists: the QEMU process (only if it is really that
     sandbox's), mounts, the run dir. Returns what could not be released."""
     problems: list[str] = []
-    if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid,
-                                                                        record.id):
+    if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid, record.id):
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.qemu_pid, signal.SIGKILL)
         deadline = time.monotonic() + kill_wait
@@ -103,7 +102,7 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
 
 def stale_sandboxes(run_root: Path) -> list[SandboxRecord]:
     """Sandboxes under ``run_root`` whose owner process is gone."""
-    out = []
+    out: list[SandboxRecord] = []
     if not run_root.is_dir():
         return out
     for d in sorted(run_root.iterdir()):

@@ -39,8 +39,10 @@ def kvm_precheck(dev: str = "/dev/kvm", sysmodule: str = "/sys/module") -> str |
         return f"cannot open {dev}: {e.strerror}"
     mods = set(os.listdir(sysmodule)) if os.path.isdir(sysmodule) else set()
     if "kvm_pvm" in mods and not ({"kvm_intel", "kvm_amd"} & mods):
-        return ("KVM here is the PVM module (kvm_pvm), which runs only PVM-enabled guest "
-                "kernels; a stock kernel cannot boot under it")
+        return (
+            "KVM here is the PVM module (kvm_pvm), which runs only PVM-enabled guest "
+            "kernels; a stock kernel cannot boot under it"
+        )
     return None
 
 
@@ -49,11 +51,29 @@ def boot_probe(qemu: str, kernel: Path, initrd: Path, timeout: float = PROBE_TIM
     None on success, else why it failed."""
     with tempfile.TemporaryDirectory(prefix="carapace-probe-") as tmp:
         console = Path(tmp) / "console.log"
-        argv = [qemu, "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "512M", "-smp", "1",
-                "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-                "-kernel", str(kernel), "-initrd", str(initrd),
-                "-append", BASE_KERNEL_PARAMS + " carapace.probe=1",
-                "-serial", f"file:{console}"]
+        argv = [
+            qemu,
+            "-machine",
+            "q35,accel=kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "512M",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            BASE_KERNEL_PARAMS + " carapace.probe=1",
+            "-serial",
+            f"file:{console}",
+        ]
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
             out = r.stderr.strip()
@@ -77,8 +97,9 @@ def _cache_key(qemu: str, kernel: Path) -> str:
     return h.hexdigest()
 
 
-def choose_accelerator(setting: str, qemu: str, kernel: Path, initrd: Path,
-                       cache_file: Path | None) -> AccelChoice:
+def choose_accelerator(
+    setting: str, qemu: str, kernel: Path, initrd: Path, cache_file: Path | None
+) -> AccelChoice:
     """The accelerator to use given configuration's ``accel`` (auto|kvm|tcg)."""
     if setting in ("kvm", "tcg"):
         return AccelChoice(setting, f"set by configuration (accel = {setting!r})")
@@ -93,8 +114,11 @@ def choose_accelerator(setting: str, qemu: str, kernel: Path, initrd: Path,
     why_not = kvm_precheck()
     if why_not is None:
         why_not = boot_probe(qemu, kernel, initrd)
-    choice = (AccelChoice("kvm", "KVM opens and a probe guest booted under it")
-              if why_not is None else AccelChoice("tcg", f"TCG (software emulation): {why_not}"))
+    choice = (
+        AccelChoice("kvm", "KVM opens and a probe guest booted under it")
+        if why_not is None
+        else AccelChoice("tcg", f"TCG (software emulation): {why_not}")
+    )
     if cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

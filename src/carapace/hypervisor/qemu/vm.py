@@ -74,10 +74,8 @@ class QemuVM:
         while not self.spec.agent_socket.exists():
             if self.proc.returncode is not None:
                 break
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 0.01)
-            except asyncio.TimeoutError:
-                pass
         if self.proc.returncode is not None:
             raise HypervisorError(
                 f"QEMU exited with status {self.proc.returncode} at start: "
@@ -109,13 +107,13 @@ class QemuVM:
             return
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("VM %s did not power off in %gs; quitting it", self.spec.name, timeout)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp_execute("quit"), 2)
             try:
                 await asyncio.wait_for(self.proc.wait(), 3)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.kill()
                 await self.proc.wait()
         await self.close_qmp()
