@@ -566,7 +566,13 @@ def main() -> None:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if os.getpid() == 1:
+        started = time.monotonic()
         sysinit.early_init()
+        log.info(
+            "guest up: agent started at %.2fs after boot, early init took %.2fs",
+            started,
+            time.monotonic() - started,
+        )
         with open("/proc/cmdline") as f:
             if "carapace.probe=1" in f.read().split():
                 print("CARAPACE-PROBE-OK", flush=True)  # the host's accelerator probe

@@ -176,6 +176,8 @@ def shared_libraries(paths: Iterable[str]) -> set[str]:
 _CAPTURE = r"""
 import importlib, json, sys
 sys.path[:0] = sys.argv[1].split(":")
+for name in sys.argv[3].split(","):
+    sys.modules[name] = None  # excluded: importers fall back to doing without
 for name in sys.argv[2].split(","):
     importlib.import_module(name)
 files = {}
@@ -185,6 +187,10 @@ for name, mod in list(sys.modules.items()):
         files[name] = f
 print(json.dumps(files))
 """
+
+#: Stdlib modules left out of the guest: their importers (asyncio, shutil) work
+#: without them, and they would bring OpenSSL and compression libraries along.
+EXCLUDED_STDLIB = ("ssl", "_ssl", "bz2", "_bz2", "lzma", "_lzma")
 
 
 class ImageBuilder:
@@ -228,12 +234,16 @@ class ImageBuilder:
         h = hashlib.sha256()
         for name, path in sorted(self._agent_sources().items()):
             h.update(name.encode() + b"\0" + path.read_bytes())
+        # the builder itself: a change in how the image is made is a change of input
+        builder = hashlib.sha256(Path(__file__).read_bytes())
+        builder.update((Path(__file__).parent / "cpio.py").read_bytes())
         return {
             "builder_version": BUILDER_VERSION,
             "kernel_release": release,
             "packages": versions,
             "protobuf": google.protobuf.__version__,
             "agent_sha256": h.hexdigest(),
+            "builder_sha256": builder.hexdigest(),
             "modules": list(GUEST_MODULES),
         }
 
@@ -423,6 +433,7 @@ class ImageBuilder:
                 _CAPTURE,
                 str(lib),
                 "carapace.guest.agent," + ",".join(EXTRA_STDLIB),
+                ",".join(EXCLUDED_STDLIB),
             ],
             capture_output=True,
             text=True,
@@ -444,6 +455,7 @@ class ImageBuilder:
                 "-m",
                 "compileall",
                 "-q",
+                "-b",  # x.pyc beside x.py, so the sources can be left out
                 "-j",
                 "0",
                 "--invalidation-mode",
@@ -459,6 +471,8 @@ class ImageBuilder:
         )
         out: dict[str, Path] = {}
         for path in stage.rglob("*"):
+            if path.suffix == ".py" and path.with_suffix(".pyc").exists():
+                continue  # the byte code alone is imported (and starts faster)
             if path.is_file():
                 out[str(path.relative_to(stage))] = path
         return out
