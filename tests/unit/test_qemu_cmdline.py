@@ -1,0 +1,157 @@
+"""The QEMU command line of a pod VM (carapace.hypervisor.qemu.cmdline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from carapace.hypervisor import BASE_KERNEL_PARAMS, VMSpec
+from carapace.hypervisor.qemu.cmdline import AGENT_PORT_NAME, SHARE_TAG, qemu_argv
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def make_spec(tmp_path: Path, **kw: object) -> VMSpec:
+    args: dict[str, object] = {
+        "name": "sb-1",
+        "run_dir": tmp_path / "run" / "sb-1",
+        "kernel": tmp_path / "guest" / "vmlinux",
+        "initrd": tmp_path / "guest" / "initrd.img",
+        "vcpus": 2,
+        "memory_mib": 768,
+        "accel": "kvm",
+        "shared_dir": tmp_path / "run" / "sb-1" / "shared",
+    }
+    args.update(kw)
+    return VMSpec(**args)  # type: ignore[arg-type]
+
+
+def values(argv: list[str], flag: str) -> list[str]:
+    """The value after each occurrence of ``flag``."""
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def value(argv: list[str], flag: str) -> str:
+    vs = values(argv, flag)
+    assert len(vs) == 1, f"{flag} given {len(vs)} times: {vs}"
+    return vs[0]
+
+
+def opts(v: str) -> tuple[str, dict[str, str]]:
+    """'driver,k=v,k2=v2' -> ('driver', {k: v, k2: v2}); a bare first element is the driver."""
+    first, *rest = v.split(",")
+    out = {}
+    if "=" in first:
+        rest.insert(0, first)
+        first = ""
+    for item in rest:
+        k, _, val = item.partition("=")
+        out[k] = val
+    return first, out
+
+
+def test_argv_is_a_list_of_strings(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path))
+    assert isinstance(argv, list)
+    assert all(isinstance(a, str) for a in argv)
+    assert argv[0] == QEMU
+    # no shell string: every option is its own element
+    assert "-machine" in argv and "-kernel" in argv
+    assert not any(a.startswith("-machine ") for a in argv)
+
+
+@pytest.mark.parametrize(("accel", "cpu"), [("kvm", "host"), ("tcg", "max")])
+def test_machine_accel_and_cpu(tmp_path: Path, accel: str, cpu: str) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path, accel=accel))
+    machine, mopts = opts(value(argv, "-machine"))
+    assert machine == "q35"
+    assert mopts["accel"] == accel
+    assert value(argv, "-cpu") == cpu
+
+
+def test_smp_and_memory(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path, vcpus=3, memory_mib=1536))
+    assert value(argv, "-smp") == "3"
+    assert value(argv, "-m") == "1536M"
+
+
+def test_kernel_and_initrd(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = qemu_argv(QEMU, spec)
+    assert value(argv, "-kernel") == str(spec.kernel)
+    assert value(argv, "-initrd") == str(spec.initrd)
+
+
+def test_agent_channel(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = qemu_argv(QEMU, spec)
+    backend, copts = opts(value(argv, "-chardev"))
+    assert backend == "socket"
+    assert copts["path"] == str(spec.run_dir / "agent.sock") == str(spec.agent_socket)
+    assert copts["server"] == "on" and copts["wait"] == "off"
+    devices = [opts(d) for d in values(argv, "-device")]
+    ports = [o for drv, o in devices if drv == "virtserialport"]
+    assert len(ports) == 1
+    assert ports[0]["name"] == AGENT_PORT_NAME == "carapace.agent"
+    assert ports[0]["chardev"] == copts["id"]
+    # the port sits on the virtio-serial controller that is created
+    serial = [o for drv, o in devices if drv == "virtio-serial-pci"]
+    assert len(serial) == 1
+    assert ports[0]["bus"] == serial[0]["id"] + ".0"
+
+
+def test_shared_dir(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = qemu_argv(QEMU, spec)
+    driver, fopts = opts(value(argv, "-fsdev"))
+    assert driver == "local"
+    assert fopts["path"] == str(spec.shared_dir)
+    assert fopts["security_model"] == "none"
+    devices = [opts(d) for d in values(argv, "-device")]
+    nine = [o for drv, o in devices if drv == "virtio-9p-pci"]
+    assert len(nine) == 1
+    assert nine[0]["mount_tag"] == SHARE_TAG == "carapace"
+    assert nine[0]["fsdev"] == fopts["id"]
+
+
+def test_console_qmp_and_pidfile(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = qemu_argv(QEMU, spec)
+    assert value(argv, "-serial") == f"file:{spec.run_dir / 'console.log'}"
+    assert value(argv, "-pidfile") == str(spec.run_dir / "qemu.pid")
+    qmp = value(argv, "-qmp")
+    assert qmp.startswith(f"unix:{spec.run_dir / 'qmp.sock'},")
+    assert "server=on" in qmp.split(",") and "wait=off" in qmp.split(",")
+
+
+def test_name_identifies_the_sandbox(tmp_path: Path) -> None:
+    # sandbox.state relies on this to recognise its QEMU process
+    argv = qemu_argv(QEMU, make_spec(tmp_path, name="abc"))
+    assert value(argv, "-name").startswith("carapace-abc,")
+
+
+def test_no_defaults_and_no_reboot(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path))
+    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
+        assert argv.count(flag) == 1, flag
+
+
+def test_kernel_params(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path))
+    append = value(argv, "-append")
+    assert append == BASE_KERNEL_PARAMS
+    assert "console=ttyS0" in append.split()
+
+
+def test_extra_kernel_params(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path, kernel_params="loglevel=7 carapace.debug=1"))
+    params = value(argv, "-append").split()
+    assert "console=ttyS0" in params
+    assert params[-2:] == ["loglevel=7", "carapace.debug=1"]
+
+
+def test_extra_args_are_appended(tmp_path: Path) -> None:
+    extra = ("-device", "virtio-rng-pci", "-S")
+    argv = qemu_argv(QEMU, make_spec(tmp_path, extra_args=extra))
+    assert tuple(argv[-3:]) == extra
