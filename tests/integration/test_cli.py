@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -17,6 +18,17 @@ def carapace(
     *args: str, stdin: bytes | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([CARAPACE, *args], input=stdin, capture_output=True, timeout=timeout)
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    """End a `carapace run` a test started, the way a user would (two Ctrl-Cs)."""
+    for _ in range(2):
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            time.sleep(1)
+    if p.poll() is None:
+        p.kill()
+    p.wait(60)
 
 
 def test_run_prints_guest_kernel_and_exit_code() -> None:
@@ -60,14 +72,17 @@ def test_interrupt_cleans_up() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert p.stdout is not None
-    assert p.stdout.readline() == b"ready\n"
-    assert qemu_pids() - before  # the pod VM is up
-    # first SIGINT goes to the container (sh as its pid 1 ignores it), the second aborts
-    p.send_signal(signal.SIGINT)
-    time.sleep(1)
-    p.send_signal(signal.SIGINT)
-    p.wait(60)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        assert qemu_pids() - before  # the pod VM is up
+        # first SIGINT goes to the container (sh as its pid 1 ignores it), the second aborts
+        p.send_signal(signal.SIGINT)
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    finally:
+        _stop(p)
     assert p.returncode != 0
     assert not (qemu_pids() - before)
 
@@ -101,3 +116,63 @@ def test_check_reports_a_verdict() -> None:
     assert {"qemu", "guest image", "crun in image", "accelerator", "cgroups", "tun"} <= set(names)
     accel = names["accelerator"]["detail"]
     assert accel.startswith(("kvm", "tcg")) and ":" in accel
+
+
+def test_run_with_a_terminal() -> None:
+    # `script` gives carapace a real pty as its stdin/stdout
+    cmd = f"{CARAPACE} run -t -- sh -c 'tty; stty size; exit 4'"
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        capture_output=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 4, (out, r.stderr)
+    assert "/dev/pts/" in out, out
+
+
+def test_gc_releases_what_a_killed_owner_left() -> None:
+    before_qemu = qemu_pids()
+    name = f"gc-test-{os.getpid()}"
+    run_dir = RUN_ROOT / name
+    p = subprocess.Popen(
+        [
+            CARAPACE,
+            "run",
+            "--name",
+            name,
+            "--memory",
+            "512M",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 300",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        assert (run_dir / "state.json").exists()
+    except BaseException:
+        _stop(p)
+        raise
+    with open("/proc/self/mounts") as f:
+        assert any(str(run_dir) in line for line in f)  # the rootfs share is mounted
+    p.kill()  # no chance to clean up
+    p.wait(30)
+    # the VM dies with its owner; the run dir and the mount remain until gc
+    state = json.loads((run_dir / "state.json").read_text())
+    deadline = time.monotonic() + 30
+    while state["qemu_pid"] in qemu_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state["qemu_pid"] not in qemu_pids() | before_qemu
+    assert run_dir.exists()
+    r = carapace("gc", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"removed sandbox {run_dir.name}" in r.stdout.decode()
+    assert not run_dir.exists()
+    with open("/proc/self/mounts") as f:
+        assert not any(str(run_dir) in line for line in f)
