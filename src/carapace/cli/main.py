@@ -146,11 +146,15 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         background.add(fut)
         fut.add_done_callback(background.discard)
 
+    async def forward(sig: signal.Signals) -> None:
+        with contextlib.suppress(CarapaceError):
+            await sandbox.kill(cid, sig)
+
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1 and sandbox.containers.get(cid) is not None:
-            spawn(_forward(sandbox, cid, sig))
+            spawn(forward(sig))
         else:
             main_task.cancel()
 
@@ -183,14 +187,6 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         if saved_tty is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
         await asyncio.shield(sandbox.destroy())
-
-
-async def _forward(sandbox: object, cid: str, sig: signal.Signals) -> None:
-    from carapace.sandbox import Sandbox
-
-    assert isinstance(sandbox, Sandbox)
-    with contextlib.suppress(CarapaceError):
-        await sandbox.kill(cid, sig)
 
 
 # -- check ----------------------------------------------------------------------------

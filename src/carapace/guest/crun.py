@@ -39,6 +39,7 @@ class Crun:
     def __init__(self, reaper: Reaper, log_dir: str = "/run/carapace/crun-logs") -> None:
         self.reaper = reaper
         self.log_dir = log_dir
+        self._version: str | None = None
         os.makedirs(log_dir, exist_ok=True)
 
     async def run(
@@ -118,6 +119,12 @@ class Crun:
         await self.run(["resume", container_id], container_id)
 
     async def version(self) -> str:
+        """crun's version line; asked once, since the binary cannot change in the guest."""
+        if self._version is None:
+            self._version = await self._ask_version()
+        return self._version
+
+    async def _ask_version(self) -> str:
         r, w = os.pipe()
         try:
             pid = os.posix_spawn(

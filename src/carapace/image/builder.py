@@ -274,22 +274,22 @@ class ImageBuilder:
             manifest=manifest,
         )
 
-    def up_to_date(self) -> GuestImage | None:
+    def up_to_date(self, inputs: dict[str, object] | None = None) -> GuestImage | None:
         img = self.current()
         if img is None:
             return None
-        if img.manifest.get("inputs") != self.inputs():
+        if img.manifest.get("inputs") != (inputs if inputs is not None else self.inputs()):
             return None
         return img
 
     def build(self, force: bool = False) -> GuestImage:
+        inputs = self.inputs()  # queried once: dpkg and hashing are the slow part of a check
         if not force:
-            img = self.up_to_date()
+            img = self.up_to_date(inputs)
             if img is not None:
                 self.progress(f"guest image is up to date ({self.out_dir})")
                 return img
         t0 = time.monotonic()
-        inputs = self.inputs()
         release = str(inputs["kernel_release"])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".build-") as tmp:
