@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src src/carapace/protocols/*.proto
+	$(PY) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src src/carapace/protocols/*.proto src/carapace/protocols/containerd/*.proto
 
 bench: image
 	$(PY) benchmarks/boot.py
