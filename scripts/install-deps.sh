@@ -2,7 +2,8 @@
 # Installs the Debian packages carapace needs; does nothing when all are present.
 set -euo pipefail
 PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static crun python3.11 python3-venv
-          iproute2 cpio make)
+          iproute2 cpio make
+          containerd runc containernetworking-plugins)
 missing=()
 for p in "${PACKAGES[@]}"; do
   status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
