@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from carapace.api import RunResult, Sandbox
 
-__all__ = ["RunResult", "Sandbox"]
+__all__ = ["RunResult", "Sandbox", "__version__"]
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -44,7 +44,8 @@ from carapace.sandbox.state import SandboxRecord, release
 log = logging.getLogger("carapace.sandbox")
 
 GUEST_SHARED_DIR = "/run/carapace/shared"
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: containerd's identifiers are at most 76 characters; so are ours.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
 OUTPUT_DRAIN_TIMEOUT = 5.0  # after exit, how long to wait for output streams to close
 
 Sink = Callable[[bytes], Awaitable[None] | None]
@@ -53,7 +54,7 @@ Sink = Callable[[bytes], Awaitable[None] | None]
 def check_id(value: str, what: str) -> str:
     if not ID_RE.match(value):
         raise InvalidArgument(
-            f"{what} {value!r} is not valid; accepted: 1-64 characters of letters, digits, "
+            f"{what} {value!r} is not valid; accepted: 1-76 characters of letters, digits, "
             "'_', '.', '-', starting with a letter or digit"
         )
     return value
@@ -420,8 +421,42 @@ class Sandbox:
             agent.exec_process(container_id, exec_id, process),
         )
 
+    async def start_exec(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
+        """Start an extra process in a container (its streams wait in the guest)."""
+        self._container(container_id)
+        return await self._agent().exec_process(container_id, exec_id, process)
+
     async def guest_details(self) -> pb.GuestDetailsResponse:
         return await self._agent().guest_details()
+
+    async def pause(self, container_id: str) -> None:
+        self._container(container_id)
+        await self._agent().pause_container(container_id)
+
+    async def resume(self, container_id: str) -> None:
+        self._container(container_id)
+        await self._agent().resume_container(container_id)
+
+    async def processes(self, container_id: str) -> list[int]:
+        """Guest pids of every process in the container."""
+        self._container(container_id)
+        return await self._agent().list_processes(container_id)
+
+    async def stats(self, container_id: str) -> pb.StatsContainerResponse:
+        self._container(container_id)
+        return await self._agent().stats_container(container_id)
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply OCI linux.resources to the container's cgroup in the guest."""
+        self._container(container_id)
+        await self._agent().update_container(container_id, resources)
+
+    async def oom_event(self) -> str:
+        """Wait for the next OOM kill in any container; returns the container's id."""
+        while True:
+            cid = await self._agent().get_oom_event()
+            if cid:
+                return cid
 
 
 async def _pump_out(

@@ -1,0 +1,3 @@
+from carapace.shim.main import main
+
+raise SystemExit(main())

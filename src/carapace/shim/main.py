@@ -1,0 +1,252 @@
+"""``containerd-shim-carapace-v2``: the binary containerd runs for runtime
+``io.containerd.carapace.v2``.
+
+    shim [flags] start    print the pod's shim socket address (starting the shim)
+    shim [flags] delete   clean up after a shim that died; print a DeleteResponse
+    shim [flags]          (the daemon ``start`` spawns) serve the task API
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.any_pb2 import Any as AnyPb
+from google.protobuf.message import DecodeError
+
+from carapace import __version__, linux
+from carapace.config import load_config
+from carapace.errors import CarapaceError, InvalidArgument
+from carapace.protocols.containerd import runtimeoptions_pb2
+from carapace.protocols.containerd import shim_pb2 as api
+from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
+from carapace.shim.events import Publisher
+from carapace.shim.params import (
+    RUNTIME_OPTIONS_URL,
+    SOCKET_DIR,
+    ShimArgs,
+    parse_args,
+    pod_of,
+    socket_path,
+)
+from carapace.shim.service import TaskService
+from carapace.ttrpc import Server
+
+log = logging.getLogger("carapace.shim")
+
+LISTEN_FD_ENV = "CARAPACE_SHIM_LISTEN_FD"
+#: What ``start`` leaves in each bundle for ``delete``: the socket and configuration.
+SHIM_FILE = "carapace-shim.json"
+#: Exit status ``delete`` reports for a task whose shim died (as runc's shim: SIGKILL).
+DEAD_SHIM_STATUS = 128 + signal.SIGKILL
+
+
+def read_spec(bundle: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read {bundle}/config.json: {e}") from e
+    return spec if isinstance(spec, dict) else {}
+
+
+def config_path_from_options(data: bytes) -> str | None:
+    """The configuration file named by the runtime options containerd wrote on stdin
+    (a marshalled ``Any`` of ``runtimeoptions.v1.Options``), if any."""
+    if not data:
+        return None
+    any_opts = AnyPb()
+    try:
+        any_opts.ParseFromString(data)
+    except DecodeError as e:
+        raise InvalidArgument(f"cannot parse the runtime options on stdin: {e}") from e
+    if not any_opts.type_url.endswith(RUNTIME_OPTIONS_URL):
+        return None
+    opts = runtimeoptions_pb2.Options()
+    opts.ParseFromString(any_opts.value)
+    return opts.config_path or None
+
+
+def connectable(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _read_stdin() -> bytes:
+    try:
+        if os.isatty(0):
+            return b""
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError):
+        return b""
+
+
+def _announce(bundle: Path, sock: str, config_path: str | None) -> int:
+    address = f"unix://{sock}"
+    (bundle / "address").write_text(address)
+    (bundle / SHIM_FILE).write_text(json.dumps({"socket": sock, "config": config_path}) + "\n")
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_start(args: ShimArgs) -> int:
+    bundle = Path(args.bundle) if args.bundle else Path.cwd()
+    spec = read_spec(bundle)
+    pod = pod_of(args.id, spec)
+    config_path = config_path_from_options(_read_stdin()) or os.environ.get("CARAPACE_CONFIG")
+    sock = socket_path(args.address, args.namespace, pod)
+    if connectable(sock):  # the pod's shim runs already: this container joins it
+        return _announce(bundle, sock, config_path)
+    if pod != args.id:
+        raise InvalidArgument(
+            f"container {args.id}: the shim of its pod {pod} is not running (no {sock})"
+        )
+    os.makedirs(SOCKET_DIR, mode=0o711, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)  # stale: nobody answers on it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(sock)
+        listener.listen(128)
+        env = dict(os.environ)
+        env[LISTEN_FD_ENV] = str(listener.fileno())
+        if config_path:
+            env["CARAPACE_CONFIG"] = config_path
+        argv = [sys.executable, "-m", "carapace.shim", "-namespace", args.namespace]
+        argv += ["-id", pod, "-address", args.address, "-socket", sock]
+        if args.debug:
+            argv.append("-debug")
+        subprocess.Popen(
+            argv,
+            cwd=bundle,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(listener.fileno(),),
+            start_new_session=True,
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(sock)
+        raise
+    finally:
+        listener.close()
+    return _announce(bundle, sock, config_path)
+
+
+def cmd_delete(args: ShimArgs) -> int:
+    """Clean up what a dead shim left for this container: the rootfs mount in the
+    bundle, and the pod's VM, mounts and run dir if the pod's shim is gone."""
+    bundle = Path(args.bundle) if args.bundle else Path.cwd()
+    spec = read_spec(bundle)
+    pod = pod_of(args.id, spec)
+    rootfs = bundle / str((spec.get("root") or {}).get("path") or "rootfs")
+    with contextlib.suppress(OSError):
+        while linux.is_mountpoint(str(rootfs)):
+            linux.umount(str(rootfs), lazy=True)
+    meta: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads((bundle / SHIM_FILE).read_text())
+    config = load_config(meta.get("config") or None)
+    run_dir = Path(config.runtime.run_dir) / pod
+    if (run_dir / STATE_FILE).exists():
+        rec = SandboxRecord.load(run_dir)
+        if not pid_alive(rec.owner_pid):
+            problems = release(rec)
+            if problems:
+                print(f"carapace shim delete: {'; '.join(problems)}", file=sys.stderr)
+    sock = meta.get("socket") or socket_path(args.address, args.namespace, pod)
+    if os.path.exists(sock) and not connectable(sock):
+        with contextlib.suppress(OSError):
+            os.unlink(sock)
+    resp = api.DeleteResponse(exit_status=DEAD_SHIM_STATUS)
+    resp.exited_at.GetCurrentTime()
+    sys.stdout.buffer.write(resp.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+def _setup_logging(debug: bool, pod: str) -> None:
+    """Log to the ``log`` fifo containerd reads in the bundle (stderr if it is absent)."""
+    stream: Any = sys.stderr
+    with contextlib.suppress(OSError):
+        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        stream = os.fdopen(fd, "w", buffering=1)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        logging.Formatter(
+            f'time="%(asctime)s" level=%(levelname)s msg="%(message)s" '
+            f"runtime=io.containerd.carapace.v2 pod={pod[:12]}"
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+async def serve(args: ShimArgs) -> int:
+    _setup_logging(args.debug, args.id)
+    fd = int(os.environ.pop(LISTEN_FD_ENV))
+    listener = socket.socket(fileno=fd)
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
+    service = TaskService(args.id, args.namespace, publisher, os.environ.get("CARAPACE_CONFIG"))
+    server = Server()
+    service.register(server)
+    srv = await asyncio.start_unix_server(server.serve_connection, sock=listener)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.shutdown_requested.set)
+    log.info(
+        "shim %s serving pod %s on %s (pid %d)", __version__, args.id, args.socket, os.getpid()
+    )
+    try:
+        await service.shutdown_requested.wait()
+        await asyncio.sleep(0.05)  # let the Shutdown reply leave
+    finally:
+        srv.close()
+        await service.close()
+        await publisher.flush(5)
+        await publisher.close()
+        await server.close()
+        if args.socket:
+            with contextlib.suppress(OSError):
+                os.unlink(args.socket)
+        log.info("shim for pod %s exits", args.id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.version:
+            print(f"containerd-shim-carapace-v2 {__version__}")
+            return 0
+        if args.action == "start":
+            return cmd_start(args)
+        if args.action == "delete":
+            return cmd_delete(args)
+        if LISTEN_FD_ENV not in os.environ:
+            raise InvalidArgument(
+                "no action given; accepted: start, delete (the serving mode is started by start)"
+            )
+        return asyncio.run(serve(args))
+    except CarapaceError as e:
+        print(f"containerd-shim-carapace-v2: {e}", file=sys.stderr)
+        return 1

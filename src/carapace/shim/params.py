@@ -1,0 +1,147 @@
+"""Pure parts of the shim contract: its command line, socket address, pod grouping,
+rootfs mount options and containerd's ``Any`` type URLs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from carapace import linux
+from carapace.errors import InvalidArgument
+
+#: The runtime type containerd resolves to the binary ``containerd-shim-carapace-v2``.
+RUNTIME_TYPE = "io.containerd.carapace.v2"
+#: Where shim sockets live (one per pod).
+SOCKET_DIR = "/run/carapace-shim"
+
+#: Annotations the CRI plugin puts on every container of a pod.
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+
+#: containerd's type URLs for what travels in ``google.protobuf.Any``.
+PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+METRICS_URL = "io.containerd.cgroups.v1.Metrics"
+RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
+
+_STRING_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+_BOOL_FLAGS = {"debug", "v"}
+ACTIONS = ("start", "delete")
+
+
+@dataclass
+class ShimArgs:
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    debug: bool = False
+    version: bool = False
+    action: str = ""  # "start", "delete", or "" for the serving daemon
+
+
+def parse_args(argv: list[str]) -> ShimArgs:
+    """Parse a shim command line the way Go's flag package does (``-k v``, ``-k=v``,
+    ``--k v``, booleans bare), followed by at most one action."""
+    out = ShimArgs()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg in ("-", "--"):
+            if arg == "--":
+                i += 1
+            rest = argv[i:]
+            if len(rest) > 1 or (rest and rest[0] not in ACTIONS):
+                raise InvalidArgument(
+                    f"unexpected arguments {rest!r}; accepted: one of {', '.join(ACTIONS)}"
+                )
+            out.action = rest[0] if rest else ""
+            return out
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            flag = value.lower() not in ("false", "0") if eq else True
+            if name == "debug":
+                out.debug = flag
+            else:
+                out.version = flag
+        elif name in _STRING_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise InvalidArgument(f"flag -{name} needs a value")
+                value = argv[i]
+            setattr(out, name.replace("-", "_"), value)
+        else:
+            raise InvalidArgument(
+                f"unknown flag {arg!r}; accepted: "
+                + ", ".join(f"-{f}" for f in sorted(_STRING_FLAGS | _BOOL_FLAGS))
+            )
+        i += 1
+    return out
+
+
+def socket_path(address: str, namespace: str, group: str, root: str = SOCKET_DIR) -> str:
+    """The pod's shim socket: a hash of containerd's address, the namespace and the pod,
+    so two containerds or namespaces never share a shim."""
+    digest = hashlib.sha256(f"{address}\0{namespace}\0{group}".encode()).hexdigest()[:32]
+    return f"{root}/{digest}.sock"
+
+
+def pod_of(container_id: str, spec: dict[str, Any]) -> str:
+    """The pod (shim group) a container belongs to: CRI's sandbox-id annotation, or
+    the container itself when it is not part of a CRI pod."""
+    annotations = spec.get("annotations") or {}
+    return str(annotations.get(CRI_SANDBOX_ID) or container_id)
+
+
+def is_pod_sandbox(container_id: str, spec: dict[str, Any]) -> bool:
+    """Whether this container is the one that makes the pod (CRI's pause container, or a
+    stand-alone container)."""
+    annotations = spec.get("annotations") or {}
+    kind = annotations.get(CRI_CONTAINER_TYPE)
+    if kind is not None:
+        return bool(kind == "sandbox")
+    return pod_of(container_id, spec) == container_id
+
+
+_MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
+    # option: (clear?, flag)
+    "ro": (False, linux.MS_RDONLY),
+    "rw": (True, linux.MS_RDONLY),
+    "nosuid": (False, linux.MS_NOSUID),
+    "suid": (True, linux.MS_NOSUID),
+    "nodev": (False, linux.MS_NODEV),
+    "dev": (True, linux.MS_NODEV),
+    "noexec": (False, linux.MS_NOEXEC),
+    "exec": (True, linux.MS_NOEXEC),
+    "bind": (False, linux.MS_BIND),
+    "rbind": (False, linux.MS_BIND | linux.MS_REC),
+    "remount": (False, linux.MS_REMOUNT),
+    "noatime": (False, linux.MS_NOATIME),
+    "relatime": (False, linux.MS_RELATIME),
+    "strictatime": (False, linux.MS_STRICTATIME),
+    "sync": (False, linux.MS_SYNCHRONOUS),
+    "async": (True, linux.MS_SYNCHRONOUS),
+}
+
+
+def mount_options(options: list[str]) -> tuple[int, str]:
+    """containerd mount options → (mount(2) flags, filesystem data string)."""
+    flags = 0
+    data: list[str] = []
+    for opt in options:
+        known = _MOUNT_FLAGS.get(opt)
+        if known is None:
+            data.append(opt)
+        elif known[0]:
+            flags &= ~known[1]
+        else:
+            flags |= known[1]
+    return flags, ",".join(data)
+
+
+def strip_unix(address: str) -> str:
+    return address.removeprefix("unix://")

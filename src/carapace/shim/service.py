@@ -1,0 +1,586 @@
+"""containerd.task.v2.Task for one pod: the first container of the pod boots the VM,
+the others join it, and the VM is shut down when the last one is deleted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf.any_pb2 import Any as AnyPb
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from carapace import __version__, linux
+from carapace.agent.metrics import to_v1_metrics
+from carapace.config import Config, load_config
+from carapace.errors import (
+    AlreadyExists,
+    CarapaceError,
+    InvalidArgument,
+    NotFound,
+    StateError,
+)
+from carapace.protocols.containerd import events_pb2 as ev
+from carapace.protocols.containerd import runtimeoptions_pb2
+from carapace.protocols.containerd import shim_pb2 as api
+from carapace.protocols.containerd import task_types_pb2 as tt
+from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
+from carapace.shim.events import Publisher
+from carapace.shim.params import (
+    METRICS_URL,
+    RUNTIME_OPTIONS_URL,
+    is_pod_sandbox,
+    mount_options,
+    pod_of,
+)
+from carapace.shim.stdio import ProcessStdio
+from carapace.ttrpc import Code, Server, TtrpcError
+
+log = logging.getLogger("carapace.shim")
+
+SERVICE = "containerd.task.v2.Task"
+#: Exit status reported for processes that were lost with their VM.
+VM_LOST_STATUS = 255
+
+M = TypeVar("M", bound=Message)
+
+_CODES: list[tuple[type[CarapaceError], Code]] = [
+    (NotFound, Code.NOT_FOUND),
+    (AlreadyExists, Code.ALREADY_EXISTS),
+    (InvalidArgument, Code.INVALID_ARGUMENT),
+    (StateError, Code.FAILED_PRECONDITION),
+]
+
+
+def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
+    for cls, code in _CODES:
+        if isinstance(e, cls):
+            return TtrpcError(code, str(e))
+    return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+@dataclass
+class Proc:
+    """A container's init process (exec_id "") or one of its exec'd processes."""
+
+    container_id: str
+    exec_id: str
+    stdio: ProcessStdio
+    spec: dict[str, Any] | None = None  # the OCI process of an exec
+    status: int = tt.CREATED
+    pid: int = 0  # in the guest
+    exit_status: int = 0
+    exited_at: Timestamp | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    relay: asyncio.Task[None] | None = None
+    resize: Callable[[int, int], Awaitable[None]] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.exec_id or self.container_id
+
+    def finish(self, status: int) -> bool:
+        if self.exited.is_set():
+            return False
+        self.status = tt.STOPPED
+        self.exit_status = status
+        self.exited_at = _now()
+        self.exited.set()
+        return True
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    spec: dict[str, Any]
+    init: Proc
+    rootfs_mounts: list[str] = field(default_factory=list)
+    execs: dict[str, Proc] = field(default_factory=dict)
+
+
+class TaskService:
+    def __init__(
+        self,
+        pod_id: str,
+        namespace: str,
+        publisher: Publisher,
+        config_path: str | None = None,
+    ) -> None:
+        self.pod_id = pod_id
+        self.namespace = namespace
+        self.events = publisher
+        self.config_path = config_path
+        self.sandbox: Sandbox | None = None
+        self.containers: dict[str, Container] = {}
+        self.shutdown_requested = asyncio.Event()
+        self._create_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._vm_lost = False
+
+    # -- registration ---------------------------------------------------------
+
+    def register(self, server: Server) -> None:
+        methods: dict[str, tuple[type[Message], Callable[[Any], Coroutine[Any, Any, Message]]]] = {
+            "State": (api.StateRequest, self.state),
+            "Create": (api.CreateTaskRequest, self.create),
+            "Start": (api.StartRequest, self.start),
+            "Delete": (api.DeleteRequest, self.delete),
+            "Pids": (api.PidsRequest, self.pids),
+            "Pause": (api.PauseRequest, self.pause),
+            "Resume": (api.ResumeRequest, self.resume),
+            "Checkpoint": (api.CheckpointTaskRequest, self.checkpoint),
+            "Kill": (api.KillRequest, self.kill),
+            "Exec": (api.ExecProcessRequest, self.exec),
+            "ResizePty": (api.ResizePtyRequest, self.resize_pty),
+            "CloseIO": (api.CloseIORequest, self.close_io),
+            "Update": (api.UpdateTaskRequest, self.update),
+            "Wait": (api.WaitRequest, self.wait),
+            "Stats": (api.StatsRequest, self.stats),
+            "Connect": (api.ConnectRequest, self.connect),
+            "Shutdown": (api.ShutdownRequest, self.shutdown),
+        }
+        for name, (req_type, handler) in methods.items():
+            server.register_typed(SERVICE, name, req_type, self._guard(name, handler))
+
+    def _guard(
+        self, name: str, handler: Callable[[Any], Coroutine[Any, Any, Message]]
+    ) -> Callable[[Any], Coroutine[Any, Any, Message]]:
+        @functools.wraps(handler)
+        async def run(req: Any) -> Message:
+            log.debug("%s %s", name, str(req).replace("\n", " "))
+            try:
+                return await handler(req)
+            except CarapaceError as e:
+                log.warning("%s failed: %s", name, e)
+                raise to_ttrpc_error(e) from e
+
+        return run
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise NotFound(f"container {cid} not found in pod {self.pod_id}")
+        return c
+
+    def _proc(self, cid: str, exec_id: str) -> Proc:
+        c = self._container(cid)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise NotFound(f"process {exec_id} not found in container {cid}")
+        return p
+
+    def _sandbox(self) -> Sandbox:
+        if self.sandbox is None:
+            raise StateError(f"pod {self.pod_id} has no VM")
+        return self.sandbox
+
+    @property
+    def task_pid(self) -> int:
+        """The pid containerd sees for every task of the pod: the VM's (as Kata does)."""
+        return self.sandbox.record.qemu_pid if self.sandbox is not None else 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    def _load_config(self, options: AnyPb | None) -> Config:
+        path = self.config_path
+        if options is not None and options.type_url.endswith(RUNTIME_OPTIONS_URL):
+            opts = runtimeoptions_pb2.Options()
+            opts.ParseFromString(options.value)
+            path = opts.config_path or path
+        return load_config(path)
+
+    # -- the pod VM ---------------------------------------------------------------
+
+    async def _start_sandbox(self, spec: dict[str, Any], options: AnyPb | None) -> Sandbox:
+        config = self._load_config(options)
+        hostname = str(spec.get("hostname") or "carapace")
+        sb = Sandbox(config, SandboxOptions(sandbox_id=self.pod_id, hostname=hostname))
+        await sb.start()
+        log.info("pod %s: VM up, QEMU pid %d", self.pod_id, sb.record.qemu_pid)
+        self._spawn(self._watch_vm(sb))
+        self._spawn(self._watch_oom(sb))
+        return sb
+
+    async def _watch_vm(self, sb: Sandbox) -> None:
+        assert sb.vm is not None
+        await sb.vm.wait()
+        if sb.record.state in ("running", "creating"):
+            self._vm_lost = True
+            log.error("pod %s: the VM exited unexpectedly", self.pod_id)
+            for c in self.containers.values():
+                for p in [c.init, *c.execs.values()]:
+                    if p.relay is None:  # created, never started: nothing else will end it
+                        self._exited(p, VM_LOST_STATUS)
+
+    async def _watch_oom(self, sb: Sandbox) -> None:
+        while sb.record.state == "running":
+            try:
+                cid = await sb.oom_event()
+            except CarapaceError as e:
+                log.debug("OOM events stopped: %s", e)
+                return
+            log.warning("container %s: OOM kill in the guest", cid)
+            self.events.publish(ev.TaskOOM(container_id=cid))
+
+    async def _stop_sandbox(self) -> None:
+        sb, self.sandbox = self.sandbox, None
+        if sb is not None:
+            log.info("pod %s: shutting the VM down", self.pod_id)
+            await sb.destroy()
+
+    # -- rootfs -------------------------------------------------------------------
+
+    def _mount_rootfs(self, c: Container, mounts: list[Any]) -> Path:
+        spec_root = str((c.spec.get("root") or {}).get("path") or "rootfs")
+        target = Path(c.bundle) / spec_root
+        for m in mounts:
+            flags, data = mount_options(list(m.options))
+            fstype = None if m.type in ("bind", "rbind") else m.type
+            try:
+                linux.mount(m.source, str(target), fstype, flags, data)
+            except OSError as e:
+                raise InvalidArgument(
+                    f"container {c.id}: cannot mount its rootfs ({m.type} {m.source}): {e}"
+                ) from e
+            c.rootfs_mounts.append(str(target))
+        if not target.is_dir():
+            raise NotFound(f"container {c.id}: rootfs {target} is not a directory")
+        return target
+
+    def _unmount_rootfs(self, c: Container) -> None:
+        for m in reversed(c.rootfs_mounts):
+            with contextlib.suppress(OSError):
+                linux.umount(m, lazy=True)
+        c.rootfs_mounts.clear()
+
+    # -- processes --------------------------------------------------------------
+
+    def _exited(self, p: Proc, status: int) -> None:
+        if p.finish(status):
+            log.info("%s/%s exited with %d", p.container_id, p.exec_id or "init", status)
+            self.events.publish(
+                ev.TaskExit(
+                    container_id=p.container_id,
+                    id=p.id,
+                    pid=self.task_pid,
+                    exit_status=status,
+                    exited_at=p.exited_at,
+                )
+            )
+
+    async def _launch(self, p: Proc, start: Awaitable[int]) -> int:
+        sb = self._sandbox()
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[int] = loop.create_future()
+
+        async def starter() -> int:
+            pid = await start
+            started.set_result(pid)
+            return pid
+
+        def on_started(resize: Callable[[int, int], Awaitable[None]]) -> None:
+            p.resize = resize
+
+        io = ProcessIO(
+            stdin=p.stdio.stdin.chunks() if p.stdio.stdin is not None else None,
+            stdout=p.stdio.stdout.write if p.stdio.stdout is not None else None,
+            stderr=p.stdio.stderr.write if p.stdio.stderr is not None else None,
+            on_started=on_started,
+        )
+
+        async def relay() -> None:
+            try:
+                status = await sb.relay(p.container_id, p.exec_id, io, starter())
+            except (CarapaceError, TtrpcError, OSError) as e:
+                if not started.done():
+                    raise
+                log.error("%s/%s: lost: %s", p.container_id, p.exec_id or "init", e)
+                status = VM_LOST_STATUS
+            finally:
+                p.stdio.close()
+            self._exited(p, status)
+
+        p.relay = asyncio.ensure_future(relay())
+        waiters: set[asyncio.Future[Any]] = {started, p.relay}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            p.relay.result()  # raises why the start failed
+            raise StateError(f"{p.id}: did not start")
+        p.pid = started.result()
+        p.status = tt.RUNNING
+        return p.pid
+
+    # -- the task API -----------------------------------------------------------
+
+    async def create(self, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
+        if req.checkpoint:
+            raise TtrpcError(Code.UNIMPLEMENTED, "carapace cannot restore from a checkpoint")
+        if req.id in self.containers:
+            raise AlreadyExists(f"container {req.id} exists already in pod {self.pod_id}")
+        try:
+            spec = json.loads((Path(req.bundle) / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"cannot read {req.bundle}/config.json: {e}") from e
+        pod = pod_of(req.id, spec)
+        if pod != self.pod_id:
+            raise InvalidArgument(
+                f"container {req.id} belongs to pod {pod}, but this shim serves pod {self.pod_id}"
+            )
+        stdio = ProcessStdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        c = Container(req.id, req.bundle, spec, Proc(req.id, "", stdio))
+        booted_here = False
+        try:
+            rootfs = self._mount_rootfs(c, list(req.rootfs))
+            stdio.open()
+            async with self._create_lock:
+                if self.sandbox is None:
+                    if not is_pod_sandbox(req.id, spec):
+                        raise StateError(
+                            f"container {req.id}: pod {self.pod_id} has no sandbox container yet"
+                        )
+                    options = req.options if req.HasField("options") else None
+                    self.sandbox = await self._start_sandbox(spec, options)
+                    booted_here = True
+            spec.setdefault("process", {})["terminal"] = req.terminal
+            self.containers[req.id] = c
+            await self._sandbox().create_container(req.id, spec, rootfs, overlay=False)
+        except BaseException:
+            self.containers.pop(req.id, None)
+            stdio.close()
+            self._unmount_rootfs(c)
+            if booted_here:
+                await self._stop_sandbox()
+            raise
+        self.events.publish(
+            ev.TaskCreate(
+                container_id=req.id,
+                bundle=req.bundle,
+                rootfs=list(req.rootfs),
+                io=ev.TaskIO(
+                    stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal
+                ),
+                pid=self.task_pid,
+            )
+        )
+        return api.CreateTaskResponse(pid=self.task_pid)
+
+    async def start(self, req: api.StartRequest) -> api.StartResponse:
+        p = self._proc(req.id, req.exec_id)
+        if p.status != tt.CREATED or p.exited.is_set():
+            raise StateError(f"process {p.id} was started already")
+        sb = self._sandbox()
+        if req.exec_id:
+            assert p.spec is not None
+            await self._launch(p, sb.start_exec(req.id, req.exec_id, p.spec))
+            self.events.publish(
+                ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=self.task_pid)
+            )
+        else:
+            await self._launch(p, sb.start_container(req.id))
+            self.events.publish(ev.TaskStart(container_id=req.id, pid=self.task_pid))
+        return api.StartResponse(pid=self.task_pid)
+
+    async def exec(self, req: api.ExecProcessRequest) -> Empty:
+        c = self._container(req.id)
+        if c.init.status not in (tt.RUNNING, tt.PAUSED):
+            raise StateError(f"container {req.id} is not running")
+        if req.exec_id in c.execs:
+            raise AlreadyExists(f"process {req.exec_id} exists already in container {req.id}")
+        try:
+            process = json.loads(req.spec.value)
+        except ValueError as e:
+            raise InvalidArgument(f"exec {req.exec_id}: the process spec is not JSON: {e}") from e
+        process["terminal"] = req.terminal
+        stdio = ProcessStdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        stdio.open()
+        c.execs[req.exec_id] = Proc(req.id, req.exec_id, stdio, spec=process)
+        self.events.publish(ev.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
+        return Empty()
+
+    async def wait(self, req: api.WaitRequest) -> api.WaitResponse:
+        p = self._proc(req.id, req.exec_id)
+        await p.exited.wait()
+        return api.WaitResponse(exit_status=p.exit_status, exited_at=p.exited_at)
+
+    async def kill(self, req: api.KillRequest) -> Empty:
+        p = self._proc(req.id, req.exec_id)
+        if p.exited.is_set():
+            raise NotFound(f"process {p.id} already finished")
+        sb = self._sandbox()
+        if p.status == tt.CREATED and req.exec_id:
+            self._exited(p, 128 + req.signal)  # never started: nothing runs in the guest
+            return Empty()
+        await sb.kill(req.id, req.signal, req.exec_id, req.all)
+        if p.status == tt.CREATED and req.signal in (signal.SIGKILL, signal.SIGTERM):
+            # a created init has no relay waiting for it; crun kill ended it
+            self._exited(p, 128 + req.signal)
+        return Empty()
+
+    async def delete(self, req: api.DeleteRequest) -> api.DeleteResponse:
+        c = self._container(req.id)
+        if req.exec_id:
+            p = self._proc(req.id, req.exec_id)
+            if p.status in (tt.RUNNING, tt.PAUSED) and not p.exited.is_set():
+                raise StateError(f"process {p.id} is running; kill it first")
+            p.stdio.close()
+            del c.execs[req.exec_id]
+            return api.DeleteResponse(
+                pid=self.task_pid, exit_status=p.exit_status, exited_at=p.exited_at or _now()
+            )
+        p = c.init
+        if p.status in (tt.RUNNING, tt.PAUSED) and not p.exited.is_set():
+            raise StateError(f"container {req.id} is running; kill it first")
+        if not p.exited.is_set():
+            p.finish(0)
+        pid = self.task_pid
+        if self.sandbox is not None:
+            try:
+                await self.sandbox.remove_container(req.id)
+            except CarapaceError as e:
+                if not self._vm_lost:
+                    raise
+                log.info("container %s: removed with its lost VM (%s)", req.id, e)
+        for x in c.execs.values():
+            x.stdio.close()
+        p.stdio.close()
+        self._unmount_rootfs(c)
+        del self.containers[req.id]
+        if not self.containers:
+            await self._stop_sandbox()
+        self.events.publish(
+            ev.TaskDelete(
+                container_id=req.id, pid=pid, exit_status=p.exit_status, exited_at=p.exited_at
+            )
+        )
+        return api.DeleteResponse(pid=pid, exit_status=p.exit_status, exited_at=p.exited_at)
+
+    async def state(self, req: api.StateRequest) -> api.StateResponse:
+        c = self._container(req.id)
+        p = self._proc(req.id, req.exec_id)
+        stdin, stdout, stderr = p.stdio.paths
+        return api.StateResponse(
+            id=p.id,
+            bundle=c.bundle,
+            pid=self.task_pid,
+            status=p.status,  # type: ignore[arg-type]
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            terminal=p.stdio.terminal,
+            exit_status=p.exit_status,
+            exited_at=p.exited_at,
+            exec_id=req.exec_id,
+        )
+
+    async def pids(self, req: api.PidsRequest) -> api.PidsResponse:
+        self._container(req.id)
+        pids = await self._sandbox().processes(req.id)
+        return api.PidsResponse(processes=[tt.ProcessInfo(pid=pid) for pid in pids])
+
+    async def pause(self, req: api.PauseRequest) -> Empty:
+        c = self._container(req.id)
+        if c.init.status != tt.RUNNING:
+            raise StateError(f"container {req.id} is not running")
+        await self._sandbox().pause(req.id)
+        c.init.status = tt.PAUSED
+        self.events.publish(ev.TaskPaused(container_id=req.id))
+        return Empty()
+
+    async def resume(self, req: api.ResumeRequest) -> Empty:
+        c = self._container(req.id)
+        if c.init.status != tt.PAUSED:
+            raise StateError(f"container {req.id} is not paused")
+        await self._sandbox().resume(req.id)
+        c.init.status = tt.RUNNING
+        self.events.publish(ev.TaskResumed(container_id=req.id))
+        return Empty()
+
+    async def checkpoint(self, req: api.CheckpointTaskRequest) -> Empty:
+        raise TtrpcError(
+            Code.UNIMPLEMENTED,
+            f"checkpoint of {req.id}: carapace does not checkpoint containers (their memory "
+            "lives in the pod's VM)",
+        )
+
+    async def resize_pty(self, req: api.ResizePtyRequest) -> Empty:
+        p = self._proc(req.id, req.exec_id)
+        if p.resize is None:
+            raise StateError(f"process {p.id} has no terminal or has not started")
+        await p.resize(req.height, req.width)
+        return Empty()
+
+    async def close_io(self, req: api.CloseIORequest) -> Empty:
+        p = self._proc(req.id, req.exec_id)
+        if req.stdin and p.stdio.stdin is not None:
+            p.stdio.stdin.close_input()
+        return Empty()
+
+    async def update(self, req: api.UpdateTaskRequest) -> Empty:
+        self._container(req.id)
+        try:
+            resources = json.loads(req.resources.value)
+        except ValueError as e:
+            raise InvalidArgument(f"update {req.id}: resources are not JSON: {e}") from e
+        if not isinstance(resources, dict):
+            raise InvalidArgument(f"update {req.id}: resources must be a JSON object")
+        await self._sandbox().update(req.id, resources)
+        return Empty()
+
+    async def stats(self, req: api.StatsRequest) -> api.StatsResponse:
+        self._container(req.id)
+        raw = await self._sandbox().stats(req.id)
+        metrics = to_v1_metrics(raw)
+        return api.StatsResponse(
+            stats=AnyPb(type_url=METRICS_URL, value=metrics.SerializeToString())
+        )
+
+    async def connect(self, req: api.ConnectRequest) -> api.ConnectResponse:
+        return api.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=self.task_pid, version=__version__
+        )
+
+    async def shutdown(self, req: api.ShutdownRequest) -> Empty:
+        if self.containers and not req.now:
+            return Empty()
+        self.shutdown_requested.set()
+        return Empty()
+
+    # -- the end ------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Release everything: containers' processes and mounts, the VM."""
+        for c in list(self.containers.values()):
+            for p in [c.init, *c.execs.values()]:
+                p.stdio.close()
+                if p.relay is not None:
+                    p.relay.cancel()
+            self._unmount_rootfs(c)
+        with contextlib.suppress(CarapaceError):
+            await self._stop_sandbox()
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

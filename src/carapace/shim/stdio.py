@@ -1,0 +1,141 @@
+"""The fifos containerd hands a shim for a process's stdin, stdout and stderr.
+
+Output fifos are opened read-write, as containerd's own shims do: opening never
+blocks, and a reader that comes and goes never makes the writer fail. Stdin is
+opened read-write too, so it never reaches end-of-file by itself; containerd says
+when the client closed it (CloseIO), and what is still buffered is read first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+
+async def _wait_fd(fd: int, writable: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def open_fifo(path: str) -> int:
+    """Open a fifo (or any file containerd named) read-write and non-blocking."""
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class OutputFifo:
+    """An output stream of a process: bytes written in order, never blocking the loop."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = open_fifo(path)
+        self.broken = False
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.broken and self.fd >= 0:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                await _wait_fd(self.fd, writable=True)
+                continue
+            except OSError:  # the reader went away for good
+                self.broken = True
+                return
+            view = view[n:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+class InputFifo:
+    """A process's stdin: yields what the client writes until containerd's CloseIO."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = open_fifo(path)
+        self.closing = asyncio.Event()
+
+    def close_input(self) -> None:
+        """The client closed stdin: deliver what is buffered, then end."""
+        self.closing.set()
+
+    def _read(self) -> bytes | None:
+        """Up to 64 KiB, b"" at end of file, None when nothing is there now."""
+        try:
+            return os.read(self.fd, 65536)
+        except BlockingIOError:
+            return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            while self.fd >= 0:
+                data = self._read()
+                if data:
+                    yield data
+                    continue
+                if data == b"" or self.closing.is_set():
+                    return
+                readable = asyncio.ensure_future(_wait_fd(self.fd, writable=False))
+                await asyncio.wait({readable, closing}, return_when=asyncio.FIRST_COMPLETED)
+                readable.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await readable
+        finally:
+            closing.cancel()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+class ProcessStdio:
+    """The fifos of one process; empty paths mean the stream is not wanted."""
+
+    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+        self.paths = (stdin, stdout, stderr)
+        self.terminal = terminal
+        self.stdin: InputFifo | None = None
+        self.stdout: OutputFifo | None = None
+        self.stderr: OutputFifo | None = None
+
+    def open(self) -> None:
+        stdin, stdout, stderr = self.paths
+        try:
+            if stdin:
+                self.stdin = InputFifo(stdin)
+            if stdout:
+                self.stdout = OutputFifo(stdout)
+            if stderr:
+                self.stderr = OutputFifo(stderr)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
