@@ -63,6 +63,9 @@ def build_parser() -> ArgumentParser:
     gsub.add_parser("info", help="show the guest image manifest")
 
     sub.add_parser("gc", help="clean sandboxes whose owner process died")
+    from carapace.cli.install import add_install_parser
+
+    add_install_parser(sub)
     return p
 
 
@@ -316,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s"
         )
+        if args.command == "install":  # needs no carapace configuration
+            from carapace.cli.install import cmd_install
+
+            return cmd_install(args)
         cfg = load_config(args.config)
         if args.command == "run":
             return asyncio.run(cmd_run(cfg, args))

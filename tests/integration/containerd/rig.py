@@ -23,7 +23,8 @@ Choices (see ``config_text``):
   bridge plugin turns ``net.ipv4.ip_forward`` on for that, and ``stop()`` puts back the
   value it found.
 - runtimes: ``runc`` (io.containerd.runc.v2, cgroupfs driver: SystemdCgroup = false,
-  there is no systemd here) and ``carapace`` (io.containerd.carapace.v2).
+  there is no systemd here) and ``carapace`` (io.containerd.carapace.v2), the latter
+  appended verbatim from ``carapace.cli.install.SNIPPET`` (= deploy/containerd-carapace.toml).
 - ``restrict_oom_score_adj = true``: the host lacks CAP_SYS_RESOURCE, so lowering
   oom_score_adj fails (see shared/DESIGN.md).
 """
@@ -43,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from carapace.cli.install import SNIPPET
+
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = REPO / ".venv" / "bin"
 BUILD_TEST_IMAGES = REPO / "scripts" / "build-test-images"
@@ -60,12 +63,6 @@ PAUSE_IMAGE = "carapace.local/pause:latest"
 NAMESPACES = ("default", "k8s.io")
 RUNC = "io.containerd.runc.v2"
 CARAPACE = "io.containerd.carapace.v2"
-ANNOTATION_ALLOW_LIST = (
-    "io.katacontainers.*",
-    "com.github.containers.virtcontainers.*",
-    "io.carapace.*",
-)
-CARAPACE_CONFIG_PATH = "/etc/carapace/configuration.toml"
 
 #: Plugins that cannot work on this host (no btrfs/zfs volume, no thin pool, no aufs
 #: module) or that only add noise; disabling them keeps the log about real failures.
@@ -228,8 +225,8 @@ class ContainerdRig:
     def config_text(self) -> str:
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         runtimes = f"{cri}.containerd.runtimes"
-        allow = _toml_list(ANNOTATION_ALLOW_LIST)
-        return f"""\
+        return (
+            f"""\
 # written by tests/integration/containerd/rig.py
 version = 2
 root = {_toml_str(str(self.root))}
@@ -260,13 +257,11 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
       runtime_type = {_toml_str(RUNC)}
       [{runtimes}.runc.options]
         SystemdCgroup = false
-    [{runtimes}.carapace]
-      runtime_type = {_toml_str(CARAPACE)}
-      pod_annotations = {allow}
-      container_annotations = {allow}
-      [{runtimes}.carapace.options]
-        ConfigPath = {_toml_str(CARAPACE_CONFIG_PATH)}
 """
+            # the carapace runtime exactly as deploy/containerd-carapace.toml registers it
+            + "\n"
+            + SNIPPET
+        )
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
