@@ -24,7 +24,10 @@ Choices (see ``config_text``):
   value it found.
 - runtimes: ``runc`` (io.containerd.runc.v2, cgroupfs driver: SystemdCgroup = false,
   there is no systemd here) and ``carapace`` (io.containerd.carapace.v2), the latter
-  appended verbatim from ``carapace.cli.install.SNIPPET`` (= deploy/containerd-carapace.toml).
+  appended from ``carapace.cli.install.SNIPPET`` (= deploy/containerd-carapace.toml)
+  with one change: its ConfigPath names the rig's own carapace configuration
+  (``carapace_config``, all defaults), not /etc/carapace/configuration.toml, which a
+  test host need not have.
 - ``restrict_oom_score_adj = true``: the host lacks CAP_SYS_RESOURCE, so lowering
   oom_score_adj fails (see shared/DESIGN.md).
 """
@@ -44,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carapace.cli.install import SNIPPET
+from carapace.cli.install import CARAPACE_CONFIG_PATH, SNIPPET
 
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -191,6 +194,7 @@ class ContainerdRig:
         self.cni_dir = cni_dir
         self.cni_conf_dir = cni_dir / "net.d"
         self.config_path = root.parent / "containerd.toml"
+        self.carapace_config = root.parent / "carapace-configuration.toml"
         self.log_path = log_path
         self.extra_path = list(extra_path)
         self.snapshotter = "overlayfs"
@@ -258,9 +262,9 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
       [{runtimes}.runc.options]
         SystemdCgroup = false
 """
-            # the carapace runtime exactly as deploy/containerd-carapace.toml registers it
+            # the carapace runtime as deploy/containerd-carapace.toml registers it
             + "\n"
-            + SNIPPET
+            + SNIPPET.replace(_toml_str(CARAPACE_CONFIG_PATH), _toml_str(str(self.carapace_config)))
         )
 
     def environment(self) -> dict[str, str]:
@@ -292,6 +296,9 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
             json.dumps(self.cni_conflist(), indent=2) + "\n"
         )
         self.config_path.write_text(self.config_text())
+        self.carapace_config.write_text(
+            "# carapace configuration of the test containerd's runtime: all defaults\n"
+        )
         self._ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
         self._host_dirs_before = {p for p in host_dirs_containerd_may_create() if p.exists()}
         log = self.log_path.open("ab")
