@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -147,3 +147,9 @@ class Sandbox:
 
     def guest_details(self) -> Any:
         return self._call(self._sandbox.guest_details())
+
+    def call_async(self, fn: Callable[[AsyncSandbox], Coroutine[Any, Any, T]]) -> T:
+        """Run ``fn(sandbox)`` on this sandbox's event loop and return its result:
+        the way to the asyncio Sandbox (and its agent client) from synchronous code,
+        e.g. ``sb.call_async(lambda s: s.start_container("c1"))``."""
+        return self._call(fn(self._sandbox))

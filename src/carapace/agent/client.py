@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any, TypeVar
 
@@ -20,6 +21,10 @@ DEFAULT_TIMEOUT = 60.0
 class AgentClient:
     def __init__(self, client: Client) -> None:
         self.client = client
+        # OOM events: one GetOOMEvent long poll at a time feeds this queue, so that a
+        # caller giving up (timeout, cancellation) never makes an event go missing
+        self._oom_events: asyncio.Queue[str] = asyncio.Queue()
+        self._oom_poll: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, socket_path: str, attempts: int = 100) -> AgentClient:
@@ -41,6 +46,10 @@ class AgentClient:
             raise AgentError(f"agent {method}: {e.message} ({e.code.name})") from e
 
     async def close(self) -> None:
+        poll, self._oom_poll = self._oom_poll, None
+        if poll is not None:
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
         await self.client.close()
 
     async def check(self, timeout: float | None) -> bool:
@@ -164,3 +173,86 @@ class AgentClient:
             ),
             pb.Empty,
         )
+
+    async def pause_container(self, container_id: str) -> None:
+        """Freeze every process of the container (cgroup freezer, through crun)."""
+        await self._call(
+            "PauseContainer", pb.PauseContainerRequest(container_id=container_id), pb.Empty
+        )
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._call(
+            "ResumeContainer", pb.ResumeContainerRequest(container_id=container_id), pb.Empty
+        )
+
+    async def stats_container(self, container_id: str) -> pb.StatsContainerResponse:
+        """The container's cgroup v2 numbers in the guest (see ``agent.metrics`` to turn
+        them into containerd's metrics)."""
+        return await self._call(
+            "StatsContainer",
+            pb.StatsContainerRequest(container_id=container_id),
+            pb.StatsContainerResponse,
+        )
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        """The guest pids of every process of the container, sorted."""
+        r = await self._call(
+            "ListProcesses",
+            pb.ListProcessesRequest(container_id=container_id),
+            pb.ListProcessesResponse,
+        )
+        return list(r.pids)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply OCI ``linux.resources`` (LinuxResources) to a container."""
+        await self._call(
+            "UpdateContainer",
+            pb.UpdateContainerRequest(
+                container_id=container_id, resources=json.dumps(resources).encode()
+            ),
+            pb.Empty,
+        )
+
+    async def get_oom_event(self, timeout: float | None = None) -> str | None:
+        """The id of the container of the next OOM kill in the sandbox, waiting as long
+        as needed (``timeout=None``) or ``timeout`` seconds (then None).
+
+        Events are taken from the agent by one long poll per client that runs from
+        the first call until ``close``; each event goes to exactly one caller."""
+        with contextlib.suppress(asyncio.QueueEmpty):
+            return self._oom_events.get_nowait()
+        if self._oom_poll is not None and self._oom_poll.done():
+            failed, self._oom_poll = self._oom_poll, None  # the next call polls again
+            _raise_poll_failure(failed)  # a failure no caller saw yet
+        if self.client.closed:
+            raise AgentError("agent GetOOMEvent: the agent connection is closed")
+        if self._oom_poll is None:
+            self._oom_poll = asyncio.ensure_future(self._poll_oom_events())
+        poll = self._oom_poll
+        get = asyncio.ensure_future(self._oom_events.get())
+        try:
+            await asyncio.wait({get, poll}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()  # an event not taken stays queued for the next caller
+        if get.done() and not get.cancelled():
+            return get.result()
+        if poll.done():
+            if self._oom_poll is poll:
+                self._oom_poll = None  # the next call polls again
+            _raise_poll_failure(poll)
+        return None
+
+    async def _poll_oom_events(self) -> None:
+        while True:
+            r = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, None)
+            self._oom_events.put_nowait(r.container_id)
+
+
+def _raise_poll_failure(poll: asyncio.Task[None]) -> None:
+    if poll.cancelled():
+        raise AgentError("agent GetOOMEvent: the agent client is closed")
+    exc = poll.exception()
+    if isinstance(exc, AgentError):
+        raise exc
+    raise AgentError(f"agent GetOOMEvent: the long poll stopped: {exc!r}")

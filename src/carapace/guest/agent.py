@@ -21,14 +21,16 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import termios
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from carapace import linux
-from carapace.guest import sysinit
+from carapace.guest import cgroup, sysinit
 from carapace.guest.crun import Crun, CrunError
+from carapace.guest.oom import OOMWatcher
 from carapace.guest.reaper import Reaper
 from carapace.guest.spec import guest_spec
 from carapace.protocols import agent_pb2 as pb
@@ -122,6 +124,7 @@ class Agent:
         self.containers: dict[str, Container] = {}
         self.sandbox_id = ""
         self.sandbox_mounts: list[str] = []
+        self.oom = OOMWatcher()
         self.server = Server()
         for name, req, handler in (
             ("CreateSandbox", pb.CreateSandboxRequest, self.create_sandbox),
@@ -137,6 +140,12 @@ class Agent:
             ("ReadStderr", pb.ReadStreamRequest, self.read_stderr),
             ("CloseStdin", pb.CloseStdinRequest, self.close_stdin),
             ("TtyWinResize", pb.TtyWinResizeRequest, self.tty_win_resize),
+            ("PauseContainer", pb.PauseContainerRequest, self.pause_container),
+            ("ResumeContainer", pb.ResumeContainerRequest, self.resume_container),
+            ("StatsContainer", pb.StatsContainerRequest, self.stats_container),
+            ("ListProcesses", pb.ListProcessesRequest, self.list_processes),
+            ("UpdateContainer", pb.UpdateContainerRequest, self.update_container),
+            ("GetOOMEvent", pb.GetOOMEventRequest, self.get_oom_event),
             ("GetGuestDetails", pb.GuestDetailsRequest, self.get_guest_details),
             ("Check", pb.CheckRequest, self.check),
             ("Version", pb.CheckRequest, self.version),
@@ -266,6 +275,10 @@ class Agent:
                 raise TtrpcError(Code.INTERNAL, str(e)) from e
             raise
         self.containers[cid] = container
+        watch = self.oom.watch(cid, cgroup.container_cgroup(cid))
+        if proc.exit is not None:
+            # a kill just before init's exit is counted already: read it once more
+            proc.exit.add_done_callback(lambda _: self.oom.forget(cid, watch))
         log.info("container %s created (pid %d)", cid, proc.pid)
         return pb.Empty()
 
@@ -345,6 +358,7 @@ class Agent:
             if p.exit is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(p.exit), timeout)
+        self.oom.forget(cid)
         try:
             await self._crun.delete(cid)
         except CrunError as e:
@@ -357,6 +371,71 @@ class Agent:
         shutil.rmtree(c.bundle, ignore_errors=True)
         del self.containers[cid]
         log.info("container %s removed", cid)
+
+    def _running(self, cid: str) -> Container:
+        c = self._container(cid)
+        if not c.started or c.init.exit is None or c.init.exit.done():
+            state = "exited" if c.init.exit is not None and c.init.exit.done() else "not started"
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"container {cid!r} is not running ({state})"
+            )
+        return c
+
+    async def pause_container(self, req: pb.PauseContainerRequest) -> pb.Empty:
+        c = self._running(req.container_id)
+        try:
+            await self._crun.pause(c.id)
+        except CrunError as e:
+            raise TtrpcError(Code.INTERNAL, str(e)) from e
+        log.info("container %s paused", c.id)
+        return pb.Empty()
+
+    async def resume_container(self, req: pb.ResumeContainerRequest) -> pb.Empty:
+        c = self._running(req.container_id)
+        try:
+            await self._crun.resume(c.id)
+        except CrunError as e:
+            raise TtrpcError(Code.INTERNAL, str(e)) from e
+        log.info("container %s resumed", c.id)
+        return pb.Empty()
+
+    async def stats_container(self, req: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
+        c = self._container(req.container_id)
+        return cgroup.read_stats(cgroup.container_cgroup(c.id))
+
+    async def list_processes(self, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
+        c = self._container(req.container_id)
+        return pb.ListProcessesResponse(pids=cgroup.list_pids(cgroup.container_cgroup(c.id)))
+
+    async def update_container(self, req: pb.UpdateContainerRequest) -> pb.Empty:
+        c = self._container(req.container_id)
+        try:
+            resources = json.loads(req.resources)
+        except ValueError as e:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT, f"resources of container {c.id!r} are not JSON: {e}"
+            ) from e
+        if not isinstance(resources, dict):
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"resources of container {c.id!r} must be an OCI LinuxResources object, "
+                f"got {type(resources).__name__}",
+            )
+        fd, path = tempfile.mkstemp(prefix="resources-", suffix=".json", dir=c.bundle)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(resources, f)
+            await self._crun.update(c.id, path)
+        except CrunError as e:
+            raise TtrpcError(Code.INTERNAL, str(e)) from e
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        log.info("container %s updated: %s", c.id, json.dumps(resources))
+        return pb.Empty()
+
+    async def get_oom_event(self, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
+        return pb.OOMEvent(container_id=await self.oom.next_event())
 
     # -- processes ------------------------------------------------------------
 

@@ -118,6 +118,10 @@ class Crun:
     async def resume(self, container_id: str) -> None:
         await self.run(["resume", container_id], container_id)
 
+    async def update(self, container_id: str, resources_file: str) -> None:
+        """Apply the OCI LinuxResources JSON in ``resources_file`` to the container."""
+        await self.run(["update", f"--resources={resources_file}", container_id], container_id)
+
     async def version(self) -> str:
         """crun's version line; asked once, since the binary cannot change in the guest."""
         if self._version is None:

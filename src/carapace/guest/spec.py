@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from carapace.guest.cgroup import cgroups_path
+
 #: crun 1.8 rejects specs whose ociVersion is 1.2.0 or newer; this is what it accepts.
 GUEST_OCI_VERSION = "1.0.2"
 #: Mount types that make sense inside the guest without a host path.
@@ -24,7 +26,7 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str
     root["path"] = rootfs
     out.pop("hooks", None)
     linux = out.setdefault("linux", {})
-    linux["cgroupsPath"] = f"/carapace/{container_id}"
+    linux["cgroupsPath"] = cgroups_path(container_id)
     linux["namespaces"] = [
         ns
         for ns in linux.get("namespaces", [])

@@ -1,0 +1,102 @@
+"""AgentClient.get_oom_event against a ttrpc server over a real unix socket: a caller's
+timeout or cancellation never makes an event go missing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from carapace.agent.client import SERVICE, AgentClient
+from carapace.errors import AgentError
+from carapace.protocols import agent_pb2 as pb
+from carapace.ttrpc import Server
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[str] = asyncio.Queue()
+        self.calls = 0
+        self.server = Server()
+        self.server.register_typed(SERVICE, "GetOOMEvent", pb.GetOOMEventRequest, self.get)
+
+    async def get(self, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
+        self.calls += 1
+        return pb.OOMEvent(container_id=await self.events.get())
+
+
+@asynccontextmanager
+async def connected(tmp_path: Path) -> AsyncIterator[tuple[FakeAgent, AgentClient]]:
+    agent = FakeAgent()
+    sock = str(tmp_path / "agent.sock")
+    await agent.server.serve_unix(sock)
+    client = await AgentClient.connect(sock)
+    try:
+        yield agent, client
+    finally:
+        await client.close()
+        await agent.server.close()
+
+
+def test_waits_for_the_next_event(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with connected(tmp_path) as (agent, client):
+            waiter = asyncio.ensure_future(client.get_oom_event())
+            await asyncio.sleep(0.1)
+            assert not waiter.done()
+            agent.events.put_nowait("c1")
+            assert await waiter == "c1"
+
+    run(go())
+
+
+def test_a_timeout_returns_none_and_the_event_waits_for_the_next_call(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with connected(tmp_path) as (agent, client):
+            assert await client.get_oom_event(timeout=0.05) is None
+            assert await client.get_oom_event(timeout=0.05) is None
+            agent.events.put_nowait("c1")  # arrives while nobody waits
+            await asyncio.sleep(0.1)
+            assert await client.get_oom_event(timeout=1) == "c1"
+            assert agent.calls == 2  # one long poll, not one per call
+
+    run(go())
+
+
+def test_cancelled_callers_lose_nothing_and_concurrent_ones_share(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with connected(tmp_path) as (agent, client):
+            gave_up = asyncio.ensure_future(client.get_oom_event())
+            waiters = [asyncio.ensure_future(client.get_oom_event()) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            gave_up.cancel()
+            for cid in ("a", "b", "c"):
+                agent.events.put_nowait(cid)
+            assert sorted(await asyncio.gather(*waiters)) == ["a", "b", "c"]
+            assert gave_up.cancelled()
+
+    run(go())
+
+
+def test_a_closed_connection_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with connected(tmp_path) as (agent, client):
+            waiter = asyncio.ensure_future(client.get_oom_event())
+            await asyncio.sleep(0.05)
+            await agent.server.close()
+            with pytest.raises(AgentError, match="GetOOMEvent"):
+                await waiter
+            with pytest.raises(AgentError, match="GetOOMEvent"):
+                await client.get_oom_event(timeout=1)
+
+    run(go())
