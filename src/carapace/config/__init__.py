@@ -108,6 +108,8 @@ def load_config(path: str | Path | None = None) -> Config:
         if not env and not path.exists():
             return Config(source="defaults")
     p = Path(path)
+    if p == DEFAULT_CONFIG_PATH and not p.exists():
+        return Config(source="defaults")  # the default location may hold nothing
     try:
         text = p.read_text()
     except OSError as e:

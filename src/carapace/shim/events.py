@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 
+from google.protobuf import text_format
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -65,7 +66,9 @@ class Publisher:
         self._worker: asyncio.Task[None] | None = None
 
     def publish(self, event: Message) -> None:
-        log.debug("event %s %s", topic_of(event), event)
+        log.debug(
+            "event %s %s", topic_of(event), text_format.MessageToString(event, as_one_line=True)
+        )
         if not self.address:
             return
         self._queue.put_nowait(envelope(self.namespace, event))

@@ -193,7 +193,8 @@ def _setup_logging(debug: bool, pod: str) -> None:
     handler.setFormatter(
         logging.Formatter(
             f'time="%(asctime)s" level=%(levelname)s msg="%(message)s" '
-            f"runtime=io.containerd.carapace.v2 pod={pod[:12]}"
+            f"runtime=io.containerd.carapace.v2 pod={pod[:12]}",
+            datefmt="%Y-%m-%dT%H:%M:%S%z",
         )
     )
     root = logging.getLogger()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from google.protobuf import text_format
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -67,6 +68,10 @@ def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
         if isinstance(e, cls):
             return TtrpcError(code, str(e))
     return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
+
+
+def oneline(msg: Message) -> str:
+    return text_format.MessageToString(msg, as_one_line=True)
 
 
 def _now() -> Timestamp:
@@ -164,7 +169,7 @@ class TaskService:
     ) -> Callable[[Any], Coroutine[Any, Any, Message]]:
         @functools.wraps(handler)
         async def run(req: Any) -> Message:
-            log.debug("%s %s", name, str(req).replace("\n", " "))
+            log.debug("%s %s", name, oneline(req))
             try:
                 return await handler(req)
             except CarapaceError as e:
@@ -228,7 +233,7 @@ class TaskService:
     async def _watch_vm(self, sb: Sandbox) -> None:
         assert sb.vm is not None
         await sb.vm.wait()
-        if sb.record.state in ("running", "creating"):
+        if self.sandbox is sb and sb.record.state == "running":
             self._vm_lost = True
             log.error("pod %s: the VM exited unexpectedly", self.pod_id)
             for c in self.containers.values():

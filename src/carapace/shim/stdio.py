@@ -2,8 +2,8 @@
 
 Output fifos are opened read-write, as containerd's own shims do: opening never
 blocks, and a reader that comes and goes never makes the writer fail. Stdin is
-opened read-write too, so it never reaches end-of-file by itself; containerd says
-when the client closed it (CloseIO), and what is still buffered is read first.
+opened for reading once the client opened its end, and ends when the client closes
+it or containerd says so (CloseIO); what is buffered is read first.
 """
 
 from __future__ import annotations
@@ -69,12 +69,15 @@ class OutputFifo:
 
 
 class InputFifo:
-    """A process's stdin: yields what the client writes until containerd's CloseIO."""
+    """A process's stdin: yields what the client writes until it closes its end of the
+    fifo (end of file) or containerd's CloseIO says stdin is closed."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = open_fifo(path)
+        self.fd = -1
         self.closing = asyncio.Event()
+        self._opening = False
+        self._closed = False
 
     def close_input(self) -> None:
         """The client closed stdin: deliver what is buffered, then end."""
@@ -87,7 +90,25 @@ class InputFifo:
         except BlockingIOError:
             return None
 
+    async def _open(self) -> bool:
+        """Open the fifo for reading; that waits for the client to open its end (a
+        reader that opened first would see end of file before anything was written)."""
+        loop = asyncio.get_running_loop()
+        self._opening = True
+        try:
+            fd = await loop.run_in_executor(None, os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            self._opening = False
+        if self._closed:  # closed while opening
+            os.close(fd)
+            return False
+        self.fd = fd
+        os.set_blocking(fd, False)
+        return True
+
     async def chunks(self) -> AsyncIterator[bytes]:
+        if not await self._open():
+            return
         closing = asyncio.ensure_future(self.closing.wait())
         try:
             while self.fd >= 0:
@@ -106,10 +127,15 @@ class InputFifo:
             closing.cancel()
 
     def close(self) -> None:
+        self._closed = True
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+        elif self._opening:
+            # release the thread blocked opening the fifo: be the writer it waits for
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
 
 
 class ProcessStdio:
