@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from carapace.guest.cgroup import cgroups_path
@@ -13,6 +14,9 @@ GUEST_OCI_VERSION = "1.0.2"
 GUEST_MOUNT_TYPES = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
 #: Namespaces the containers share with the VM (the pod's network lives in the VM).
 SHARED_NAMESPACES = {"network"}
+#: A namespace path of a guest process (the host names the pod's sandbox container's
+#: namespaces this way for containers that share them); other paths are the host's.
+GUEST_NS_PATH = re.compile(r"^/proc/[0-9]+/ns/[a-z]+$")
 #: Bind sources that exist in the guest.
 GUEST_BIND_SOURCES = ("/run/carapace/", "/dev/")
 
@@ -30,7 +34,8 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str
     linux["namespaces"] = [
         ns
         for ns in linux.get("namespaces", [])
-        if ns.get("type") not in SHARED_NAMESPACES and not ns.get("path")
+        if ns.get("type") not in SHARED_NAMESPACES
+        and (not ns.get("path") or GUEST_NS_PATH.match(str(ns["path"])))
     ]
     out["mounts"] = [m for m in out.get("mounts", []) if is_guest_mount(m)]
     return out

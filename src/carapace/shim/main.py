@@ -104,6 +104,15 @@ def _announce(bundle: Path, sock: str, config_path: str | None) -> int:
     return 0
 
 
+def _self() -> list[str]:
+    """How the daemon runs this program: by its script (so ``ps`` and containerd's
+    tools see ``containerd-shim-carapace-v2``), else as a module."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script).startswith("containerd-shim-") and os.path.isfile(script):
+        return [script]
+    return ["-m", "carapace.shim"]
+
+
 def cmd_start(args: ShimArgs) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     spec = read_spec(bundle)
@@ -127,7 +136,7 @@ def cmd_start(args: ShimArgs) -> int:
         env[LISTEN_FD_ENV] = str(listener.fileno())
         if config_path:
             env["CARAPACE_CONFIG"] = config_path
-        argv = [sys.executable, "-m", "carapace.shim", "-namespace", args.namespace]
+        argv = [sys.executable, *_self(), "-namespace", args.namespace]
         argv += ["-id", pod, "-address", args.address, "-socket", sock]
         if args.debug:
             argv.append("-debug")

@@ -107,6 +107,32 @@ def is_pod_sandbox(container_id: str, spec: dict[str, Any]) -> bool:
     return pod_of(container_id, spec) == container_id
 
 
+#: Namespaces a pod's containers may share with its sandbox container in the guest.
+POD_SHARED_NAMESPACES = ("pid", "ipc", "uts")
+
+
+def join_pod_namespaces(spec: dict[str, Any], sandbox_guest_pid: int) -> dict[str, Any]:
+    """Point the namespaces CRI asks a container to share with the pod (a path to the
+    sandbox container's namespace on the host) at the sandbox container's namespaces in
+    the guest. The network namespace stays as it is (the VM is the pod's network);
+    other shared namespaces become new ones."""
+    out = dict(spec)
+    linux = dict(out.get("linux") or {})
+    namespaces = []
+    for ns in linux.get("namespaces") or []:
+        ns = dict(ns)
+        kind = ns.get("type")
+        if ns.get("path") and kind != "network":
+            if kind in POD_SHARED_NAMESPACES and sandbox_guest_pid > 0:
+                ns["path"] = f"/proc/{sandbox_guest_pid}/ns/{kind}"
+            else:
+                del ns["path"]
+        namespaces.append(ns)
+    linux["namespaces"] = namespaces
+    out["linux"] = linux
+    return out
+
+
 _MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
     # option: (clear?, flag)
     "ro": (False, linux.MS_RDONLY),

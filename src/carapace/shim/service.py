@@ -41,6 +41,7 @@ from carapace.shim.params import (
     METRICS_URL,
     RUNTIME_OPTIONS_URL,
     is_pod_sandbox,
+    join_pod_namespaces,
     mount_options,
     pod_of,
 )
@@ -199,6 +200,13 @@ class TaskService:
         if self.sandbox is None:
             raise StateError(f"pod {self.pod_id} has no VM")
         return self.sandbox
+
+    def _sandbox_guest_pid(self) -> int:
+        """The guest pid of the pod's sandbox container's init (0 if none runs)."""
+        for c in self.containers.values():
+            if is_pod_sandbox(c.id, c.spec) and c.init.status in (tt.RUNNING, tt.PAUSED):
+                return c.init.pid
+        return 0
 
     @property
     def task_pid(self) -> int:
@@ -370,6 +378,8 @@ class TaskService:
                     options = req.options if req.HasField("options") else None
                     self.sandbox = await self._start_sandbox(spec, options)
                     booted_here = True
+            if not is_pod_sandbox(req.id, spec):
+                spec = join_pod_namespaces(spec, self._sandbox_guest_pid())
             spec.setdefault("process", {})["terminal"] = req.terminal
             self.containers[req.id] = c
             await self._sandbox().create_container(req.id, spec, rootfs, overlay=False)

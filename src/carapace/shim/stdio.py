@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator
 
 
@@ -33,6 +34,35 @@ async def _wait_fd(fd: int, writable: bool) -> None:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+async def _open_in_thread(path: str, flags: int) -> int:
+    """open(2) that may block (a fifo waiting for its other end), in a daemon thread:
+    a client that never opens its end must not keep the shim from exiting."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def run() -> None:
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            loop.call_soon_threadsafe(_settle, fut, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, fut, fd, None)
+
+    threading.Thread(target=run, name=f"open {path}", daemon=True).start()
+    return await fut
+
+
+def _settle(fut: asyncio.Future[int], fd: int | None, error: OSError | None) -> None:
+    if fut.done():  # nobody waits any more
+        if fd is not None:
+            os.close(fd)
+    elif error is not None:
+        fut.set_exception(error)
+    else:
+        assert fd is not None
+        fut.set_result(fd)
 
 
 def open_fifo(path: str) -> int:
@@ -93,10 +123,9 @@ class InputFifo:
     async def _open(self) -> bool:
         """Open the fifo for reading; that waits for the client to open its end (a
         reader that opened first would see end of file before anything was written)."""
-        loop = asyncio.get_running_loop()
         self._opening = True
         try:
-            fd = await loop.run_in_executor(None, os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = await _open_in_thread(self.path, os.O_RDONLY | os.O_CLOEXEC)
         finally:
             self._opening = False
         if self._closed:  # closed while opening

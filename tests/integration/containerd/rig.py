@@ -53,13 +53,19 @@ REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = REPO / ".venv" / "bin"
 BUILD_TEST_IMAGES = REPO / "scripts" / "build-test-images"
 
-BASE = Path("/var/lib/carapace-test")
+#: $CARAPACE_TEST_RIG (a digit, default 0) picks one of several rigs, so that test
+#: sessions on one machine can run side by side: own dirs, bridge and pod subnet.
+RIG = os.environ.get("CARAPACE_TEST_RIG", "0")
+if not (RIG.isdigit() and len(RIG) == 1):
+    raise ValueError(f"CARAPACE_TEST_RIG={RIG!r}: accepted: one digit 0-9")
+_SUFFIX = "" if RIG == "0" else f"-{RIG}"
+BASE = Path(f"/var/lib/carapace-test{_SUFFIX}")
 ROOT = BASE / "containerd"
-STATE = Path("/run/carapace-test/containerd")
+STATE = Path(f"/run/carapace-test{_SUFFIX}/containerd")
 SOCKET = STATE / "containerd.sock"
 CNI_DIR = BASE / "cni"
-BRIDGE = "carapace-test0"
-POD_SUBNET = "10.234.0.0/24"
+BRIDGE = f"carapace-test{RIG}"
+POD_SUBNET = f"10.{234 + int(RIG)}.0.0/24"
 
 BUSYBOX_IMAGE = "carapace.local/busybox:latest"
 PAUSE_IMAGE = "carapace.local/pause:latest"
@@ -431,7 +437,8 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
                 continue
             if (
                 argv
-                and b"containerd-shim" in argv[0]
+                # a shim run by its interpreter has its script as argv[1]
+                and any(b"containerd-shim" in a for a in argv[:2])
                 and b"-address" in argv
                 and str(self.socket).encode() in argv
             ):
