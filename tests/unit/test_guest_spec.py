@@ -61,7 +61,29 @@ def test_version_root_hooks_and_cgroups() -> None:
 
 def test_namespaces() -> None:
     out = guest_spec(host_spec(), "c1", ROOTFS)
-    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "uts"}, {"type": "mount"}]
+    # host paths mean nothing in the guest; a cgroup namespace is added (v2 guest)
+    assert out["linux"]["namespaces"] == [
+        {"type": "pid"},
+        {"type": "uts"},
+        {"type": "mount"},
+        {"type": "cgroup"},
+    ]
+
+
+def test_namespaces_of_the_pod_sandbox_container_are_joined() -> None:
+    spec = host_spec()
+    spec["linux"]["namespaces"] = [
+        {"type": "pid", "path": "guest:/proc/7/ns/pid"},
+        {"type": "ipc", "path": "guest:/proc/7/ns/ipc"},
+        {"type": "uts", "path": "guest:/etc/passwd"},
+        {"type": "cgroup"},
+    ]
+    out = guest_spec(spec, "c1", ROOTFS)
+    assert out["linux"]["namespaces"] == [
+        {"type": "pid", "path": "/proc/7/ns/pid"},
+        {"type": "ipc", "path": "/proc/7/ns/ipc"},
+        {"type": "cgroup"},
+    ]
 
 
 def test_mounts_filtered() -> None:
@@ -95,7 +117,7 @@ def test_minimal_spec_gets_root_and_linux() -> None:
         "ociVersion": "1.0.2",
         "process": {"args": ["sh"]},
         "root": {"path": "/r"},
-        "linux": {"cgroupsPath": "/carapace/abc", "namespaces": []},
+        "linux": {"cgroupsPath": "/carapace/abc", "namespaces": [{"type": "cgroup"}]},
         "mounts": [],
     }
 

@@ -14,8 +14,10 @@ GUEST_OCI_VERSION = "1.0.2"
 GUEST_MOUNT_TYPES = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
 #: Namespaces the containers share with the VM (the pod's network lives in the VM).
 SHARED_NAMESPACES = {"network"}
-#: A namespace path of a guest process (the host names the pod's sandbox container's
-#: namespaces this way for containers that share them); other paths are the host's.
+#: How the host names a namespace of a guest process (the pod's sandbox container's,
+#: for containers that share it): ``guest:/proc/<pid>/ns/<type>``. Any other path is
+#: the host's and means nothing in the guest: that entry is dropped.
+GUEST_NS_PREFIX = "guest:"
 GUEST_NS_PATH = re.compile(r"^/proc/[0-9]+/ns/[a-z]+$")
 #: Bind sources that exist in the guest.
 GUEST_BIND_SOURCES = ("/run/carapace/", "/dev/")
@@ -32,13 +34,26 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str
     linux = out.setdefault("linux", {})
     linux["cgroupsPath"] = cgroups_path(container_id)
     linux["namespaces"] = [
-        ns
-        for ns in linux.get("namespaces", [])
-        if ns.get("type") not in SHARED_NAMESPACES
-        and (not ns.get("path") or GUEST_NS_PATH.match(str(ns["path"])))
+        ns for ns in map(_guest_namespace, linux.get("namespaces", [])) if ns is not None
     ]
+    # the guest is cgroup v2: as on a v2 host, a container sees its own cgroup as the
+    # root of /sys/fs/cgroup, not its neighbours'
+    if not any(ns.get("type") == "cgroup" for ns in linux["namespaces"]):
+        linux["namespaces"].append({"type": "cgroup"})
     out["mounts"] = [m for m in out.get("mounts", []) if is_guest_mount(m)]
     return out
+
+
+def _guest_namespace(ns: dict[str, Any]) -> dict[str, Any] | None:
+    if ns.get("type") in SHARED_NAMESPACES:
+        return None
+    path = str(ns.get("path") or "")
+    if not path:
+        return ns
+    guest_path = path.removeprefix(GUEST_NS_PREFIX)
+    if guest_path != path and GUEST_NS_PATH.match(guest_path):
+        return {**ns, "path": guest_path}
+    return None
 
 
 def is_guest_mount(mount: dict[str, Any]) -> bool:

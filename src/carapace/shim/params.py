@@ -114,8 +114,9 @@ POD_SHARED_NAMESPACES = ("pid", "ipc", "uts")
 def join_pod_namespaces(spec: dict[str, Any], sandbox_guest_pid: int) -> dict[str, Any]:
     """Point the namespaces CRI asks a container to share with the pod (a path to the
     sandbox container's namespace on the host) at the sandbox container's namespaces in
-    the guest. The network namespace stays as it is (the VM is the pod's network);
-    other shared namespaces become new ones."""
+    the guest (``guest:/proc/<pid>/ns/<type>``, see ``carapace.guest.spec``). The network
+    namespace stays as it is (the VM is the pod's network); other shared namespaces
+    become new ones."""
     out = dict(spec)
     linux = dict(out.get("linux") or {})
     namespaces = []
@@ -124,7 +125,7 @@ def join_pod_namespaces(spec: dict[str, Any], sandbox_guest_pid: int) -> dict[st
         kind = ns.get("type")
         if ns.get("path") and kind != "network":
             if kind in POD_SHARED_NAMESPACES and sandbox_guest_pid > 0:
-                ns["path"] = f"/proc/{sandbox_guest_pid}/ns/{kind}"
+                ns["path"] = f"guest:/proc/{sandbox_guest_pid}/ns/{kind}"
             else:
                 del ns["path"]
         namespaces.append(ns)

@@ -148,6 +148,16 @@ def test_cri_pod_is_one_vm_and_a_second_pod_gets_its_own(
     assert stats.memory.working_set_bytes.value > 0
     assert stats.cpu.usage_core_nano_seconds.value > 0
 
+    # UpdateContainerResources reaches the container's cgroup in the guest
+    cri.runtime.UpdateContainerResources(
+        api.UpdateContainerResourcesRequest(
+            container_id=a, linux=api.LinuxContainerResources(memory_limit_in_bytes=96 << 20)
+        ),
+        timeout=60,
+    )
+    code, limit, err = exec_sync(cri, a, ["cat", "/sys/fs/cgroup/memory.max"])
+    assert (code, limit) == (0, f"{96 << 20}\n"), err
+
     listed = cri.runtime.ListContainers(
         api.ListContainersRequest(filter=api.ContainerFilter(pod_sandbox_id=pod.id)), timeout=30
     ).containers
