@@ -71,12 +71,6 @@ def test_garbage_options() -> None:
     assert "runtime options" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config_path_from_options parses the inner runtimeoptions.v1.Options "
-    "without catching DecodeError, so a well-formed Any with a garbage value escapes "
-    "main() (which catches only CarapaceError) as a traceback",
-)
 def test_garbage_inside_runtime_options() -> None:
     data = AnyPb(type_url="runtimeoptions.v1.Options", value=b"\x12\x40short").SerializeToString()
     with pytest.raises(InvalidArgument):
@@ -275,12 +269,6 @@ def unreadable_state(run_dir: Path) -> Path:
     return d
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cmd_delete loads the pod's state.json without catching ValueError/TypeError "
-    "(stale_sandboxes does), so an unreadable state.json makes delete crash with a "
-    "traceback and print no DeleteResponse",
-)
 def test_delete_with_an_unreadable_state_file(
     tmp_path: Path, unreadable_state: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

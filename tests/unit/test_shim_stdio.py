@@ -271,12 +271,6 @@ async def release_openers(path: str) -> None:
         await asyncio.sleep(0.005)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: InputFifo.close() releases the opening thread by opening the fifo "
-    "O_WRONLY|O_NONBLOCK, which fails with ENXIO (suppressed) while that thread has not "
-    "yet entered open(2); the thread then blocks in open(2) and chunks() never ends",
-)
 def test_close_before_the_opening_thread_reached_open(
     fifo: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,11 +301,6 @@ def test_close_before_the_opening_thread_reached_open(
     run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: InputFifo._open() does not check _closed before opening, so chunks() "
-    "called after close() waits in open(2) for a writer that never comes",
-)
 def test_chunks_after_close_ends_at_once(fifo: str) -> None:
     async def main() -> None:
         stdin = InputFifo(fifo)

@@ -73,7 +73,10 @@ def config_path_from_options(data: bytes) -> str | None:
     if not any_opts.type_url.endswith(RUNTIME_OPTIONS_URL):
         return None
     opts = runtimeoptions_pb2.Options()
-    opts.ParseFromString(any_opts.value)
+    try:
+        opts.ParseFromString(any_opts.value)
+    except DecodeError as e:
+        raise InvalidArgument(f"cannot parse the {any_opts.type_url} runtime options: {e}") from e
     return opts.config_path or None
 
 
@@ -174,12 +177,16 @@ def cmd_delete(args: ShimArgs) -> int:
         meta = json.loads((bundle / SHIM_FILE).read_text())
     config = load_config(meta.get("config") or None)
     run_dir = Path(config.runtime.run_dir) / pod
+    rec: SandboxRecord | None = None
     if (run_dir / STATE_FILE).exists():
-        rec = SandboxRecord.load(run_dir)
-        if not pid_alive(rec.owner_pid):
-            problems = release(rec)
-            if problems:
-                print(f"carapace shim delete: {'; '.join(problems)}", file=sys.stderr)
+        try:
+            rec = SandboxRecord.load(run_dir)
+        except (OSError, ValueError, TypeError) as e:
+            print(f"carapace shim delete: unreadable {run_dir / STATE_FILE}: {e}", file=sys.stderr)
+    if rec is not None and not pid_alive(rec.owner_pid):
+        problems = release(rec)
+        if problems:
+            print(f"carapace shim delete: {'; '.join(problems)}", file=sys.stderr)
     sock = meta.get("socket") or socket_path(args.address, args.namespace, pod)
     if os.path.exists(sock) and not connectable(sock):
         with contextlib.suppress(OSError):

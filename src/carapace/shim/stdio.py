@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 
 
@@ -36,9 +37,10 @@ async def _wait_fd(fd: int, writable: bool) -> None:
             loop.remove_reader(fd)
 
 
-async def _open_in_thread(path: str, flags: int) -> int:
+async def _open_in_thread(path: str, flags: int, opened: threading.Event) -> int:
     """open(2) that may block (a fifo waiting for its other end), in a daemon thread:
-    a client that never opens its end must not keep the shim from exiting."""
+    a client that never opens its end must not keep the shim from exiting. ``opened``
+    is set once the open returned."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[int] = loop.create_future()
 
@@ -46,12 +48,30 @@ async def _open_in_thread(path: str, flags: int) -> int:
         try:
             fd = os.open(path, flags)
         except OSError as e:
+            opened.set()
             loop.call_soon_threadsafe(_settle, fut, None, e)
         else:
+            opened.set()
             loop.call_soon_threadsafe(_settle, fut, fd, None)
 
     threading.Thread(target=run, name=f"open {path}", daemon=True).start()
     return await fut
+
+
+def _release_opener(path: str, opened: threading.Event, patience: float = 10.0) -> None:
+    """Be, briefly, the writer a thread blocked opening ``path`` for reading waits for.
+    Retries until that thread is in open(2) (before it, a writer cannot open)."""
+
+    def run() -> None:
+        deadline = time.monotonic() + patience
+        while not opened.is_set() and time.monotonic() < deadline:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                return
+            except OSError:
+                time.sleep(0.01)
+
+    threading.Thread(target=run, name=f"release {path}", daemon=True).start()
 
 
 def _settle(fut: asyncio.Future[int], fd: int | None, error: OSError | None) -> None:
@@ -107,6 +127,7 @@ class InputFifo:
         self.fd = -1
         self.closing = asyncio.Event()
         self._opening = False
+        self._opened = threading.Event()
         self._closed = False
 
     def close_input(self) -> None:
@@ -123,9 +144,11 @@ class InputFifo:
     async def _open(self) -> bool:
         """Open the fifo for reading; that waits for the client to open its end (a
         reader that opened first would see end of file before anything was written)."""
+        if self._closed:
+            return False
         self._opening = True
         try:
-            fd = await _open_in_thread(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = await _open_in_thread(self.path, os.O_RDONLY | os.O_CLOEXEC, self._opened)
         finally:
             self._opening = False
         if self._closed:  # closed while opening
@@ -162,9 +185,7 @@ class InputFifo:
                 os.close(self.fd)
             self.fd = -1
         elif self._opening:
-            # release the thread blocked opening the fifo: be the writer it waits for
-            with contextlib.suppress(OSError):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            _release_opener(self.path, self._opened)
 
 
 class ProcessStdio:
