@@ -39,8 +39,24 @@ def carapace_mounts() -> set[str]:
         return {line.split()[1] for line in f if "carapace" in line.split()[1]}
 
 
-def resources() -> tuple[set[int], set[str], set[str]]:
-    return qemu_pids(), run_dirs(), carapace_mounts()
+def shim_pids() -> set[int]:
+    """containerd-shim-carapace-v2 daemons (the serving ones, not start/delete calls)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        shim = any(a.endswith((b"containerd-shim-carapace-v2", b"carapace.shim")) for a in argv[:3])
+        if shim and b"start" not in argv and b"delete" not in argv:
+            found.add(int(entry.name))
+    return found
+
+
+def resources() -> tuple[set[int], set[str], set[str], set[int]]:
+    return qemu_pids(), run_dirs(), carapace_mounts(), shim_pids()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,13 +68,14 @@ def guest_image() -> None:
 
 @pytest.fixture(autouse=True)
 def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test, no QEMU process, run dir or mount exists that did not before."""
+    """After each test, no QEMU process, run dir, mount or shim exists that did not before.
+    (The check is machine-wide: run one test session at a time.)"""
     before = resources()
     yield
     after = resources()
-    leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]
-    assert leaked == [[], [], []], (
-        f"{request.node.name} left behind qemu pids / run dirs / mounts: {leaked}"
+    leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]  # type: ignore[operator]
+    assert leaked == [[], [], [], []], (
+        f"{request.node.name} left behind qemu pids / run dirs / mounts / shims: {leaked}"
     )
 
 
