@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 IMAGE_DIR ?= /var/lib/carapace/guest
 
-.PHONY: run test unit integration deps image lint protos bench clean
+.PHONY: run test unit integration deps image lint protos bench bench-containerd clean
 
 run: image
 	@echo "host kernel:      $$(uname -r)"
@@ -48,6 +48,10 @@ protos: $(STAMP)
 
 bench: image
 	$(PY) benchmarks/boot.py
+	$(PY) benchmarks/containerd.py
+
+bench-containerd: image
+	$(PY) benchmarks/containerd.py
 
 clean:
 	rm -rf $(VENV) $(APT_STAMP)

@@ -1,0 +1,830 @@
+#!/usr/bin/env python3
+"""containerd benchmark: carapace behind containerd, against runc and the bare boot floor.
+
+Starts a private containerd (tests/integration/containerd/rig.py, with its own
+directories, bridge and pod subnet, so it can run beside the integration tests) and
+measures, in one invocation (rounds interleaved), N samples of:
+
+* bare boot: plain QEMU with the shim's VM size, the same guest kernel and a tiny
+  initramfs (``measure_bare`` from benchmarks/boot.py);
+* ``ctr run --rm --runtime io.containerd.carapace.v2 busybox ID true``, wall time;
+* the same ``ctr run`` with ``--runtime io.containerd.runc.v2``;
+* CRI, runtime handler "carapace": one pod alone (RunPodSandbox, CreateContainer and
+  StartContainer of a busybox ``sleep 3600`` container, until it runs), then P pods
+  (default 8) started the same way from P threads at once, until all run; while they
+  run: the QEMU processes of our shims and the sum of their VmRSS (peak), per pod.
+
+Reports ``carapace ctr run ÷ (bare boot + runc ctr run)`` and ``P pods ÷ 1 pod``,
+prints a Markdown table and writes results/containerd.json and results/containerd.md.
+See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):  # boot.py beside us; tests/ is a package at the root
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import boot  # noqa: E402
+import cri_api as api  # noqa: E402
+from boot import BenchError, Measurement  # noqa: E402
+
+from carapace.config import load_config  # noqa: E402
+from carapace.hypervisor.qemu.accel import choose_accelerator  # noqa: E402
+from carapace.image.builder import ImageBuilder  # noqa: E402
+from carapace.sandbox import Sandbox, SandboxOptions  # noqa: E402
+from tests.integration.containerd import rig as rig_module  # noqa: E402
+from tests.integration.containerd.rig import (  # noqa: E402
+    BUSYBOX_IMAGE,
+    CARAPACE,
+    RUNC,
+    ContainerdRig,
+    RigError,
+)
+
+#: The benchmark's own containerd: not the test rigs' directories, bridge or subnet
+#: (those are /var/lib/carapace-test*, carapace-testN, 10.234+N.0.0/24).
+BENCH_BASE = Path("/var/lib/carapace-bench")
+BENCH_STATE = Path("/run/carapace-bench/containerd")
+BENCH_BRIDGE = "carapace-bench0"
+BENCH_SUBNET = "10.233.0.0/24"
+
+HANDLER = "carapace"  # the CRI runtime handler
+CTR_TIMEOUT = 600.0
+CRI_TIMEOUT = 600.0
+SETTLE_TIMEOUT = 120.0
+MONITOR_INTERVAL = 0.5
+KIB_PER_MIB = 1024
+
+BARE_INIT = "bare boot: reaches /init"
+BARE_EXIT = "bare boot: QEMU exits"
+CTR_CARAPACE = "ctr run --rm … true (carapace)"
+CTR_RUNC = "ctr run --rm … true (runc)"
+CRI_ONE = "CRI: 1 pod (carapace)"
+
+
+def cri_many_name(n: int) -> str:
+    return f"CRI: {n} pods in parallel (carapace)"
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def _processes() -> Iterator[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, argv) of every process."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        yield int(entry.name), ppid, argv
+
+
+def _is_qemu(argv: list[bytes]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]).startswith(b"qemu-system")
+
+
+def _is_shim_of(argv: list[bytes], socket: bytes) -> bool:
+    """A shim of our containerd: ``-address SOCKET`` among its arguments (carapace's shim
+    daemon runs as ``python -m carapace.shim``, runc's as ``containerd-shim-runc-v2``)."""
+    return any(a == b"-address" and argv[i + 1 : i + 2] == [socket] for i, a in enumerate(argv))
+
+
+def _status_kib(pid: int, key: str) -> int:
+    """A ``kB`` line of /proc/PID/status (VmRSS, VmHWM); 0 once the process is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Snapshot:
+    shims: list[int]
+    qemu: list[int]  # QEMU processes whose parent is one of our shims
+    foreign_qemu: list[int]  # any other QEMU, except our own bare boots
+
+    def qemu_rss_kib(self) -> int:
+        return sum(_status_kib(p, "VmRSS") for p in self.qemu)
+
+    def qemu_hwm_kib(self) -> int:
+        return sum(_status_kib(p, "VmHWM") for p in self.qemu)
+
+    def shim_rss_kib(self) -> int:
+        return sum(_status_kib(p, "VmRSS") for p in self.shims)
+
+
+def snapshot(socket: Path) -> Snapshot:
+    sock = str(socket).encode()
+    procs = list(_processes())
+    shims = [pid for pid, _, argv in procs if _is_shim_of(argv, sock)]
+    me = os.getpid()
+    qemu, foreign = [], []
+    for pid, ppid, argv in procs:
+        if _is_qemu(argv):
+            if ppid in shims:
+                qemu.append(pid)
+            elif ppid != me:
+                foreign.append(pid)
+    return Snapshot(shims, qemu, foreign)
+
+
+class Monitor:
+    """Samples our shims and their QEMU processes every MONITOR_INTERVAL seconds in a
+    thread: the peaks since ``reset()``, and every QEMU of ours ever seen."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+        self.seen_qemu: dict[int, list[bytes]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.window: dict[str, int] = {
+                "max_qemu": 0,
+                "peak_qemu_rss_kib": 0,
+                "peak_shim_rss_kib": 0,
+                "max_foreign_qemu": 0,
+            }
+
+    def sample(self) -> Snapshot:
+        snap = snapshot(self.socket)
+        rss, shim_rss = snap.qemu_rss_kib(), snap.shim_rss_kib()
+        with self._lock:
+            w = self.window
+            w["max_qemu"] = max(w["max_qemu"], len(snap.qemu))
+            w["peak_qemu_rss_kib"] = max(w["peak_qemu_rss_kib"], rss)
+            w["peak_shim_rss_kib"] = max(w["peak_shim_rss_kib"], shim_rss)
+            w["max_foreign_qemu"] = max(w["max_foreign_qemu"], len(snap.foreign_qemu))
+            for pid in snap.qemu:
+                if pid not in self.seen_qemu:
+                    with contextlib.suppress(OSError):
+                        self.seen_qemu[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return snap
+
+    def read(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.window)
+
+    def _run(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL):
+            with contextlib.suppress(Exception):  # a process vanishing mid-scan
+                self.sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def surviving_qemu(self) -> list[int]:
+        """QEMU processes of ours seen during the run that still exist (same argv)."""
+        alive = []
+        for pid, argv in self.seen_qemu.items():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") == argv:
+                    alive.append(pid)
+        return alive
+
+
+# -- the private containerd ---------------------------------------------------------------
+
+
+def bench_rig() -> ContainerdRig:
+    """ContainerdRig on the benchmark's own paths, bridge and subnet. The bridge and subnet
+    are module constants of rig.py, read when used; setting them here changes them for
+    this process only."""
+    rig_module.BRIDGE = BENCH_BRIDGE
+    rig_module.POD_SUBNET = BENCH_SUBNET
+    return ContainerdRig(
+        root=BENCH_BASE / "containerd",
+        state=BENCH_STATE,
+        cni_dir=BENCH_BASE / "cni",
+        log_path=BENCH_BASE / "containerd.log",
+    )
+
+
+def settle(rig: ContainerdRig, monitor: Monitor, after: str) -> list[str]:
+    """Untimed, after every measurement: remove whatever is left in containerd, then wait
+    until none of our shims or QEMU processes exists, so measurements never overlap."""
+    problems: list[str] = []
+    try:
+        removed = rig.remove_all()
+        if removed:
+            problems.append(f"after {after}, had to remove: {', '.join(removed)}")
+    except Exception as e:
+        problems.append(f"after {after}, removing what was left failed: {e}")
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        snap = monitor.sample()
+        if not snap.shims and not snap.qemu:
+            return problems
+        if time.monotonic() > deadline:
+            problems.append(
+                f"after {after}: shims {snap.shims} and QEMU {snap.qemu} still there "
+                f"{SETTLE_TIMEOUT:g}s later"
+            )
+            return problems
+        time.sleep(0.2)
+
+
+def kill_leftovers(rig: ContainerdRig, monitor: Monitor) -> list[str]:
+    """After the rig stopped: our shims and QEMU processes that outlived it (by pid)."""
+    found: list[str] = []
+    snap = snapshot(rig.socket)
+    for pid in snap.shims:
+        found.append(f"shim pid {pid}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # the carapace shim destroys its VM on SIGTERM
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and monitor.surviving_qemu():
+        time.sleep(0.5)
+    for pid in monitor.surviving_qemu():
+        found.append(f"QEMU pid {pid}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
+# -- 1-3. ctr run and the bare boot -------------------------------------------------------
+
+
+def measure_ctr_run(rig: ContainerdRig, runtime: str, cid: str) -> float:
+    t0 = time.perf_counter()
+    try:
+        rig.ctr(
+            "run", "--rm", "--runtime", runtime, BUSYBOX_IMAGE, cid, "true", timeout=CTR_TIMEOUT
+        )
+    except RigError as e:
+        raise BenchError(f"ctr run ({runtime}): {str(e).strip()[-500:]}") from e
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"ctr run ({runtime}): no exit within {CTR_TIMEOUT:g}s") from e
+    return time.perf_counter() - t0
+
+
+# -- 4. CRI pods --------------------------------------------------------------------------
+
+
+def pod_config(name: str, log_dir: str, label: str) -> api.PodSandboxConfig:
+    return api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(
+            name=name, uid=uuid.uuid4().hex, namespace="carapace-bench", attempt=0
+        ),
+        hostname=name,
+        log_directory=log_dir,
+        labels={"carapace-bench": label},
+        linux=api.LinuxPodSandboxConfig(
+            security_context=api.LinuxSandboxSecurityContext(
+                namespace_options=api.NamespaceOption(
+                    network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER
+                )
+            )
+        ),
+    )
+
+
+@dataclass
+class PodRun:
+    name: str
+    pod_id: str = ""
+    container_id: str = ""
+    seconds: float | None = None  # from the common start until its container runs
+    error: str | None = None
+
+
+def start_pod(rt: Any, pod: PodRun, log_dir: str, label: str, go: threading.Event) -> None:
+    """RunPodSandbox, CreateContainer, StartContainer, then ContainerStatus until the
+    container is running; ``pod`` gets the ids as they come (for the cleanup)."""
+    config = pod_config(pod.name, log_dir, label)
+    go.wait()
+    t0 = time.perf_counter()
+    try:
+        pod.pod_id = rt.RunPodSandbox(
+            api.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=CRI_TIMEOUT
+        ).pod_sandbox_id
+        pod.container_id = rt.CreateContainer(
+            api.CreateContainerRequest(
+                pod_sandbox_id=pod.pod_id,
+                config=api.ContainerConfig(
+                    metadata=api.ContainerMetadata(name="sleeper"),
+                    image=api.ImageSpec(image=BUSYBOX_IMAGE),
+                    command=["sleep", "3600"],
+                    log_path="sleeper.log",
+                ),
+                sandbox_config=config,
+            ),
+            timeout=CRI_TIMEOUT,
+        ).container_id
+        rt.StartContainer(
+            api.StartContainerRequest(container_id=pod.container_id), timeout=CRI_TIMEOUT
+        )
+        deadline = time.monotonic() + CRI_TIMEOUT
+        while True:
+            state = rt.ContainerStatus(
+                api.ContainerStatusRequest(container_id=pod.container_id), timeout=60
+            ).status.state
+            if state == api.ContainerState.CONTAINER_RUNNING:
+                break
+            if state == api.ContainerState.CONTAINER_EXITED or time.monotonic() > deadline:
+                raise BenchError(f"container {pod.container_id} is {state}, not running")
+            time.sleep(0.05)
+        pod.seconds = time.perf_counter() - t0
+    except Exception as e:
+        code = getattr(e, "code", None)
+        details = getattr(e, "details", None)
+        if callable(code) and callable(details):  # a grpc.RpcError
+            pod.error = f"{pod.name}: {code().name}: {details()}"
+        else:
+            pod.error = f"{pod.name}: {type(e).__name__}: {e}"
+
+
+def remove_pods(rt: Any, pod_ids: list[str]) -> list[str]:
+    """StopPodSandbox + RemovePodSandbox of every pod, in parallel; the failures."""
+    errors: list[str] = []
+
+    def remove(pod_id: str) -> None:
+        try:
+            rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=CRI_TIMEOUT)
+            rt.RemovePodSandbox(
+                api.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=CRI_TIMEOUT
+            )
+        except Exception as e:
+            errors.append(f"removing pod {pod_id[:12]}: {e}")
+
+    threads = [threading.Thread(target=remove, args=(p,), daemon=True) for p in pod_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.5)  # short joins: Ctrl-C gets through
+
+
+def measure_pods(
+    rig: ContainerdRig, monitor: Monitor, n: int, label: str, details: list[dict[str, Any]]
+) -> float:
+    """Wall time until all ``n`` pods' containers run; appends the sample's details."""
+    cri = rig.cri()
+    log_dir = tempfile.mkdtemp(prefix="carapace-bench-cri-")
+    pods = [PodRun(f"{label}-p{i}") for i in range(n)]
+    go = threading.Event()
+    threads = [
+        threading.Thread(target=start_pod, args=(cri.runtime, p, log_dir, label, go), daemon=True)
+        for p in pods
+    ]
+    detail: dict[str, Any] = {"pods": n, "label": label}
+    try:
+        for t in threads:
+            t.start()
+        monitor.reset()
+        t0 = time.perf_counter()
+        go.set()
+        _join_all(threads)
+        joined = time.perf_counter() - t0
+        # while all run: our QEMU processes, their memory, the running containers
+        snap = monitor.sample()
+        window = monitor.read()
+        running = {
+            c.id
+            for c in cri.runtime.ListContainers(
+                api.ListContainersRequest(
+                    filter=api.ContainerFilter(
+                        state=api.ContainerStateValue(state=api.ContainerState.CONTAINER_RUNNING)
+                    )
+                ),
+                timeout=60,
+            ).containers
+        }
+        times = [p.seconds for p in pods if p.seconds is not None]
+        detail.update(
+            seconds=round(max(times), 4) if len(times) == n else None,
+            joined_seconds=round(joined, 4),
+            per_pod_seconds=[None if p.seconds is None else round(p.seconds, 4) for p in pods],
+            errors=[p.error for p in pods if p.error],
+            containers_running=len(running & {p.container_id for p in pods}),
+            qemu_processes=len(snap.qemu),
+            shim_processes=len(snap.shims),
+            qemu_rss_now_kib=snap.qemu_rss_kib(),
+            qemu_hwm_sum_kib=snap.qemu_hwm_kib(),
+            shim_rss_now_kib=snap.shim_rss_kib(),
+            peak_qemu_rss_kib=window["peak_qemu_rss_kib"],
+            peak_shim_rss_kib=window["peak_shim_rss_kib"],
+            max_qemu_processes=window["max_qemu"],
+            other_qemu_processes=max(window["max_foreign_qemu"], len(snap.foreign_qemu)),
+            loadavg_1min_after=round(os.getloadavg()[0], 2),
+        )
+    except Exception as e:  # e.g. a failed ListContainers: this sample fails, not the run
+        detail.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+        raise BenchError(f"CRI with {n} pod(s): {type(e).__name__}: {e}") from e
+    finally:
+        go.set()  # should we be interrupted before the start
+        ids = [p.pod_id for p in pods if p.pod_id]
+        cleanup_errors = remove_pods(cri.runtime, ids)
+        cri.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
+        detail["cleanup_errors"] = cleanup_errors
+        details.append(detail)
+    if detail["errors"]:
+        raise BenchError("; ".join(detail["errors"])[-800:])
+    if detail["containers_running"] != n:
+        raise BenchError(f"{detail['containers_running']} of {n} containers running at the end")
+    return float(detail["seconds"])
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _mib(kib: float | None) -> str:
+    return "n/a" if kib is None else f"{kib / KIB_PER_MIB:.0f}"
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def ratios(results: dict[str, Measurement], n: int) -> dict[str, float | None]:
+    floor = results[BARE_INIT].median
+    runc = results[CTR_RUNC].median
+    one = results[CRI_ONE].median
+    many = results[cri_many_name(n)].median
+    return {
+        "ctr_carapace / (bare_boot + ctr_runc)": boot._ratio(
+            results[CTR_CARAPACE].median, None if floor is None or runc is None else floor + runc
+        ),
+        "ctr_carapace / bare_boot": boot._ratio(results[CTR_CARAPACE].median, floor),
+        f"cri_{n}_pods / cri_1_pod": boot._ratio(many, one),
+        f"cri_{n}_pods / ({n} x cri_1_pod)": boot._ratio(many, None if one is None else n * one),
+    }
+
+
+def memory_summary(details: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the successful samples of one CRI measurement."""
+    ok = [d for d in details if not d.get("errors") and d.get("seconds") is not None]
+    if not ok:
+        return {}
+    n = ok[0]["pods"]
+    return {
+        "qemu_processes_while_all_run": [d["qemu_processes"] for d in ok],
+        "peak_qemu_rss_mib_per_pod": round(
+            statistics.median(d["peak_qemu_rss_kib"] for d in ok) / KIB_PER_MIB / n, 1
+        ),
+        "qemu_hwm_mib_per_pod": round(
+            statistics.median(d["qemu_hwm_sum_kib"] for d in ok) / KIB_PER_MIB / n, 1
+        ),
+        "shim_rss_mib_per_pod_while_all_run": round(
+            statistics.median(d["shim_rss_now_kib"] for d in ok) / KIB_PER_MIB / n, 1
+        ),
+    }
+
+
+def markdown(
+    machine: dict[str, Any],
+    runs: int,
+    n: int,
+    order: list[str],
+    results: dict[str, Measurement],
+    rat: dict[str, float | None],
+    cri_details: dict[str, list[dict[str, Any]]],
+    others: dict[str, list[int]],
+    notes: list[str],
+) -> str:
+    lines = [
+        "# carapace containerd benchmark",
+        "",
+        f"{machine['date']} · {machine['nproc']} CPUs ({machine['cpu']}) · host kernel "
+        f"{machine['host_kernel']} · {machine['qemu']} · accel **{machine['accel']}** "
+        f"({machine['accel_reason']}) · {machine['containerd']} · snapshotter "
+        f"{machine['snapshotter']} · pod VM {machine['vm_vcpus']} vCPU, "
+        f"{machine['vm_memory_mib']} MiB",
+        "",
+        f"Medians of {runs} runs per row, rounds interleaved, in one invocation "
+        f"({machine['warmup_rounds']} untimed warm-up round(s) first, without the "
+        f"{n}-pod measurement).",
+        "",
+        "| measurement | median s | min s | max s | runs | other QEMU seen |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in order:
+        m = results[name]
+        seen = others.get(BARE_INIT if name == BARE_EXIT else name, [])
+        other = max(seen) if seen else "n/a"
+        if m.error is not None:
+            err = m.error.replace("|", "/").replace("\n", " ")
+            lines.append(f"| {name} | failed: {err} | | | {len(m.samples)} | {other} |")
+            continue
+        s = m.summary()
+        lines.append(
+            f"| {name} | {boot._fmt(s.get('median'))} | {boot._fmt(s.get('min'))} | "
+            f"{boot._fmt(s.get('max'))} | {len(m.samples)} | {other} |"
+        )
+    labels = {
+        "ctr_carapace / (bare_boot + ctr_runc)": (
+            "**carapace ctr run ÷ (bare boot + runc ctr run)**"
+        ),
+        "ctr_carapace / bare_boot": "carapace ctr run ÷ bare boot",
+        f"cri_{n}_pods / cri_1_pod": f"**{n} pods in parallel ÷ 1 pod**",
+        f"cri_{n}_pods / ({n} x cri_1_pod)": f"{n} pods in parallel ÷ ({n} x 1 pod)",
+    }
+    lines += ["", "| ratio (of medians) | value |", "|---|---:|"]
+    for key, label in labels.items():
+        v = rat.get(key)
+        lines.append(f"| {label} | {'n/a' if v is None else f'{v:.3g}x'} |")
+
+    lines += [
+        "",
+        "| CRI sample | wall s | fastest / slowest pod s | QEMU processes while all run "
+        "| containers running | peak QEMU RSS MiB (sum) | per pod MiB | shims "
+        "| shim RSS per pod MiB | other QEMU seen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in (CRI_ONE, cri_many_name(n)):
+        for i, d in enumerate(cri_details.get(name, []), 1):
+            if "qemu_processes" not in d:
+                lines.append(f"| {name} #{i} | interrupted | | | | | | | | |")
+                continue
+            k = d["pods"]
+            times = [t for t in d["per_pod_seconds"] if t is not None]
+            spread = f"{min(times):.1f} / {max(times):.1f}" if times else "n/a"
+            wall = boot._fmt(d["seconds"]) if d["seconds"] is not None else "failed"
+            lines.append(
+                f"| {name} #{i} | {wall} | {spread} | {d['qemu_processes']} | "
+                f"{d['containers_running']} | {_mib(d['peak_qemu_rss_kib'])} | "
+                f"{_mib(d['peak_qemu_rss_kib'] / k)} | {d['shim_processes']} | "
+                f"{_mib(d['shim_rss_now_kib'] / k)} | "
+                f"{d['other_qemu_processes']} |"
+            )
+    if notes:
+        lines += ["", *[f"- {x}" for x in notes]]
+    return "\n".join(lines) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def _timed(
+    results: dict[str, Measurement], name: str, record: bool, fn: Callable[[], float]
+) -> None:
+    m = results[name]
+    if m.error is not None:
+        return
+    try:
+        dt = fn()
+    except BenchError as e:
+        m.error = str(e)
+        return
+    if record:
+        m.samples.append(dt)
+
+
+@dataclass
+class Bench:
+    rig: ContainerdRig
+    monitor: Monitor
+    prefix: str
+    pods: int
+    results: dict[str, Measurement]
+    cri_details: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: per measurement and recorded sample: the most QEMU processes not ours seen
+    others: dict[str, list[int]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def one(self, name: str, record: bool, fn: Callable[[], float]) -> None:
+        """One sample, then the cleanup check (untimed)."""
+        if self.results[name].error is not None:
+            return
+        self.monitor.reset()
+        _timed(self.results, name, record, fn)
+        if record:
+            self.others.setdefault(name, []).append(self.monitor.read()["max_foreign_qemu"])
+        self.problems += settle(self.rig, self.monitor, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement (3)")
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds first (1; no parallel pods)"
+    )
+    ap.add_argument("--pods", type=int, default=8, help="pods started in parallel (8)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results",
+        help="directory for containerd.json and containerd.md (benchmarks/results)",
+    )
+    args = ap.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.pods < 1:
+        ap.error("--runs and --pods must be >= 1, --warmup >= 0")
+    if os.geteuid() != 0:
+        ap.error("run it as root (containerd, pods and QEMU need it)")
+    for tool in ("containerd", "ctr"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} is not installed (scripts/install-deps.sh installs it)")
+
+    n = args.pods
+    many = cri_many_name(n)
+    order = [BARE_INIT, BARE_EXIT, CTR_CARAPACE, CTR_RUNC, CRI_ONE, many]
+    results = {name: Measurement(name) for name in order}
+    prefix = f"bench-{secrets.token_hex(3)}"
+    notes: list[str] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    rig = bench_rig()
+    machine: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu": boot._cpu_model(),
+        "memory_total_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20,
+        "host_kernel": platform.release(),
+        "containerd": boot._first_line(["containerd", "--version"]),
+        "cgroups": boot._cgroup_mode(),
+        "python": platform.python_version(),
+        "warmup_rounds": args.warmup,
+        "parallel_pods": n,
+        "loadavg_at_start": round(os.getloadavg()[0], 2),
+        "other_qemu_processes_at_start": len(snapshot(rig.socket).foreign_qemu),
+        "rig": {
+            "root": str(rig.root),
+            "state": str(rig.state),
+            "bridge": BENCH_BRIDGE,
+            "pod_subnet": BENCH_SUBNET,
+            "log": str(rig.log_path),
+        },
+    }
+    monitor = Monitor(rig.socket)
+    left: list[str] = []
+    problems: list[str] = []
+    interrupted = False
+    bench: Bench | None = None
+    print(f"starting a private containerd in {BENCH_BASE} ...", file=sys.stderr, flush=True)
+    rig.start()
+    try:
+        monitor.start()
+        machine["snapshotter"] = f"{rig.snapshotter} ({rig.snapshotter_reason})"
+        machine["ctr"] = boot._first_line(["ctr", "--version"])
+        # the configuration the shim reads (ConfigPath of the rig's carapace runtime)
+        config = load_config(rig.carapace_config)
+        hv = config.hypervisor
+        image = ImageBuilder(config.image_dir).current()
+        if image is None:
+            raise SystemExit(
+                f"containerd.py: no guest image in {config.image_dir}; build it with "
+                "`carapace guest build`"
+            )
+        kernel = Path(hv.kernel) if hv.kernel else image.kernel
+        initrd = Path(hv.initrd) if hv.initrd else image.initrd
+        accel = choose_accelerator(
+            hv.accel, hv.path, kernel, initrd, Path(config.runtime.state_dir) / "accel.json"
+        )
+        sizing = Sandbox(config, SandboxOptions())  # what the shim gives a pod
+        machine.update(
+            qemu=boot._first_line([hv.path, "--version"]),
+            qemu_binary=hv.path,
+            accel=accel.accel,
+            accel_reason=accel.reason,
+            guest_kernel=str(kernel),
+            vm_vcpus=sizing.vcpus,
+            vm_memory_mib=sizing.memory_mib,
+            carapace_config=f"{rig.carapace_config} ({config.source})",
+        )
+        bench = Bench(rig, monitor, prefix, n, results)
+        with boot._scratch_dir() as scratch:
+            tiny = boot.build_tiny_initramfs(scratch / "tiny-initramfs.cpio")
+            argv_bare = boot.bare_argv(
+                config, kernel, tiny, accel, sizing.vcpus, sizing.memory_mib, scratch
+            )
+            machine["bare_boot_argv"] = argv_bare
+            for i in range(args.warmup + args.runs):
+                record = i >= args.warmup
+                tag = f"run {i - args.warmup + 1}/{args.runs}" if record else "warm-up"
+                label = f"{prefix}-{i}"
+                steps = "bare boot, ctr carapace, ctr runc, CRI 1 pod"
+                print(
+                    f"[{tag}] {steps}{f', CRI {n} pods' if record else ''} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                bench.one(BARE_INIT, record, partial(boot.bare, argv_bare, results, record))
+                if results[BARE_INIT].error is not None:
+                    results[BARE_EXIT].error = results[BARE_INIT].error
+                bench.one(
+                    CTR_CARAPACE, record, partial(measure_ctr_run, rig, CARAPACE, f"{label}-c")
+                )
+                bench.one(CTR_RUNC, record, partial(measure_ctr_run, rig, RUNC, f"{label}-r"))
+                one_details = bench.cri_details.setdefault(CRI_ONE, []) if record else []
+                bench.one(
+                    CRI_ONE,
+                    record,
+                    partial(measure_pods, rig, monitor, 1, f"{label}-one", one_details),
+                )
+                if record:
+                    many_details = bench.cri_details.setdefault(many, [])
+                    bench.one(
+                        many,
+                        record,
+                        partial(measure_pods, rig, monitor, n, f"{label}-par", many_details),
+                    )
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: cleaning up ...", file=sys.stderr, flush=True)
+    finally:
+        monitor.stop()
+        try:
+            problems = rig.stop()
+        finally:
+            left = kill_leftovers(rig, monitor)
+    if interrupted or bench is None:
+        if problems:
+            print(f"stopping the containerd: {'; '.join(problems)}", file=sys.stderr)
+        if left:
+            print(f"LEFT BEHIND (killed): {', '.join(left)}", file=sys.stderr)
+        return 130
+
+    machine["loadavg_at_end"] = round(os.getloadavg()[0], 2)
+    notes += bench.problems
+    if problems:
+        notes.append("stopping the containerd: " + "; ".join(problems))
+    if left:
+        notes.append("LEFT BEHIND (killed): " + ", ".join(left))
+    others = max(
+        [machine["other_qemu_processes_at_start"]] + [x for xs in bench.others.values() for x in xs]
+    )
+    if others:
+        notes.append(
+            f"up to {others} QEMU process(es) not ours were running (other test sessions on "
+            "this machine): the timings are disturbed, compare them with care."
+        )
+    bad_counts = [
+        d["qemu_processes"]
+        for d in bench.cri_details.get(many, [])
+        if "qemu_processes" in d and d["qemu_processes"] != n
+    ]
+    if bad_counts:
+        notes.append(f"QEMU processes while all {n} pods ran: {bad_counts}, expected {n}.")
+
+    rat = ratios(results, n)
+    memory = {name: memory_summary(ds) for name, ds in bench.cri_details.items()}
+    report = {
+        "machine": machine,
+        "runs": args.runs,
+        "results": {name: results[name].summary() for name in order},
+        "ratios": rat,
+        "cri_samples": bench.cri_details,
+        "cri_memory": memory,
+        "other_qemu_processes_seen": bench.others,
+        "notes": notes,
+    }
+    md = markdown(
+        machine, args.runs, n, order, results, rat, bench.cri_details, bench.others, notes
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "containerd.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "containerd.md").write_text(md)
+    print(md)
+    print(f"wrote {args.out / 'containerd.json'} and {args.out / 'containerd.md'}", file=sys.stderr)
+    failed = any(m.error is not None for m in results.values())
+    return 1 if failed or left or bad_counts or problems or bench.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
