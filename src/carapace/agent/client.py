@@ -116,6 +116,14 @@ class AgentClient:
         )
         return r.pid
 
+    async def remove_process(self, container_id: str, exec_id: str) -> None:
+        """Forget an exited exec'd process (its streams, terminal and files)."""
+        await self._call(
+            "RemoveProcess",
+            pb.RemoveProcessRequest(container_id=container_id, exec_id=exec_id),
+            pb.Empty,
+        )
+
     async def signal_process(
         self, container_id: str, exec_id: str, signal: int, all_processes: bool = False
     ) -> None:

@@ -133,6 +133,7 @@ class Agent:
             ("StartContainer", pb.StartContainerRequest, self.start_container),
             ("RemoveContainer", pb.RemoveContainerRequest, self.remove_container),
             ("ExecProcess", pb.ExecProcessRequest, self.exec_process),
+            ("RemoveProcess", pb.RemoveProcessRequest, self.remove_process),
             ("SignalProcess", pb.SignalProcessRequest, self.signal_process),
             ("WaitProcess", pb.WaitProcessRequest, self.wait_process),
             ("WriteStdin", pb.WriteStreamRequest, self.write_stdin),
@@ -472,6 +473,25 @@ class Agent:
         c.execs[req.exec_id] = proc
         return pb.ExecProcessResponse(pid=proc.pid)
 
+    async def remove_process(self, req: pb.RemoveProcessRequest) -> pb.Empty:
+        c = self._container(req.container_id)
+        p = c.execs.get(req.exec_id)
+        if p is None:
+            raise TtrpcError(
+                Code.NOT_FOUND, f"exec {req.exec_id!r} not found in container {c.id!r}"
+            )
+        if p.exit is not None and not p.exit.done():
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"exec {req.exec_id!r} of container {c.id!r} is running; kill it first",
+            )
+        _close_process_streams(p)
+        for name in (f"exec-{req.exec_id}.json", f"{req.exec_id}.pid"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(c.bundle, name))
+        del c.execs[req.exec_id]
+        return pb.Empty()
+
     async def signal_process(self, req: pb.SignalProcessRequest) -> pb.Empty:
         p = self._process(req.container_id, req.exec_id)
         if req.all:
@@ -594,6 +614,13 @@ class Agent:
 def _close_process_streams(p: Process) -> None:
     if p.stdin is not None:
         p.stdin.close()
+    for reader in (p.stdout, p.stderr):
+        # a reader's pipe closes itself at end of file; one never read to the end is
+        # closed here (StreamReader keeps its transport private)
+        transport = getattr(reader, "_transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.close()
+    p.close_child_ends()
     if p.master_fd >= 0:
         with contextlib.suppress(OSError):
             os.close(p.master_fd)

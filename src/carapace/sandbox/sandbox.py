@@ -414,17 +414,26 @@ class Sandbox:
         """Run an extra process in a running container; returns its exit status."""
         agent = self._agent()
         self._container(container_id)
-        return await self.relay(
-            container_id,
-            exec_id,
-            io or ProcessIO(),
-            agent.exec_process(container_id, exec_id, process),
-        )
+        try:
+            return await self.relay(
+                container_id,
+                exec_id,
+                io or ProcessIO(),
+                agent.exec_process(container_id, exec_id, process),
+            )
+        finally:
+            with contextlib.suppress(CarapaceError):
+                await agent.remove_process(container_id, exec_id)
 
     async def start_exec(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
         """Start an extra process in a container (its streams wait in the guest)."""
         self._container(container_id)
         return await self._agent().exec_process(container_id, exec_id, process)
+
+    async def remove_exec(self, container_id: str, exec_id: str) -> None:
+        """Forget an exited exec'd process in the guest, so its id may be used again."""
+        self._container(container_id)
+        await self._agent().remove_process(container_id, exec_id)
 
     async def guest_details(self) -> pb.GuestDetailsResponse:
         return await self._agent().guest_details()

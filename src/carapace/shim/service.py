@@ -461,6 +461,8 @@ class TaskService:
             p = self._proc(req.id, req.exec_id)
             if p.status in (tt.RUNNING, tt.PAUSED) and not p.exited.is_set():
                 raise StateError(f"process {p.id} is running; kill it first")
+            if p.status != tt.CREATED and self.sandbox is not None and not self._vm_lost:
+                await self.sandbox.remove_exec(req.id, req.exec_id)
             p.stdio.close()
             del c.execs[req.exec_id]
             return api.DeleteResponse(
