@@ -26,8 +26,18 @@ pytestmark = pytest.mark.vm
 
 
 def qemu_pids() -> set[int]:
+    """Live QEMU processes. A zombie is not counted: a QEMU whose owner was killed is
+    reparented to init, which reaps it in its own time."""
     out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    return {int(p) for p in out.split() if not _zombie(int(p))}
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
+    except (OSError, IndexError):
+        return True  # gone
 
 
 def run_dirs() -> set[str]:
