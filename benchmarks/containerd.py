@@ -600,19 +600,7 @@ def markdown(
 # -- main ---------------------------------------------------------------------------------
 
 
-def _timed(
-    results: dict[str, Measurement], name: str, record: bool, fn: Callable[[], float]
-) -> None:
-    m = results[name]
-    if m.error is not None:
-        return
-    try:
-        dt = fn()
-    except BenchError as e:
-        m.error = str(e)
-        return
-    if record:
-        m.samples.append(dt)
+_timed = boot._timed
 
 
 @dataclass

@@ -18,6 +18,8 @@ import carapace
 from carapace.config import load_config
 from carapace.image.builder import ImageBuilder
 
+from .procs import is_carapace_shim, processes
+
 REPO = Path(__file__).resolve().parents[2]
 CARAPACE = str(REPO / ".venv" / "bin" / "carapace")
 RUN_ROOT = Path(load_config().runtime.run_dir)
@@ -51,18 +53,11 @@ def carapace_mounts() -> set[str]:
 
 def shim_pids() -> set[int]:
     """containerd-shim-carapace-v2 daemons (the serving ones, not start/delete calls)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        shim = any(a.endswith((b"containerd-shim-carapace-v2", b"carapace.shim")) for a in argv[:3])
-        if shim and b"start" not in argv and b"delete" not in argv:
-            found.add(int(entry.name))
-    return found
+    return {
+        pid
+        for pid, argv in processes()
+        if is_carapace_shim(argv) and b"start" not in argv and b"delete" not in argv
+    }
 
 
 def resources() -> tuple[set[int], set[str], set[str], set[int]]:

@@ -49,6 +49,8 @@ from typing import Any
 
 from carapace.cli.install import CARAPACE_CONFIG_PATH, SNIPPET
 
+from ..procs import processes
+
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = REPO / ".venv" / "bin"
 BUILD_TEST_IMAGES = REPO / "scripts" / "build-test-images"
@@ -428,21 +430,13 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
     def shim_pids(self) -> list[int]:
         """Shim processes started by this containerd (their -address is our socket)."""
         pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
+        for pid, argv in processes():
             if (
-                argv
-                # a shim run by its interpreter has its script as argv[1]
-                and any(b"containerd-shim" in a for a in argv[:2])
+                any(b"containerd-shim" in a for a in argv[:2])  # a script: argv[1]
                 and b"-address" in argv
                 and str(self.socket).encode() in argv
             ):
-                pids.append(int(entry.name))
+                pids.append(pid)
         return pids
 
     def log_tail(self, lines: int = 40) -> str:

@@ -17,26 +17,12 @@ import pytest
 from carapace.shim.params import socket_path
 
 from ..conftest import RUN_ROOT, host_kernel
+from ..procs import processes, qemu_of
 from .conftest import CtrFn
 from .rig import BUSYBOX_IMAGE, CARAPACE, ContainerdRig, CriClient
 from .test_runc import pod_config
 
 BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
-
-
-def qemu_of(sandbox_id: str) -> list[int]:
-    """QEMU processes of one carapace sandbox (its -name carries the id)."""
-    name = f"carapace-{sandbox_id},".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"-name" in argv and any(a.startswith(name) for a in argv):
-                found.append(int(entry.name))
-    return found
 
 
 def shim_socket(containerd: ContainerdRig, namespace: str, pod: str) -> Path:
@@ -239,7 +225,8 @@ def test_shim_killed_containerd_cleans_up(containerd: ContainerdRig, ctr: CtrFn)
     _run_detached(ctr, cid)
     try:
         [qemu] = qemu_of(cid)
-        shims = [p for p in containerd.shim_pids() if f"-id\0{cid}\0" in _cmdline(p)]
+        ours = set(containerd.shim_pids())
+        shims = [p for p, argv in processes() if p in ours and cid.encode() in argv]
         assert len(shims) == 1, shims
         os.kill(shims[0], signal.SIGKILL)
         # the VM dies with its shim; containerd runs `shim delete`, which releases the
@@ -277,10 +264,3 @@ def test_qemu_killed_tasks_exit_with_an_error(containerd: ContainerdRig, ctr: Ct
     assert exits and '"exit_status":255' in exits[0], out
     assert r.returncode == 0
     wait_for("the shim to exit", lambda: not shim_socket(containerd, "default", cid).exists())
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text()
-    except OSError:
-        return ""
