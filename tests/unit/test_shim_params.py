@@ -19,6 +19,7 @@ from carapace.shim.params import (
     SOCKET_DIR,
     ShimArgs,
     is_pod_sandbox,
+    is_type,
     join_pod_namespaces,
     mount_options,
     parse_args,
@@ -368,3 +369,32 @@ def test_input_is_not_mutated() -> None:
     assert out["linux"] is not spec["linux"]
     out["linux"]["namespaces"][0]["path"] = "changed"
     assert spec == before
+
+
+@pytest.mark.parametrize("value", ["maybe", "yes", "2", ""])
+def test_boolean_flag_values_are_gos(value: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"-debug=.*accepted: .*true"):
+        parse_args([f"-debug={value}", "start"])
+
+
+def test_three_dashes_is_not_a_flag() -> None:
+    with pytest.raises(InvalidArgument, match="---id"):
+        parse_args(["---id", "x", "start"])
+
+
+def test_defaults_mount_option_means_nothing() -> None:
+    assert mount_options(["defaults"]) == (0, "")
+    assert mount_options(["defaults", "ro"]) == (linux.MS_RDONLY, "")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("runtimeoptions.v1.Options", True),
+        ("type.googleapis.com/runtimeoptions.v1.Options", True),
+        ("evil.runtimeoptions.v1.Options", False),
+        ("containerd.runc.v1.Options", False),
+    ],
+)
+def test_is_type(url: str, expected: bool) -> None:
+    assert is_type(url, "runtimeoptions.v1.Options") is expected

@@ -34,6 +34,7 @@ from carapace.shim.params import (
     RUNTIME_OPTIONS_URL,
     SOCKET_DIR,
     ShimArgs,
+    is_type,
     parse_args,
     pod_of,
     socket_path,
@@ -70,7 +71,7 @@ def config_path_from_options(data: bytes) -> str | None:
         any_opts.ParseFromString(data)
     except DecodeError as e:
         raise InvalidArgument(f"cannot parse the runtime options on stdin: {e}") from e
-    if not any_opts.type_url.endswith(RUNTIME_OPTIONS_URL):
+    if not is_type(any_opts.type_url, RUNTIME_OPTIONS_URL):
         return None
     opts = runtimeoptions_pb2.Options()
     try:

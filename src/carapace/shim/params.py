@@ -28,6 +28,11 @@ RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
 _STRING_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
 _BOOL_FLAGS = {"debug", "v"}
 ACTIONS = ("start", "delete")
+#: The boolean spellings Go's flag package accepts.
+_GO_BOOLS = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
 
 
 @dataclass
@@ -60,9 +65,13 @@ def parse_args(argv: list[str]) -> ShimArgs:
                 )
             out.action = rest[0] if rest else ""
             return out
-        name, eq, value = arg.lstrip("-").partition("=")
+        name, eq, value = arg.removeprefix("-").removeprefix("-").partition("=")
         if name in _BOOL_FLAGS:
-            flag = value.lower() not in ("false", "0") if eq else True
+            if eq and value not in _GO_BOOLS:
+                raise InvalidArgument(
+                    f"flag -{name}={value!r}: accepted: {', '.join(sorted(_GO_BOOLS))}"
+                )
+            flag = _GO_BOOLS[value] if eq else True
             if name == "debug":
                 out.debug = flag
             else:
@@ -160,6 +169,8 @@ def mount_options(options: list[str]) -> tuple[int, str]:
     flags = 0
     data: list[str] = []
     for opt in options:
+        if opt == "defaults":
+            continue
         known = _MOUNT_FLAGS.get(opt)
         if known is None:
             data.append(opt)
@@ -168,6 +179,12 @@ def mount_options(options: list[str]) -> tuple[int, str]:
         else:
             flags |= known[1]
     return flags, ",".join(data)
+
+
+def is_type(type_url: str, name: str) -> bool:
+    """Whether an Any's type URL names ``name`` (bare, as containerd writes it, or
+    after a ``host/`` prefix)."""
+    return type_url == name or type_url.endswith("/" + name)
 
 
 def strip_unix(address: str) -> str:

@@ -41,6 +41,7 @@ from carapace.shim.params import (
     METRICS_URL,
     RUNTIME_OPTIONS_URL,
     is_pod_sandbox,
+    is_type,
     join_pod_namespaces,
     mount_options,
     pod_of,
@@ -220,7 +221,7 @@ class TaskService:
 
     def _load_config(self, options: AnyPb | None) -> Config:
         path = self.config_path
-        if options is not None and options.type_url.endswith(RUNTIME_OPTIONS_URL):
+        if options is not None and is_type(options.type_url, RUNTIME_OPTIONS_URL):
             opts = runtimeoptions_pb2.Options()
             opts.ParseFromString(options.value)
             path = opts.config_path or path
