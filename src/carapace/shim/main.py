@@ -26,17 +26,16 @@ from google.protobuf.message import DecodeError
 from carapace import __version__, linux
 from carapace.config import load_config
 from carapace.errors import CarapaceError, InvalidArgument
-from carapace.protocols.containerd import runtimeoptions_pb2
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
 from carapace.shim.events import Publisher
 from carapace.shim.params import (
-    RUNTIME_OPTIONS_URL,
     SOCKET_DIR,
     ShimArgs,
-    is_type,
+    config_path_of,
     parse_args,
     pod_of,
+    rootfs_dir,
     socket_path,
 )
 from carapace.shim.service import TaskService
@@ -71,14 +70,7 @@ def config_path_from_options(data: bytes) -> str | None:
         any_opts.ParseFromString(data)
     except DecodeError as e:
         raise InvalidArgument(f"cannot parse the runtime options on stdin: {e}") from e
-    if not is_type(any_opts.type_url, RUNTIME_OPTIONS_URL):
-        return None
-    opts = runtimeoptions_pb2.Options()
-    try:
-        opts.ParseFromString(any_opts.value)
-    except DecodeError as e:
-        raise InvalidArgument(f"cannot parse the {any_opts.type_url} runtime options: {e}") from e
-    return opts.config_path or None
+    return config_path_of(any_opts)
 
 
 def connectable(path: str) -> bool:
@@ -169,7 +161,7 @@ def cmd_delete(args: ShimArgs) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     spec = read_spec(bundle)
     pod = pod_of(args.id, spec)
-    rootfs = bundle / str((spec.get("root") or {}).get("path") or "rootfs")
+    rootfs = rootfs_dir(bundle, spec)
     with contextlib.suppress(OSError):
         while linux.is_mountpoint(str(rootfs)):
             linux.umount(str(rootfs), lazy=True)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from google.protobuf.any_pb2 import Any as AnyPb
+from google.protobuf.message import DecodeError
 
 from carapace import linux
 from carapace.errors import InvalidArgument
+from carapace.protocols.containerd import runtimeoptions_pb2
 
 #: The runtime type containerd resolves to the binary ``containerd-shim-carapace-v2``.
 RUNTIME_TYPE = "io.containerd.carapace.v2"
@@ -185,6 +190,24 @@ def is_type(type_url: str, name: str) -> bool:
     """Whether an Any's type URL names ``name`` (bare, as containerd writes it, or
     after a ``host/`` prefix)."""
     return type_url == name or type_url.endswith("/" + name)
+
+
+def config_path_of(options: AnyPb) -> str | None:
+    """The configuration file named by containerd's runtime options
+    (``runtimeoptions.v1.Options``), if these are such options and name one."""
+    if not is_type(options.type_url, RUNTIME_OPTIONS_URL):
+        return None
+    opts = runtimeoptions_pb2.Options()
+    try:
+        opts.ParseFromString(options.value)
+    except DecodeError as e:
+        raise InvalidArgument(f"cannot parse the {options.type_url} runtime options: {e}") from e
+    return opts.config_path or None
+
+
+def rootfs_dir(bundle: Path, spec: dict[str, Any]) -> Path:
+    """Where a bundle's root filesystem is (``root.path``, relative to the bundle)."""
+    return bundle / str((spec.get("root") or {}).get("path") or "rootfs")
 
 
 def strip_unix(address: str) -> str:

@@ -32,19 +32,18 @@ from carapace.errors import (
     StateError,
 )
 from carapace.protocols.containerd import events_pb2 as ev
-from carapace.protocols.containerd import runtimeoptions_pb2
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.protocols.containerd import task_types_pb2 as tt
 from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
 from carapace.shim.events import Publisher
 from carapace.shim.params import (
     METRICS_URL,
-    RUNTIME_OPTIONS_URL,
+    config_path_of,
     is_pod_sandbox,
-    is_type,
     join_pod_namespaces,
     mount_options,
     pod_of,
+    rootfs_dir,
 )
 from carapace.shim.stdio import ProcessStdio
 from carapace.ttrpc import Code, Server, TtrpcError
@@ -220,12 +219,8 @@ class TaskService:
         t.add_done_callback(self._background.discard)
 
     def _load_config(self, options: AnyPb | None) -> Config:
-        path = self.config_path
-        if options is not None and is_type(options.type_url, RUNTIME_OPTIONS_URL):
-            opts = runtimeoptions_pb2.Options()
-            opts.ParseFromString(options.value)
-            path = opts.config_path or path
-        return load_config(path)
+        path = config_path_of(options) if options is not None else None
+        return load_config(path or self.config_path)
 
     # -- the pod VM ---------------------------------------------------------------
 
@@ -269,8 +264,7 @@ class TaskService:
     # -- rootfs -------------------------------------------------------------------
 
     def _mount_rootfs(self, c: Container, mounts: list[Any]) -> Path:
-        spec_root = str((c.spec.get("root") or {}).get("path") or "rootfs")
-        target = Path(c.bundle) / spec_root
+        target = rootfs_dir(Path(c.bundle), c.spec)
         for m in mounts:
             flags, data = mount_options(list(m.options))
             fstype = None if m.type in ("bind", "rbind") else m.type
