@@ -8,7 +8,6 @@ process, no run dir, no mount of carapace's.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,18 +27,9 @@ pytestmark = pytest.mark.vm
 
 
 def qemu_pids() -> set[int]:
-    """Live QEMU processes. A zombie is not counted: a QEMU whose owner was killed is
-    reparented to init, which reaps it in its own time."""
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split() if not _zombie(int(p))}
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
-    except (OSError, IndexError):
-        return True  # gone
+    """Live QEMU processes. A zombie (no command line) is not counted: a QEMU whose
+    owner was killed is reparented to init, which reaps it in its own time."""
+    return {pid for pid, argv in processes() if b"qemu-system" in argv[0]}
 
 
 def run_dirs() -> set[str]:

@@ -40,6 +40,11 @@ TOPICS = {
 }
 
 
+def oneline(msg: Message) -> str:
+    """A message as one log line."""
+    return text_format.MessageToString(msg, as_one_line=True)
+
+
 def topic_of(event: Message) -> str:
     return TOPICS[event.DESCRIPTOR.name]
 
@@ -66,9 +71,8 @@ class Publisher:
         self._worker: asyncio.Task[None] | None = None
 
     def publish(self, event: Message) -> None:
-        log.debug(
-            "event %s %s", topic_of(event), text_format.MessageToString(event, as_one_line=True)
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event %s %s", topic_of(event), oneline(event))
         if not self.address:
             return
         self._queue.put_nowait(envelope(self.namespace, event))

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from google.protobuf import text_format
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -35,7 +34,7 @@ from carapace.protocols.containerd import events_pb2 as ev
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.protocols.containerd import task_types_pb2 as tt
 from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
-from carapace.shim.events import Publisher
+from carapace.shim.events import Publisher, oneline
 from carapace.shim.params import (
     METRICS_URL,
     config_path_of,
@@ -69,10 +68,6 @@ def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
         if isinstance(e, cls):
             return TtrpcError(code, str(e))
     return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
-
-
-def oneline(msg: Message) -> str:
-    return text_format.MessageToString(msg, as_one_line=True)
 
 
 def _now() -> Timestamp:
@@ -170,7 +165,8 @@ class TaskService:
     ) -> Callable[[Any], Coroutine[Any, Any, Message]]:
         @functools.wraps(handler)
         async def run(req: Any) -> Message:
-            log.debug("%s %s", name, oneline(req))
+            if log.isEnabledFor(logging.DEBUG):  # formatting every request costs
+                log.debug("%s %s", name, oneline(req))
             try:
                 return await handler(req)
             except CarapaceError as e:
