@@ -230,6 +230,17 @@ def test_cri_container_joins_its_sandbox() -> None:
     assert is_pod_sandbox("c1", spec) is False
 
 
+def test_dockershim_annotations_as_in_openeulers_examples() -> None:
+    """``--annotation io.kubernetes.docker.type=podsandbox`` makes a pod;
+    ``io.kubernetes.docker.type=container`` + ``io.kubernetes.sandbox.id=<pod>`` joins it."""
+    pause = {"annotations": {"io.kubernetes.docker.type": "podsandbox"}}
+    assert (pod_of("p1", pause), is_pod_sandbox("p1", pause)) == ("p1", True)
+    c = {
+        "annotations": {"io.kubernetes.docker.type": "container", "io.kubernetes.sandbox.id": "p1"}
+    }
+    assert (pod_of("c1", c), is_pod_sandbox("c1", c)) == ("p1", False)
+
+
 @pytest.mark.parametrize(
     "spec",
     [{}, {"annotations": None}, {"annotations": {}}, {"annotations": {"org.example": "x"}}],

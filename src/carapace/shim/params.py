@@ -23,6 +23,9 @@ SOCKET_DIR = "/run/carapace-shim"
 #: Annotations the CRI plugin puts on every container of a pod.
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+#: dockershim's spelling of the same, which openEuler's examples use with docker/ctr
+DOCKER_CONTAINER_TYPE = "io.kubernetes.docker.type"  # "podsandbox" or "container"
+DOCKER_SANDBOX_ID = "io.kubernetes.sandbox.id"
 
 #: containerd's type URLs for what travels in ``google.protobuf.Any``.
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
@@ -105,10 +108,14 @@ def socket_path(address: str, namespace: str, group: str, root: str = SOCKET_DIR
 
 
 def pod_of(container_id: str, spec: dict[str, Any]) -> str:
-    """The pod (shim group) a container belongs to: CRI's sandbox-id annotation, or
-    the container itself when it is not part of a CRI pod."""
+    """The pod (shim group) a container belongs to: CRI's sandbox-id annotation (or
+    dockershim's), or the container itself when it is not part of a pod."""
     annotations = spec.get("annotations") or {}
-    return str(annotations.get(CRI_SANDBOX_ID) or container_id)
+    if annotations.get(DOCKER_CONTAINER_TYPE) == "podsandbox":
+        return container_id
+    return str(
+        annotations.get(CRI_SANDBOX_ID) or annotations.get(DOCKER_SANDBOX_ID) or container_id
+    )
 
 
 def is_pod_sandbox(container_id: str, spec: dict[str, Any]) -> bool:
@@ -118,6 +125,9 @@ def is_pod_sandbox(container_id: str, spec: dict[str, Any]) -> bool:
     kind = annotations.get(CRI_CONTAINER_TYPE)
     if kind is not None:
         return bool(kind == "sandbox")
+    kind = annotations.get(DOCKER_CONTAINER_TYPE)
+    if kind is not None:
+        return bool(kind == "podsandbox")
     return pod_of(container_id, spec) == container_id
 
 
