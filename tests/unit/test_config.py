@@ -215,3 +215,34 @@ def test_config_sections_are_independent_instances() -> None:
     a, b = Config(), Config()
     a.hypervisor.default_memory = 1
     assert b.hypervisor.default_memory == 1024
+
+
+def test_hotplug_defaults_are_off_and_host_sized() -> None:
+    hv = parse_config("").hypervisor
+    assert hv.enable_cpu_memory_hotplug is False
+    assert (hv.default_maxvcpus, hv.default_maxmemory) == (0, 0)
+
+
+def test_hotplug_keys_are_applied() -> None:
+    hv = parse_config(
+        "[hypervisor]\nenable_cpu_memory_hotplug = true\ndefault_maxvcpus = 4\n"
+        "default_maxmemory = 8192\n"
+    ).hypervisor
+    assert hv.enable_cpu_memory_hotplug is True
+    assert (hv.default_maxvcpus, hv.default_maxmemory) == (4, 8192)
+
+
+@pytest.mark.parametrize(
+    ("toml", "seen"),
+    [
+        ("enable_cpu_memory_hotplug = 1", "1 is a int; expected a bool"),
+        ("enable_cpu_memory_hotplug = 'yes'", "'yes' is a str; expected a bool"),
+        ("default_maxmemory = 8.5", "8.5 is a float; expected a int"),
+        ("default_maxmemory = -1", "default_maxmemory: -1; accepted: 0"),
+        ("default_maxvcpus = -2", "default_maxvcpus: -2; accepted: 0"),
+    ],
+)
+def test_hotplug_keys_are_checked(toml: str, seen: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        parse_config(f"[hypervisor]\n{toml}\n")
+    assert seen in str(exc.value)

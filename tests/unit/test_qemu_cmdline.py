@@ -155,3 +155,43 @@ def test_extra_args_are_appended(tmp_path: Path) -> None:
     extra = ("-device", "virtio-rng-pci", "-S")
     argv = qemu_argv(QEMU, make_spec(tmp_path, extra_args=extra))
     assert tuple(argv[-3:]) == extra
+
+
+def test_no_headroom_keeps_the_plain_smp_and_memory(tmp_path: Path) -> None:
+    # max at or below the boot size (the default 0 included) means no hotplug
+    for max_vcpus, max_mem in ((0, 0), (3, 1536), (2, 1000)):
+        spec = make_spec(tmp_path, vcpus=3, memory_mib=1536, max_vcpus=max_vcpus,
+                         max_memory_mib=max_mem)  # fmt: skip
+        argv = qemu_argv(QEMU, spec)
+        assert value(argv, "-smp") == "3"
+        assert value(argv, "-m") == "1536M"
+        assert "memhp_default_state=online" not in value(argv, "-append").split()
+
+
+def test_cpu_headroom_gives_one_socket_per_vcpu(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path, vcpus=1, max_vcpus=4))
+    _, smp = opts(value(argv, "-smp"))
+    assert smp == {"cpus": "1", "maxcpus": "4", "sockets": "4", "cores": "1", "threads": "1"}
+    assert value(argv, "-m") == "768M"  # no memory headroom asked
+    assert "memhp_default_state=online" not in value(argv, "-append").split()
+
+
+def test_memory_headroom_gives_slots_and_aligned_maxmem(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1024, max_memory_mib=8192))
+    _, mem = opts(value(argv, "-m"))
+    assert mem == {"size": "1024M", "slots": "16", "maxmem": "8192M"}
+    assert value(argv, "-smp") == "2"
+    params = value(argv, "-append").split()
+    assert "memhp_default_state=online" in params
+    # headroom is whole 128 MiB guest memory blocks above the boot memory
+    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1000, max_memory_mib=1300))
+    assert opts(value(argv, "-m"))[1]["maxmem"] == "1256M"
+    # less than one block of room: no headroom at all
+    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1000, max_memory_mib=1100))
+    assert value(argv, "-m") == "1000M"
+
+
+def test_user_kernel_params_stay_last_with_hotplug(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, memory_mib=512, max_memory_mib=4096, kernel_params="loglevel=7")
+    params = value(qemu_argv(QEMU, spec), "-append").split()
+    assert params[-2:] == ["memhp_default_state=online", "loglevel=7"]

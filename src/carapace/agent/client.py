@@ -221,6 +221,18 @@ class AgentClient:
             pb.Empty,
         )
 
+    async def online_cpu_mem(self, expected_cpus: int, timeout: float) -> tuple[int, int]:
+        """Have the guest online every hot-added CPU and memory block and wait (up to
+        ``timeout`` seconds) until ``expected_cpus`` CPUs are online (0: no wait);
+        returns (online CPUs, MemTotal in KiB)."""
+        r = await self._call(
+            "OnlineCPUMem",
+            pb.OnlineCPUMemRequest(expected_cpus=expected_cpus, timeout_ms=int(timeout * 1000)),
+            pb.OnlineCPUMemResponse,
+            timeout + DEFAULT_TIMEOUT,
+        )
+        return r.online_cpus, r.mem_total_kb
+
     async def get_oom_event(self, timeout: float | None = None) -> str | None:
         """The id of the container of the next OOM kill in the sandbox, waiting as long
         as needed (``timeout=None``) or ``timeout`` seconds (then None).

@@ -33,6 +33,11 @@ class HypervisorConfig:
     default_memory: int = 1024  # MiB
     #: Most vCPUs and memory a VM can grow to (hotplug headroom).
     default_maxvcpus: int = 0  # 0: the host's CPUs
+    #: Most memory a VM can grow to, in MiB (0: the host's memory, at most 256 GiB).
+    default_maxmemory: int = 0
+    #: Boot VMs with CPU and memory hotplug headroom (up to default_maxvcpus /
+    #: default_maxmemory), so that a running pod can be resized.
+    enable_cpu_memory_hotplug: bool = False
     boot_timeout: float = 90.0
     shutdown_timeout: float = 10.0
     kernel_params: str = ""
@@ -97,6 +102,12 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             f"{source} [hypervisor] accel: {cfg.hypervisor.accel!r}; accepted: "
             f"{', '.join(ACCELERATORS)}"
         )
+    for key in ("default_maxvcpus", "default_maxmemory"):
+        if getattr(cfg.hypervisor, key) < 0:
+            raise InvalidArgument(
+                f"{source} [hypervisor] {key}: {getattr(cfg.hypervisor, key)}; accepted: 0 "
+                "(the host's size) or a positive number"
+            )
     return cfg
 
 

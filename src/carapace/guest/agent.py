@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carapace import linux
-from carapace.guest import cgroup, sysinit
+from carapace.guest import cgroup, hotplug, sysinit
 from carapace.guest.crun import Crun, CrunError
 from carapace.guest.oom import OOMWatcher
 from carapace.guest.reaper import Reaper
@@ -43,6 +43,7 @@ STATE_DIR = "/run/carapace"
 SHARED_DIR = "/run/carapace/shared"
 CONTAINERS_DIR = "/run/carapace/containers"
 READ_CHUNK = 1 << 20  # most bytes one ReadStdout answer carries
+ONLINE_TIMEOUT_MS = 10_000  # OnlineCPUMem's default wait for the expected CPUs
 log = logging.getLogger("carapace.agent")
 
 
@@ -148,6 +149,7 @@ class Agent:
             ("UpdateContainer", pb.UpdateContainerRequest, self.update_container),
             ("GetOOMEvent", pb.GetOOMEventRequest, self.get_oom_event),
             ("GetGuestDetails", pb.GuestDetailsRequest, self.get_guest_details),
+            ("OnlineCPUMem", pb.OnlineCPUMemRequest, self.online_cpu_mem),
             ("Check", pb.CheckRequest, self.check),
             ("Version", pb.CheckRequest, self.version),
         ):
@@ -557,6 +559,34 @@ class Agent:
             raise TtrpcError(Code.FAILED_PRECONDITION, "the process has no terminal")
         fcntl.ioctl(p.master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", req.row, req.column, 0, 0))
         return pb.Empty()
+
+    # -- hotplug --------------------------------------------------------------
+
+    async def online_cpu_mem(self, req: pb.OnlineCPUMemRequest) -> pb.OnlineCPUMemResponse:
+        """Online hot-added CPUs and memory blocks, retrying until ``expected_cpus``
+        CPUs are online (ACPI adds and ejects them asynchronously) or the time is up."""
+        timeout = (req.timeout_ms or ONLINE_TIMEOUT_MS) / 1000
+        deadline = time.monotonic() + timeout
+        errors: list[str] = []
+        while True:
+            r = hotplug.online_all()
+            if r.cpus or r.memory_blocks:
+                log.info("onlined CPUs %s, memory blocks %s", r.cpus, r.memory_blocks)
+            errors = r.errors
+            cpus = hotplug.online_cpus()
+            if not req.expected_cpus or len(cpus) == req.expected_cpus:
+                break
+            if time.monotonic() >= deadline:
+                raise TtrpcError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"expected {req.expected_cpus} online CPUs, saw {len(cpus)} "
+                    f"({','.join(map(str, cpus))}) after {timeout:g}s"
+                    + (f"; failed writes: {'; '.join(errors)}" if errors else ""),
+                )
+            await asyncio.sleep(0.05)
+        if errors:
+            log.warning("onlining: %s", "; ".join(errors))
+        return pb.OnlineCPUMemResponse(online_cpus=len(cpus), mem_total_kb=hotplug.mem_total_kb())
 
     # -- information ----------------------------------------------------------
 

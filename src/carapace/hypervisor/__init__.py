@@ -26,6 +26,10 @@ class VMSpec:
     accel: str  # "kvm" or "tcg"
     shared_dir: Path
     kernel_params: str = ""
+    #: Hotplug headroom: the most vCPUs / MiB of memory the VM can grow to while it
+    #: runs. At most ``vcpus`` / ``memory_mib`` (the default 0 included): no headroom.
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -317,3 +317,19 @@ class RemoveProcessRequest(_message.Message):
     container_id: str
     exec_id: str
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class OnlineCPUMemRequest(_message.Message):
+    __slots__ = ("expected_cpus", "timeout_ms")
+    EXPECTED_CPUS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    expected_cpus: int
+    timeout_ms: int
+    def __init__(self, expected_cpus: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class OnlineCPUMemResponse(_message.Message):
+    __slots__ = ("online_cpus", "mem_total_kb")
+    ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_KB_FIELD_NUMBER: _ClassVar[int]
+    online_cpus: int
+    mem_total_kb: int
+    def __init__(self, online_cpus: _Optional[int] = ..., mem_total_kb: _Optional[int] = ...) -> None: ...

@@ -34,6 +34,7 @@ from carapace.errors import (
     StateError,
 )
 from carapace.hypervisor import VMSpec
+from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
 from carapace.hypervisor.qemu.cmdline import SHARE_TAG
 from carapace.hypervisor.qemu.vm import QemuVM, tail
@@ -47,6 +48,7 @@ GUEST_SHARED_DIR = "/run/carapace/shared"
 #: containerd's identifiers are at most 76 characters; so are ours.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
 OUTPUT_DRAIN_TIMEOUT = 5.0  # after exit, how long to wait for output streams to close
+RESIZE_TIMEOUT = 30.0  # how long the guest may take to online or eject what set_size changed
 
 Sink = Callable[[bytes], Awaitable[None] | None]
 
@@ -62,6 +64,17 @@ def check_id(value: str, what: str) -> str:
 
 def host_cpus() -> int:
     return len(os.sched_getaffinity(0))
+
+
+#: The most memory a VM grows to when the configuration leaves it to the host's size.
+MAX_MEMORY_MIB = 256 * 1024
+
+
+def host_memory_mib() -> int:
+    """The host's physical memory in MiB, at most 256 GiB."""
+    return min(
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // sizing.MiB, MAX_MEMORY_MIB
+    )
 
 
 @dataclass
@@ -109,6 +122,12 @@ class Sandbox:
             else (hv.default_memory * sizing.MiB)
         )
         self.memory_mib = sizing.check_vm_memory(mem, "--memory")
+        # the most the VM can grow to while it runs (hotplug headroom)
+        self.max_vcpus, self.max_memory_mib = self.vcpus, self.memory_mib
+        if hv.enable_cpu_memory_hotplug:
+            self.max_vcpus = max(self.vcpus, hv.default_maxvcpus or host_cpus())
+            self.max_memory_mib = max(self.memory_mib, hv.default_maxmemory or host_memory_mib())
+        self._resize_lock = asyncio.Lock()
         self.run_dir = Path(config.runtime.run_dir) / self.id
         self._image = image
         self.vm: QemuVM | None = None
@@ -178,6 +197,8 @@ class Sandbox:
                 accel=self.accel.accel,
                 shared_dir=self.shared_dir,
                 kernel_params=hv.kernel_params,
+                max_vcpus=self.max_vcpus,
+                max_memory_mib=self.max_memory_mib,
             )
             self.vm = QemuVM(hv.path, spec, die_with_owner=self.config.runtime.kill_vm_with_owner)
             self.record.qemu_pid = await self.vm.start()
@@ -466,6 +487,66 @@ class Sandbox:
             cid = await self._agent().get_oom_event()
             if cid:
                 return cid
+
+    async def set_size(self, vcpus: int, memory_mib: int) -> None:
+        """Resize the running VM: hot-add or hot-remove vCPUs to exactly ``vcpus``, and
+        hot-add memory up to ``memory_mib`` (memory is never removed: a smaller size
+        keeps the current one); the guest onlines what was added."""
+        async with self._resize_lock:
+            agent = self._agent()
+            assert self.vm is not None
+            if not self.config.hypervisor.enable_cpu_memory_hotplug:
+                raise InvalidArgument(
+                    f"sandbox {self.id}: cannot resize to {vcpus} vCPUs / {memory_mib} MiB: CPU "
+                    "and memory hotplug is disabled; set [hypervisor] "
+                    "enable_cpu_memory_hotplug = true in configuration.toml"
+                )
+            boot_vcpus, boot_mib = self.vm.spec.vcpus, self.vm.spec.memory_mib
+            if not boot_vcpus <= vcpus <= self.max_vcpus:
+                raise InvalidArgument(
+                    f"sandbox {self.id}: vCPUs {vcpus} is out of range; accepted: {boot_vcpus} "
+                    f"(the boot vCPUs) to {self.max_vcpus} (max vCPUs)"
+                )
+            max_mib = boot_mib + hotplug.memory_headroom_mib(boot_mib, self.max_memory_mib)
+            if not boot_mib <= memory_mib <= max_mib:
+                raise InvalidArgument(
+                    f"sandbox {self.id}: memory {memory_mib} MiB is out of range; accepted: "
+                    f"{boot_mib} MiB (the boot memory) to {max_mib} MiB (max memory)"
+                )
+            await self.vm.vcpu_plan(vcpus)  # refuses before anything changed
+            _, mem_before_kb = await agent.online_cpu_mem(0, RESIZE_TIMEOUT)
+            added = 0
+            if memory_mib > self.memory_mib:
+                added = await self.vm.add_memory(memory_mib - self.memory_mib)
+                self.memory_mib += added
+                self.record.memory_mib = self.memory_mib
+                self.record.save()
+            try:
+                await self.vm.set_vcpus(vcpus)
+            finally:
+                # what QEMU has, even when a hot-add or hot-remove failed half-way
+                with contextlib.suppress(Exception):
+                    self.vcpus = sum(s.plugged for s in await self.vm.cpu_slots())
+                self.record.vcpus = self.vcpus
+                self.record.save()
+            # ACPI adds the memory to the guest asynchronously: online until it is there
+            deadline = asyncio.get_running_loop().time() + RESIZE_TIMEOUT
+            while True:
+                cpus, mem_kb = await agent.online_cpu_mem(vcpus, RESIZE_TIMEOUT)
+                if mem_kb >= mem_before_kb + added * 1024:
+                    break
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise HypervisorError(
+                        f"sandbox {self.id}: the guest's MemTotal is {mem_kb} KiB "
+                        f"{RESIZE_TIMEOUT:g}s after adding {added} MiB to its {mem_before_kb} "
+                        f"KiB; expected at least {mem_before_kb + added * 1024} KiB"
+                    )
+                await asyncio.sleep(0.1)
+            if cpus != vcpus:
+                raise HypervisorError(
+                    f"sandbox {self.id}: the guest has {cpus} online CPUs; expected {vcpus}"
+                )
+            log.info("sandbox %s: resized to %d vCPUs, %d MiB", self.id, vcpus, self.memory_mib)
 
 
 async def _pump_out(

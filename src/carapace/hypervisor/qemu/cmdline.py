@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 from carapace.hypervisor import BASE_KERNEL_PARAMS, VMSpec
+from carapace.hypervisor.qemu.hotplug import MEMORY_SLOTS, memory_headroom_mib
 
 AGENT_PORT_NAME = "carapace.agent"
 SHARE_TAG = "carapace"
 
 
+#: Kernel parameter given when memory can be hot-added: the guest kernel onlines a new
+#: memory block itself as ACPI adds it (the agent's OnlineCPUMem is the safety net).
+MEMORY_HOTPLUG_PARAM = "memhp_default_state=online"
+
+
+def smp_arg(spec: VMSpec) -> str:
+    """``-smp``: the boot vCPUs, and with headroom one socket per possible vCPU (so that
+    each hot-added vCPU is a socket of its own, as ``lscpu`` shows in the guest)."""
+    if spec.max_vcpus <= spec.vcpus:
+        return f"{spec.vcpus}"
+    m = spec.max_vcpus
+    return f"cpus={spec.vcpus},maxcpus={m},sockets={m},cores=1,threads=1"
+
+
+def memory_arg(spec: VMSpec) -> str:
+    """``-m``: the boot memory, and with headroom DIMM slots and the most memory."""
+    headroom = memory_headroom_mib(spec.memory_mib, spec.max_memory_mib)
+    if headroom == 0:
+        return f"{spec.memory_mib}M"
+    return f"size={spec.memory_mib}M,slots={MEMORY_SLOTS},maxmem={spec.memory_mib + headroom}M"
+
+
+def kernel_params(spec: VMSpec) -> str:
+    params = BASE_KERNEL_PARAMS
+    if memory_headroom_mib(spec.memory_mib, spec.max_memory_mib):
+        params += " " + MEMORY_HOTPLUG_PARAM
+    if spec.kernel_params:
+        params += " " + spec.kernel_params
+    return params
+
+
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
     cpu = "host" if spec.accel == "kvm" else "max"
-    params = BASE_KERNEL_PARAMS + (" " + spec.kernel_params if spec.kernel_params else "")
+    params = kernel_params(spec)
     return [
         binary,
         "-name",
@@ -20,9 +52,9 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         "-cpu",
         cpu,
         "-smp",
-        f"{spec.vcpus}",
+        smp_arg(spec),
         "-m",
-        f"{spec.memory_mib}M",
+        memory_arg(spec),
         "-nodefaults",
         "-no-user-config",
         "-nographic",

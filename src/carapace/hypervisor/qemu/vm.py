@@ -8,12 +8,14 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from carapace.errors import HypervisorError
 from carapace.hypervisor import VMSpec
+from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.cmdline import qemu_argv
 
 log = logging.getLogger("carapace.qemu")
@@ -42,6 +44,9 @@ class QemuVM:
         self.die_with_owner = die_with_owner
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
+        #: Hot-remove vCPUs under TCG anyway (QEMU may abort afterwards: see vcpu_plan);
+        #: for a test that proves the mechanism on a VM it throws away.
+        self.unplug_under_tcg = False
 
     @property
     def argv(self) -> list[str]:
@@ -100,6 +105,85 @@ class QemuVM:
     async def qmp_execute(self, command: str, **args: object) -> object:
         qmp = await self.qmp_connect()
         return await qmp.execute(command, args or None)
+
+    # -- hotplug ------------------------------------------------------------------
+
+    async def vcpu_threads(self) -> dict[int, int]:
+        """cpu-index -> host thread id of every vCPU (``query-cpus-fast``)."""
+        return hotplug.vcpu_threads(await self.qmp_execute("query-cpus-fast"))
+
+    async def cpu_slots(self) -> list[hotplug.CpuSlot]:
+        return hotplug.parse_hotpluggable_cpus(await self.qmp_execute("query-hotpluggable-cpus"))
+
+    async def vcpu_plan(self, n: int) -> hotplug.CpuPlan:
+        """What ``set_vcpus(n)`` would plug and unplug; raises when it cannot be done."""
+        plan = hotplug.plan_vcpus(await self.cpu_slots(), n, self.spec.vcpus)
+        if plan.remove and self.spec.accel == "tcg" and not self.unplug_under_tcg:
+            # seen with QEMU 7.2.22 under TCG: once a vCPU is hot-removed, QEMU's heap is
+            # corrupt; the next device_add (vCPU or DIMM) aborts it ("double free or
+            # corruption (out)", "corrupted size vs. prev_size while consolidating" in
+            # tcg_cpu_realizefn), and it also died later without one: the pod is lost
+            raise HypervisorError(
+                f"VM {self.spec.name}: cannot hot-remove vCPUs ({n} wanted, "
+                f"{n + len(plan.remove)} plugged) under TCG: QEMU corrupts its heap when a "
+                "vCPU is unplugged and then aborts; vCPUs are hot-removed under KVM only"
+            )
+        return plan
+
+    async def set_vcpus(self, n: int, unplug_timeout: float = 30.0) -> None:
+        """Hot-add or hot-remove vCPUs until the VM has exactly ``n`` (at least the boot
+        vCPUs, at most maxcpus). Only vCPUs added here are removed; each removal waits
+        until QEMU reports the slot empty (the guest ejected the CPU)."""
+        plan = await self.vcpu_plan(n)
+        for slot in plan.add:
+            args = hotplug.cpu_device_add_args(slot)
+            log.info("VM %s: hot-adding vCPU %s", self.spec.name, args["id"])
+            await self._qmp_or_error("device_add", args)
+        for device_id in plan.remove:
+            log.info("VM %s: hot-removing vCPU %s", self.spec.name, device_id)
+            await self._qmp_or_error("device_del", {"id": device_id})
+            await self._wait_cpu_unplugged(device_id, unplug_timeout)
+
+    async def _wait_cpu_unplugged(self, device_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        path = hotplug.PERIPHERAL + device_id
+        while True:
+            if not any(s.qom_path == path for s in await self.cpu_slots()):
+                return
+            if time.monotonic() >= deadline:
+                raise HypervisorError(
+                    f"VM {self.spec.name}: vCPU {device_id} is still plugged {timeout:g}s after "
+                    "device_del: the guest did not eject it (its kernel must offline the CPU "
+                    "and run ACPI _EJ0); guest console tail:\n"
+                    f"{tail(self.spec.console_log, 10) or '(empty)'}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def memory_dimms(self) -> list[hotplug.Dimm]:
+        return hotplug.parse_memory_devices(await self.qmp_execute("query-memory-devices"))
+
+    async def add_memory(self, mib: int) -> int:
+        """Hot-add ``mib`` MiB (aligned up to the guest's memory block size) as one
+        pc-dimm backed by a memory-backend-ram; returns the MiB added. Never removed."""
+        add = hotplug.plan_memory_add(
+            mib, await self.memory_dimms(), self.spec.memory_mib, self.spec.max_memory_mib
+        )
+        log.info("VM %s: hot-adding %d MiB as %s", self.spec.name, add.size_mib, add.dimm_id)
+        await self._qmp_or_error("object-add", add.object_add_args())
+        try:
+            await self._qmp_or_error("device_add", add.device_add_args())
+        except BaseException:
+            # a backend without its DIMM would hold its memory until the VM stops
+            with contextlib.suppress(Exception):
+                await self.qmp_execute("object-del", id=add.backend_id)
+            raise
+        return add.size_mib
+
+    async def _qmp_or_error(self, command: str, args: dict[str, object]) -> object:
+        try:
+            return await self.qmp_execute(command, **args)
+        except ExecuteError as e:
+            raise HypervisorError(f"VM {self.spec.name}: QMP {command} {args} failed: {e}") from e
 
     async def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the guest to power off, then ``quit``, then kill."""
