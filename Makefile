@@ -11,7 +11,7 @@ IMAGE_DIR ?= /var/lib/carapace/guest
 
 run: image
 	@echo "host kernel:      $$(uname -r)"
-	@$(CARAPACE) run --memory 512M -- sh -c 'echo "container kernel: $$(uname -r)  (inside the pod VM)"; echo "container cpus:   $$(nproc)"; echo "container memory: $$(grep MemTotal /proc/meminfo | tr -s " " | cut -d" " -f2-)"'
+	@$(CARAPACE) run -- sh -c 'echo "container kernel: $$(uname -r)  (inside the pod VM)"; echo "container cpus:   $$(nproc)"; echo "container memory: $$(grep MemTotal /proc/meminfo | tr -s " " | cut -d" " -f2-)"'
 
 test: image
 	$(PY) -m pytest tests -q -ra

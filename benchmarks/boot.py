@@ -6,7 +6,7 @@ Measures, in one invocation (same machine state, rounds interleaved), N samples 
 * bare boot: plain QEMU, same kernel and machine flags, a tiny busybox initramfs whose
   /init prints a marker and powers off (time to the marker, and time to QEMU's exit);
 * pod ready: ``Sandbox.start()`` until the agent answered and the guest sandbox exists;
-* ``carapace run --memory 512M -- true`` end to end (a fresh process);
+* ``carapace run --memory 1G -- true`` end to end (a fresh process);
 * host ``crun run`` of the same busybox bundle (reference: no VM at all).
 
 Prints a Markdown table of medians (min, max) and the ratios to the bare boot, and
@@ -47,7 +47,7 @@ from carapace.image.cpio import Entry, encode_archive
 from carapace.oci.spec import default_spec
 from carapace.sandbox import Sandbox, SandboxOptions
 
-MEMORY = "512M"
+MEMORY = "1G"
 INIT_MARKER = b"CARAPACE-BENCH-REACHED-INIT"
 BARE_TIMEOUT = 120.0
 RUN_TIMEOUT = 300.0

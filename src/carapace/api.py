@@ -1,6 +1,6 @@
 """The Python API: a pod VM as a context manager.
 
-    with carapace.Sandbox(cpus=1, memory="512M") as sb:
+    with carapace.Sandbox(cpus=1, memory="1G") as sb:
         r = sb.run(["echo", "hi"])
         assert r.exit_code == 0 and r.stdout == b"hi\\n"
 

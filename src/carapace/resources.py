@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from carapace.errors import InvalidArgument
@@ -324,6 +324,20 @@ def container_resources(
         )
     memory = limit if limit is not None and limit > 0 else None
     return ContainerResources(cpus, shares, cpuset_cpus, cpuset_mems, memory)
+
+
+def merge(old: ContainerResources, new: ContainerResources) -> ContainerResources:
+    """An update's resources over the current ones: what the update leaves out stays."""
+    return ContainerResources(
+        *(
+            o if n is None else n
+            for o, n in zip(
+                (getattr(old, f.name) for f in fields(ContainerResources)),
+                (getattr(new, f.name) for f in fields(ContainerResources)),
+                strict=True,
+            )
+        )
+    )
 
 
 def check_container(

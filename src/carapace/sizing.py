@@ -1,18 +1,14 @@
-"""vCPU and memory arithmetic: parsing sizes and checking them (pure functions)."""
+"""Sizes: parsing docker-style sizes and writing them back (pure functions). The
+resource policy that uses them is carapace.resources."""
 
 from __future__ import annotations
 
-import math
 import re
 
 from carapace.errors import InvalidArgument
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-#: The smallest VM the guest (kernel + agent + crun) runs in.
-GUEST_MIN_MEMORY = 256 * MiB
-GUEST_MAX_MEMORY = 256 * GiB
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -40,42 +36,3 @@ def format_size(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return f"{n}B"
-
-
-def parse_cpus(value: str | float | int, what: str = "cpus") -> float:
-    """A CPU count: a positive number, possibly fractional (0.5, 2, "1.5")."""
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"{what}: {value!r} is not a number; accepted: a positive number of CPUs such "
-            "as 1, 2 or 0.5"
-        ) from None
-    if not math.isfinite(n) or n <= 0:
-        raise InvalidArgument(f"{what}: {value!r} must be a positive number of CPUs (e.g. 1)")
-    return n
-
-
-def vcpus_for(cpus: float) -> int:
-    """vCPUs to boot for a CPU amount: a fractional amount boots ceil(n)."""
-    return max(1, math.ceil(cpus - 1e-9))
-
-
-def check_vm_memory(nbytes: int, what: str = "memory") -> int:
-    """The VM memory in MiB, checked against what the guest can run in."""
-    if nbytes < GUEST_MIN_MEMORY or nbytes > GUEST_MAX_MEMORY:
-        raise InvalidArgument(
-            f"{what}: {format_size(nbytes)} is out of range; accepted: "
-            f"{format_size(GUEST_MIN_MEMORY)} to {format_size(GUEST_MAX_MEMORY)}"
-        )
-    return math.ceil(nbytes / MiB)
-
-
-def check_vcpus(cpus: float, host_cpus: int, what: str = "cpus") -> int:
-    """vCPUs for ``cpus``, which may not exceed the CPUs the host can use."""
-    if cpus > host_cpus:
-        raise InvalidArgument(
-            f"{what}: {cpus:g} is more than the host's {host_cpus} usable CPUs; "
-            f"accepted: more than 0 and at most {host_cpus}"
-        )
-    return vcpus_for(cpus)

@@ -76,7 +76,7 @@ def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def shared_sandbox() -> Iterator[carapace.Sandbox]:
-    with carapace.Sandbox(cpus=1, memory="512M") as sb:
+    with carapace.Sandbox(cpus=1, memory="1G") as sb:
         yield sb
     # the session's sandbox is gone once closed
     assert not (RUN_ROOT / sb.id).exists()

@@ -32,7 +32,7 @@ def _stop(p: subprocess.Popen[bytes]) -> None:
 
 
 def test_run_prints_guest_kernel_and_exit_code() -> None:
-    r = carapace("run", "--memory", "512M", "--", "sh", "-c", "uname -r; exit 3")
+    r = carapace("run", "--memory", "1G", "--", "sh", "-c", "uname -r; exit 3")
     guest = ImageBuilder(load_config().image_dir).current()
     assert guest is not None
     assert r.returncode == 3, r.stderr
@@ -68,7 +68,7 @@ def test_run_with_a_bundle_and_a_rootfs(tmp_path) -> None:  # type: ignore[no-un
 def test_interrupt_cleans_up() -> None:
     before = qemu_pids()
     p = subprocess.Popen(
-        [CARAPACE, "run", "--memory", "512M", "--", "sh", "-c", "echo ready; sleep 300"],
+        [CARAPACE, "run", "--memory", "1G", "--", "sh", "-c", "echo ready; sleep 300"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -143,7 +143,7 @@ def test_gc_releases_what_a_killed_owner_left() -> None:
             "--name",
             name,
             "--memory",
-            "512M",
+            "1G",
             "--",
             "sh",
             "-c",

@@ -18,7 +18,7 @@ from .conftest import RUN_ROOT, qemu_pids
 
 
 async def _lifecycle() -> None:
-    sb = Sandbox(load_config(), SandboxOptions(memory="512M"))
+    sb = Sandbox(load_config(), SandboxOptions(memory="1G"))
     await sb.start()
     try:
         rootfs = sb.image().rootfs
@@ -76,7 +76,7 @@ def test_vm_that_fails_to_boot(tmp_path: Path) -> None:
     cfg.hypervisor.initrd = str(bad)
     cfg.hypervisor.boot_timeout = 60
     before = qemu_pids()
-    sb = Sandbox(cfg, SandboxOptions(memory="512M"))
+    sb = Sandbox(cfg, SandboxOptions(memory="1G"))
     with pytest.raises(HypervisorError) as exc:
         asyncio.run(sb.start())
     msg = str(exc.value)

@@ -89,3 +89,23 @@ def test_missing_memory_dir_is_nothing_to_online(tmp_path: Path) -> None:
     (tmp_path / "cpu").mkdir()
     r = hotplug.online_all(str(tmp_path))
     assert (r.cpus, r.memory_blocks) == ([], [])
+
+
+def test_max_cpus_onlines_only_up_to_it(tmp_path: Path) -> None:
+    make_tree(tmp_path, {0: None, 1: "0", 2: "0", 3: "0"}, {})
+    r = hotplug.online_all(str(tmp_path), max_cpus=3)
+    assert (r.cpus, r.offlined) == ([1, 2], [])
+    assert (tmp_path / "cpu" / "cpu3" / "online").read_text() == "0\n"
+
+
+def test_max_cpus_offlines_the_highest_surplus_cpus(tmp_path: Path) -> None:
+    """Giving vCPUs back where QEMU cannot unplug them: 4 online, 2 wanted."""
+    make_tree(tmp_path, {0: None, 1: "1", 2: "1", 3: "1"}, {})
+    r = hotplug.online_all(str(tmp_path), max_cpus=2)
+    assert (r.cpus, r.offlined, r.errors) == ([], [3, 2], [])
+    assert (tmp_path / "cpu" / "cpu2" / "online").read_text() == "0"
+    assert (tmp_path / "cpu" / "cpu1" / "online").read_text() == "1\n"
+    # wanted again later: onlined again
+    (tmp_path / "cpu" / "online").write_text("0-1\n")
+    r = hotplug.online_all(str(tmp_path), max_cpus=4)
+    assert r.cpus == [2, 3]

@@ -363,3 +363,11 @@ def test_files_limit_from_spec_or_annotation() -> None:
     assert "--files-limit" in bad(
         r.files_limit_value, {"linux": {"resources": {"files": {"limit": "x"}}}}, {}
     )
+
+
+def test_update_keeps_what_it_leaves_out() -> None:
+    old = CR(cpus=2, memory=GiB, cpuset_cpus=frozenset({0}))
+    assert r.merge(old, CR(memory=2 * GiB)) == CR(
+        cpus=2, memory=2 * GiB, cpuset_cpus=frozenset({0})
+    )
+    assert r.merge(old, CR()) == old

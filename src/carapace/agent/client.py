@@ -221,13 +221,20 @@ class AgentClient:
             pb.Empty,
         )
 
-    async def online_cpu_mem(self, expected_cpus: int, timeout: float) -> tuple[int, int]:
+    async def online_cpu_mem(
+        self, expected_cpus: int, timeout: float, max_online: int = 0
+    ) -> tuple[int, int]:
         """Have the guest online every hot-added CPU and memory block and wait (up to
         ``timeout`` seconds) until ``expected_cpus`` CPUs are online (0: no wait);
-        returns (online CPUs, MemTotal in KiB)."""
+        ``max_online``: offline CPUs beyond this many. Returns (online CPUs, MemTotal
+        in KiB)."""
         r = await self._call(
             "OnlineCPUMem",
-            pb.OnlineCPUMemRequest(expected_cpus=expected_cpus, timeout_ms=int(timeout * 1000)),
+            pb.OnlineCPUMemRequest(
+                expected_cpus=expected_cpus,
+                timeout_ms=int(timeout * 1000),
+                max_online_cpus=max_online,
+            ),
             pb.OnlineCPUMemResponse,
             timeout + DEFAULT_TIMEOUT,
         )

@@ -40,8 +40,21 @@ def build_parser() -> ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     r = sub.add_parser("run", help="run a command in a container in a new pod VM")
-    r.add_argument("--cpus", help="vCPUs of the pod VM (e.g. 1, 2, 0.5)")
-    r.add_argument("--memory", "-m", help="memory of the pod VM (e.g. 512M, 1G)")
+    r.add_argument("--cpus", help="CPUs of the pod VM, 0.5 to the host's CPUs (e.g. 1, 2, 0.5)")
+    r.add_argument("--memory", "-m", help="memory of the pod VM, 1G to 256G (e.g. 1G, 2048m)")
+    r.add_argument(
+        "--annotation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an OCI annotation of the container, which is also the pod's sandbox container "
+        "(e.g. com.github.containers.virtcontainers.sandbox_cpu=2)",
+    )
+    r.add_argument(
+        "--files-limit",
+        type=int,
+        help="open files limit of the hypervisor process (0: fs.file-max / 400; below 1024: 1024)",
+    )
     src = r.add_mutually_exclusive_group()
     src.add_argument("--rootfs", help="root filesystem directory (default: built-in busybox)")
     src.add_argument("--bundle", help="OCI bundle directory (config.json + rootfs)")
@@ -113,6 +126,19 @@ def _writer(fd: int) -> Callable[[bytes], None]:
     return write
 
 
+def _annotations(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(
+                f"--annotation {item!r}: accepted: KEY=VALUE (e.g. "
+                "com.github.containers.virtcontainers.sandbox_mem=2G)"
+            )
+        out[key] = value
+    return out
+
+
 async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from carapace.oci.spec import default_spec, load_bundle, parse_env
     from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
@@ -135,7 +161,22 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         if not cmd:
             raise InvalidArgument("run: no command given; usage: carapace run [OPTIONS] -- CMD")
         spec = default_spec(cmd, env=args.env, cwd=args.workdir, terminal=args.tty)
-    sandbox = Sandbox(cfg, SandboxOptions(cpus=args.cpus, memory=args.memory, sandbox_id=args.name))
+    annotations = {**(spec.get("annotations") or {}), **_annotations(args.annotation)}
+    if annotations:
+        spec["annotations"] = annotations
+    if args.files_limit is not None:
+        resources = spec.setdefault("linux", {}).setdefault("resources", {})
+        resources["files"] = {"limit": args.files_limit}
+    sandbox = Sandbox(
+        cfg,
+        SandboxOptions(
+            cpus=args.cpus,
+            memory=args.memory,
+            sandbox_id=args.name,
+            annotations=annotations,
+            sandbox_spec=spec,
+        ),
+    )
     rootfs = rootfs or sandbox.image().rootfs
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()

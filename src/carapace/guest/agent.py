@@ -569,9 +569,14 @@ class Agent:
         deadline = time.monotonic() + timeout
         errors: list[str] = []
         while True:
-            r = hotplug.online_all()
-            if r.cpus or r.memory_blocks:
-                log.info("onlined CPUs %s, memory blocks %s", r.cpus, r.memory_blocks)
+            r = hotplug.online_all(max_cpus=req.max_online_cpus)
+            if r.cpus or r.memory_blocks or r.offlined:
+                log.info(
+                    "onlined CPUs %s, memory blocks %s; offlined CPUs %s",
+                    r.cpus,
+                    r.memory_blocks,
+                    r.offlined,
+                )
             errors = r.errors
             cpus = hotplug.online_cpus()
             if not req.expected_cpus or len(cpus) == req.expected_cpus:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SYSFS_SYSTEM = "/sys/devices/system"
 MEMINFO = "/proc/meminfo"
@@ -67,17 +67,38 @@ class OnlineResult:
     cpus: list[int]  # CPUs onlined by this call
     memory_blocks: list[int]  # memory blocks onlined by this call
     errors: list[str]  # writes that failed
+    offlined: list[int] = field(default_factory=list)  # CPUs taken offline by this call
 
 
-def online_all(root: str = SYSFS_SYSTEM) -> OnlineResult:
-    """Online every offline CPU and every offline memory block."""
+def online_all(root: str = SYSFS_SYSTEM, max_cpus: int = 0) -> OnlineResult:
+    """Online every offline memory block, and offline CPUs until ``max_cpus`` are online
+    (0: all of them; lowest ids first). With ``max_cpus``, CPUs beyond it are taken
+    offline, highest ids first: how a VM whose hypervisor cannot unplug vCPUs gives
+    them back."""
     result = OnlineResult([], [], [])
-    for n, name in _numbered(os.path.join(root, "cpu"), _CPU_DIR):
-        path = os.path.join(root, "cpu", name, "online")
+    cpu_root = os.path.join(root, "cpu")
+    cpus = _numbered(cpu_root, _CPU_DIR)
+    online = set(online_cpus(root)) if os.path.exists(os.path.join(cpu_root, "online")) else set()
+    for n, name in cpus:
+        if max_cpus and len(online) >= max_cpus:
+            break
+        path = os.path.join(cpu_root, name, "online")
         if _read(path) == "0":  # cpu0 has no 'online' file: it is always online
             err = _write(path, "1")
             if err is None:
                 result.cpus.append(n)
+                online.add(n)
+            else:
+                result.errors.append(err)
+    for n, name in reversed(cpus):
+        if not max_cpus or len(online) <= max_cpus:
+            break
+        path = os.path.join(cpu_root, name, "online")
+        if n in online and _read(path) == "1":
+            err = _write(path, "0")
+            if err is None:
+                result.offlined.append(n)
+                online.discard(n)
             else:
                 result.errors.append(err)
     for n, name in _numbered(os.path.join(root, "memory"), _MEMORY_DIR):

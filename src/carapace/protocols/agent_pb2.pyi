@@ -319,12 +319,14 @@ class RemoveProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class OnlineCPUMemRequest(_message.Message):
-    __slots__ = ("expected_cpus", "timeout_ms")
+    __slots__ = ("expected_cpus", "timeout_ms", "max_online_cpus")
     EXPECTED_CPUS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
     expected_cpus: int
     timeout_ms: int
-    def __init__(self, expected_cpus: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    max_online_cpus: int
+    def __init__(self, expected_cpus: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., max_online_cpus: _Optional[int] = ...) -> None: ...
 
 class OnlineCPUMemResponse(_message.Message):
     __slots__ = ("online_cpus", "mem_total_kb")

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carapace import linux, sizing
+from carapace import hostinfo, linux, resources, sizing
 from carapace.agent.client import AgentClient
 from carapace.config import Config
 from carapace.errors import (
@@ -33,6 +34,8 @@ from carapace.errors import (
     NotFound,
     StateError,
 )
+from carapace.hostcgroup import CgroupHandle, driver, parse_blkio_cgroup, resolve_devices
+from carapace.hostcgroup.blkio import ResolvedBlkioItem
 from carapace.hypervisor import VMSpec
 from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
@@ -63,7 +66,14 @@ def check_id(value: str, what: str) -> str:
 
 
 def host_cpus() -> int:
-    return len(os.sched_getaffinity(0))
+    return hostinfo.usable_cpus()
+
+
+#: The sandbox's host cgroup, under the root of every hierarchy.
+HOST_CGROUP_PARENT = "carapace"
+HOST_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio")
+#: The child cgroup of the sandbox's that holds the vCPU threads.
+VCPU_CGROUP = "vcpus"
 
 
 #: The most memory a VM grows to when the configuration leaves it to the host's size.
@@ -85,6 +95,11 @@ class SandboxOptions:
     memory: str | int | None = None  # docker-style size; None: the configured default
     sandbox_id: str | None = None
     hostname: str = "carapace"
+    #: The pod's annotations (its sandbox container's): VM size, blkio, files limit.
+    annotations: dict[str, str] = field(default_factory=dict)
+    #: The pod's sandbox container's OCI spec, checked before anything is made (host
+    #: namespaces, its resources) and read for linux.resources.files.limit.
+    sandbox_spec: dict[str, Any] | None = None
 
 
 @dataclass
@@ -103,6 +118,9 @@ class _Container:
     id: str
     mounts: list[str] = field(default_factory=list)
     started: bool = False
+    resources: resources.ContainerResources = field(
+        default_factory=lambda: resources.ContainerResources()
+    )
 
 
 class Sandbox:
@@ -114,19 +132,40 @@ class Sandbox:
         self.config = config
         self.id = check_id(opts.sandbox_id or secrets.token_hex(6), "sandbox id")
         self.hostname = opts.hostname
-        cpus = sizing.parse_cpus(opts.cpus if opts.cpus is not None else hv.default_vcpus, "--cpus")
-        self.vcpus = sizing.check_vcpus(cpus, host_cpus(), "--cpus")
-        mem = (
-            sizing.parse_size(opts.memory, "--memory")
-            if opts.memory is not None
-            else (hv.default_memory * sizing.MiB)
+        self.annotations = dict(opts.annotations)
+        self.size = resources.sandbox_size(
+            self.annotations,
+            default_cpus=hv.default_vcpus,
+            default_memory_mib=hv.default_memory,
+            host_cpus=host_cpus(),
+            cpus=opts.cpus,
+            memory=opts.memory,
         )
-        self.memory_mib = sizing.check_vm_memory(mem, "--memory")
+        #: vCPUs the guest uses (online) and its memory; they change with hotplug
+        self.vcpus, self.memory_mib = self.size.vcpus, self.size.memory_mib
+        self.hotplug = hv.enable_cpu_memory_hotplug
         # the most the VM can grow to while it runs (hotplug headroom)
         self.max_vcpus, self.max_memory_mib = self.vcpus, self.memory_mib
-        if hv.enable_cpu_memory_hotplug:
-            self.max_vcpus = max(self.vcpus, hv.default_maxvcpus or host_cpus())
+        if self.hotplug:
+            self.max_vcpus = max(self.vcpus, min(hv.default_maxvcpus or host_cpus(), host_cpus()))
             self.max_memory_mib = max(self.memory_mib, hv.default_maxmemory or host_memory_mib())
+        spec = opts.sandbox_spec or {}
+        if opts.sandbox_spec is not None:
+            resources.check_namespaces(spec, self.id)
+            self._check_fit(self.id, _spec_resources(spec, self.id), [])
+        self.files_limit, warning = resources.files_limit(
+            resources.files_limit_value(spec, self.annotations),
+            hostinfo.file_max(),
+            hostinfo.nofile_cap(),
+        )
+        if warning:
+            log.warning("sandbox %s: %s", self.id, warning)
+        self.blkio: list[ResolvedBlkioItem] = []
+        if resources.BLKIO_CGROUP in self.annotations:
+            self.blkio = resolve_devices(
+                parse_blkio_cgroup(self.annotations[resources.BLKIO_CGROUP])
+            )
+        self.cgroup: CgroupHandle | None = None
         self._resize_lock = asyncio.Lock()
         self.run_dir = Path(config.runtime.run_dir) / self.id
         self._image = image
@@ -187,6 +226,7 @@ class Sandbox:
             self.record.accel = self.accel.accel
             self.record.save()
             self.shared_dir.mkdir()
+            self._make_cgroup()
             spec = VMSpec(
                 name=self.id,
                 run_dir=self.run_dir,
@@ -201,6 +241,12 @@ class Sandbox:
                 max_memory_mib=self.max_memory_mib,
             )
             self.vm = QemuVM(hv.path, spec, die_with_owner=self.config.runtime.kill_vm_with_owner)
+            # QEMU is in the sandbox's cgroup and has its files limit from its first
+            # instruction on
+            assert self.cgroup is not None
+            self.vm.pre_exec.append(self.cgroup.preexec_fn())
+            if self.files_limit is not None:
+                self.vm.pre_exec.append(_nofile_setter(self.files_limit))
             self.record.qemu_pid = await self.vm.start()
             self.record.save()
             log.info(
@@ -226,11 +272,47 @@ class Sandbox:
                 ],
             )
             self.boot_id = (await self.agent.guest_details()).boot_id
+            await self._place_vcpus()
             self.record.state = "running"
             self.record.save()
         except BaseException:
             await self._release()
             raise
+
+    def _make_cgroup(self) -> None:
+        """The sandbox's host cgroup (QEMU and its threads), with its block I/O limits."""
+        self.cgroup = driver().create(f"{HOST_CGROUP_PARENT}/{self.id}", HOST_CGROUP_CONTROLLERS)
+        self.record.cgroup = self.cgroup.to_record()
+        self.record.save()
+        if self.blkio:
+            result = self.cgroup.set_blkio(self.blkio)
+            for u in result.unapplied:
+                log.warning(
+                    "sandbox %s: %s %s=%d not applied: %s",
+                    self.id,
+                    u.path or "(all devices)",
+                    u.type,
+                    u.value,
+                    u.reason,
+                )
+            for w in result.warnings:
+                log.warning("sandbox %s: %s", self.id, w)
+
+    async def _place_vcpus(self) -> None:
+        """A fractional CPU amount caps the vCPU threads' host CPU time: they move to
+        the sandbox cgroup's ``vcpus`` child, limited to that many CPUs. Hot-added vCPUs
+        join them; the cap follows the pod's CPUs (never below the boot amount)."""
+        if self.size.cpu_cap is None or self.vm is None or self.cgroup is None:
+            return
+        cpus = max(
+            self.size.cpus,
+            sum(c.resources.cpus or 0.0 for c in self.containers.values()),
+        )
+        threads = await self.vm.vcpu_threads()
+        self.cgroup.add_threads(threads.values(), child=VCPU_CGROUP)
+        cap = None if cpus >= len(threads) else cpus
+        self.cgroup.set_cpu_limit(cap, child=VCPU_CGROUP)
+        log.info("sandbox %s: %d vCPU threads capped to %s CPUs", self.id, len(threads), cap)
 
     async def _connect_agent(self) -> None:
         assert self.vm is not None
@@ -302,9 +384,13 @@ class Sandbox:
             raise AlreadyExists(f"container {container_id} exists already in sandbox {self.id}")
         if not rootfs.is_dir():
             raise NotFound(f"rootfs {rootfs} is not a directory")
-        c = _Container(container_id)
-        self.containers[container_id] = c
+        resources.check_namespaces(spec, container_id)
+        resources.check_sandbox_only(spec.get("annotations") or {}, container_id, self.annotations)
+        res = _spec_resources(spec, container_id)
+        c = _Container(container_id, resources=res)
         target = self.shared_dir / container_id / "rootfs"
+        await self._fit(container_id, res)
+        self.containers[container_id] = c
         try:
             target.mkdir(parents=True)
             self.record.mounts.append(str(target))
@@ -317,6 +403,7 @@ class Sandbox:
             )
         except BaseException:
             await self._unshare(c)
+            await self._refit()
             raise
 
     async def _unshare(self, c: _Container) -> None:
@@ -352,6 +439,7 @@ class Sandbox:
             await self._agent().remove_container(container_id)
         finally:
             await self._unshare(c)
+        await self._refit()
 
     async def kill(
         self,
@@ -476,10 +564,85 @@ class Sandbox:
         self._container(container_id)
         return await self._agent().stats_container(container_id)
 
-    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
-        """Apply OCI linux.resources to the container's cgroup in the guest."""
-        self._container(container_id)
-        await self._agent().update_container(container_id, resources)
+    async def update(self, container_id: str, new: dict[str, Any]) -> None:
+        """Apply OCI linux.resources to the container's cgroup in the guest, after
+        checking them against the VM and resizing it (hotplug) to fit the pod."""
+        c = self._container(container_id)
+        given = resources.container_resources(new, container_id)
+        merged = resources.merge(c.resources, given)
+        await self._fit(container_id, merged)
+        try:
+            await self._agent().update_container(container_id, new)
+        except BaseException:
+            await self._refit()
+            raise
+        c.resources = merged
+        await self._refit()
+
+    # -- resources ----------------------------------------------------------------
+
+    def _check_fit(
+        self,
+        container_id: str,
+        res: resources.ContainerResources,
+        others: list[resources.ContainerResources],
+    ) -> tuple[int, int]:
+        """Check a container's resources against the VM; returns the vCPUs and memory
+        (MiB) the VM must have for the pod with it (its current size without hotplug)."""
+        if not self.hotplug:
+            resources.check_container(
+                res,
+                container_id,
+                vm_vcpus=self.vcpus,
+                vm_memory=self.memory_mib * sizing.MiB,
+                hotplug=False,
+            )
+            return self.vcpus, self.memory_mib
+        pod = [*others, res]
+        vcpus = resources.pod_vcpus(self.size.vcpus, pod)
+        if vcpus > self.max_vcpus:
+            raise InvalidArgument(
+                f"container {container_id}: the pod's containers need {vcpus} vCPUs "
+                f"(--cpus {res.cpus or 0:g} for this one); the pod VM can grow to at most "
+                f"{self.max_vcpus} (default_maxvcpus, the host's usable CPUs)"
+            )
+        resources.check_container(
+            res,
+            container_id,
+            vm_vcpus=vcpus,
+            vm_memory=self.max_memory_mib * sizing.MiB,
+            hotplug=True,
+        )
+        memory = resources.pod_memory(self.size.memory, self.memory_mib * sizing.MiB, pod)
+        if memory > self.max_memory_mib * sizing.MiB:
+            raise InvalidArgument(
+                f"container {container_id}: the pod's containers need "
+                f"{sizing.format_size(memory)} of memory; the pod VM can grow to at most "
+                f"{sizing.format_size(self.max_memory_mib * sizing.MiB)} (default_maxmemory)"
+            )
+        return vcpus, memory // sizing.MiB
+
+    async def _fit(self, container_id: str, res: resources.ContainerResources) -> None:
+        """Check a container's resources and hot-plug what the pod needs with them."""
+        others = [c.resources for c in self.containers.values() if c.id != container_id]
+        vcpus, memory_mib = self._check_fit(container_id, res, others)
+        if self.hotplug and (vcpus, memory_mib) != (self.vcpus, self.memory_mib):
+            await self.set_size(vcpus, memory_mib)
+
+    async def _refit(self) -> None:
+        """After a container left or changed: give back vCPUs the pod no longer needs
+        (memory stays: it is only ever hot-added)."""
+        if not self.hotplug or self.record.state != "running":
+            return
+        pod = [c.resources for c in self.containers.values()]
+        vcpus = resources.pod_vcpus(self.size.vcpus, pod)
+        if vcpus != self.vcpus:
+            try:
+                await self.set_size(vcpus, self.memory_mib)
+            except CarapaceError as e:
+                log.warning("sandbox %s: could not give back vCPUs: %s", self.id, e)
+        else:
+            await self._place_vcpus()
 
     async def oom_event(self) -> str:
         """Wait for the next OOM kill in any container; returns the container's id."""
@@ -513,8 +676,12 @@ class Sandbox:
                     f"sandbox {self.id}: memory {memory_mib} MiB is out of range; accepted: "
                     f"{boot_mib} MiB (the boot memory) to {max_mib} MiB (max memory)"
                 )
-            await self.vm.vcpu_plan(vcpus)  # refuses before anything changed
-            _, mem_before_kb = await agent.online_cpu_mem(0, RESIZE_TIMEOUT)
+            plugged = sum(slot.plugged for slot in await self.vm.cpu_slots())
+            # where QEMU cannot unplug vCPUs (TCG), surplus ones stay plugged and the
+            # guest takes them offline: it runs on exactly ``vcpus`` either way
+            plug = vcpus if self.vm.can_unplug_vcpus else max(vcpus, plugged)
+            await self.vm.vcpu_plan(plug)  # refuses before anything changed
+            _, mem_before_kb = await agent.online_cpu_mem(0, RESIZE_TIMEOUT, max_online=plugged)
             added = 0
             if memory_mib > self.memory_mib:
                 added = await self.vm.add_memory(memory_mib - self.memory_mib)
@@ -522,17 +689,16 @@ class Sandbox:
                 self.record.memory_mib = self.memory_mib
                 self.record.save()
             try:
-                await self.vm.set_vcpus(vcpus)
+                await self.vm.set_vcpus(plug)
             finally:
                 # what QEMU has, even when a hot-add or hot-remove failed half-way
                 with contextlib.suppress(Exception):
-                    self.vcpus = sum(s.plugged for s in await self.vm.cpu_slots())
-                self.record.vcpus = self.vcpus
-                self.record.save()
+                    plugged = sum(slot.plugged for slot in await self.vm.cpu_slots())
             # ACPI adds the memory to the guest asynchronously: online until it is there
             deadline = asyncio.get_running_loop().time() + RESIZE_TIMEOUT
+            want = min(vcpus, plugged)
             while True:
-                cpus, mem_kb = await agent.online_cpu_mem(vcpus, RESIZE_TIMEOUT)
+                cpus, mem_kb = await agent.online_cpu_mem(want, RESIZE_TIMEOUT, max_online=want)
                 if mem_kb >= mem_before_kb + added * 1024:
                     break
                 if asyncio.get_running_loop().time() >= deadline:
@@ -542,11 +708,33 @@ class Sandbox:
                         f"KiB; expected at least {mem_before_kb + added * 1024} KiB"
                     )
                 await asyncio.sleep(0.1)
+            self.vcpus = cpus
+            self.record.vcpus = self.vcpus
+            self.record.save()
+            await self._place_vcpus()
             if cpus != vcpus:
                 raise HypervisorError(
                     f"sandbox {self.id}: the guest has {cpus} online CPUs; expected {vcpus}"
                 )
-            log.info("sandbox %s: resized to %d vCPUs, %d MiB", self.id, vcpus, self.memory_mib)
+            log.info(
+                "sandbox %s: resized to %d vCPUs (%d plugged), %d MiB",
+                self.id,
+                vcpus,
+                plugged,
+                self.memory_mib,
+            )
+
+
+def _spec_resources(spec: dict[str, Any], container_id: str) -> resources.ContainerResources:
+    linux_section = spec.get("linux") or {}
+    return resources.container_resources(linux_section.get("resources"), container_id)
+
+
+def _nofile_setter(n: int) -> Callable[[], None]:
+    def set_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    return set_nofile
 
 
 async def _pump_out(

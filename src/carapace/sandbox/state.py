@@ -14,8 +14,11 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from carapace import linux
+from carapace.errors import CarapaceError
+from carapace.hostcgroup import CgroupHandle
 
 STATE_FILE = "state.json"
 
@@ -33,6 +36,8 @@ class SandboxRecord:
     accel: str = ""
     mounts: list[str] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
+    #: The host cgroup directories made for the sandbox (CgroupHandle.to_record()).
+    cgroup: dict[str, Any] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -77,7 +82,8 @@ def _is_our_qemu(pid: int, sandbox_id: str) -> bool:
 
 def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
     """Release everything the record lists: the QEMU process (only if it is really that
-    sandbox's), mounts, the run dir. Returns what could not be released."""
+    sandbox's), mounts, the host cgroups it made, the run dir. Returns what could not be
+    released."""
     problems: list[str] = []
     if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid, record.id):
         with contextlib.suppress(ProcessLookupError):
@@ -92,6 +98,12 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
             if linux.is_mountpoint(m):
                 linux.umount(m, lazy=True)
         except OSError as e:
+            problems.append(str(e))
+    if record.cgroup and not problems:
+        try:
+            CgroupHandle.from_record(record.cgroup).remove()
+            record.cgroup = {}
+        except CarapaceError as e:
             problems.append(str(e))
     if not problems:
         shutil.rmtree(record.run_dir, ignore_errors=True)

@@ -223,7 +223,17 @@ class TaskService:
     async def _start_sandbox(self, spec: dict[str, Any], options: AnyPb | None) -> Sandbox:
         config = self._load_config(options)
         hostname = str(spec.get("hostname") or "carapace")
-        sb = Sandbox(config, SandboxOptions(sandbox_id=self.pod_id, hostname=hostname))
+        # the sandbox container's spec sizes the VM (annotations, files limit) and is
+        # checked (host namespaces, its own resources) before anything is made
+        sb = Sandbox(
+            config,
+            SandboxOptions(
+                sandbox_id=self.pod_id,
+                hostname=hostname,
+                annotations=dict(spec.get("annotations") or {}),
+                sandbox_spec=spec,
+            ),
+        )
         await sb.start()
         log.info("pod %s: VM up, QEMU pid %d", self.pod_id, sb.record.qemu_pid)
         self._spawn(self._watch_vm(sb))

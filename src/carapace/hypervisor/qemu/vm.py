@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient
@@ -47,6 +48,19 @@ class QemuVM:
         #: Hot-remove vCPUs under TCG anyway (QEMU may abort afterwards: see vcpu_plan);
         #: for a test that proves the mechanism on a VM it throws away.
         self.unplug_under_tcg = False
+        #: Run in the child between fork and exec (join cgroups, set limits), in order.
+        self.pre_exec: list[Callable[[], None]] = []
+
+    @property
+    def can_unplug_vcpus(self) -> bool:
+        """Whether vCPUs may be hot-removed (see vcpu_plan for why not under TCG)."""
+        return self.spec.accel != "tcg" or self.unplug_under_tcg
+
+    def _pre_exec(self) -> None:
+        if self.die_with_owner:
+            _die_with_parent()
+        for fn in self.pre_exec:
+            fn()
 
     @property
     def argv(self) -> list[str]:
@@ -71,7 +85,7 @@ class QemuVM:
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_owner else None,
+                preexec_fn=self._pre_exec,
             )
         finally:
             log_file.close()

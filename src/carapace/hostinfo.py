@@ -1,0 +1,45 @@
+"""Facts about the host the resource policy needs (read from /proc and /sys)."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+from carapace.resources import usable_cpus as _usable_cpus
+
+ISOLATED_CPUS = Path("/sys/devices/system/cpu/isolated")
+FILE_MAX = Path("/proc/sys/fs/file-max")
+NR_OPEN = Path("/proc/sys/fs/nr_open")
+
+
+def _read(path: Path, default: str = "") -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return default
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on, isolated cores excluded."""
+    return max(1, _usable_cpus(os.sched_getaffinity(0), _read(ISOLATED_CPUS)))
+
+
+def file_max() -> int:
+    """fs.file-max: the most open files the whole system allows."""
+    text = _read(FILE_MAX).strip()
+    return int(text) if text.isdigit() else 0
+
+
+def nofile_cap() -> int:
+    """The highest RLIMIT_NOFILE a child of ours can get: our hard limit (a child cannot
+    raise it here) and fs.nr_open."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nr_open = _read(NR_OPEN).strip()
+    caps = [c for c in (hard, int(nr_open) if nr_open.isdigit() else -1) if c > 0]
+    return min(caps) if caps else 1024
+
+
+def memory_total() -> int:
+    """The host's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
