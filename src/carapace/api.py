@@ -45,11 +45,18 @@ class Sandbox:
         memory: str | int | None = None,
         sandbox_id: str | None = None,
         config: Config | None = None,
+        annotations: dict[str, str] | None = None,
     ) -> None:
+        """``cpus``/``memory`` size the VM (0.5 to the host's CPUs, 1G to 256G; default:
+        configuration.toml); ``annotations`` are the pod's, as a runtime would get them
+        (e.g. com.github.containers.virtcontainers.sandbox_cpu)."""
         self._config = config or load_config()
         # validates the arguments before anything is started
         self._sandbox = AsyncSandbox(
-            self._config, SandboxOptions(cpus=cpus, memory=memory, sandbox_id=sandbox_id)
+            self._config,
+            SandboxOptions(
+                cpus=cpus, memory=memory, sandbox_id=sandbox_id, annotations=annotations or {}
+            ),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

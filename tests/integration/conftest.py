@@ -2,7 +2,7 @@
 
 One sandbox is shared by the tests that can share one (booting costs seconds under
 TCG); a fixture checks after every test that nothing new was left behind: no QEMU
-process, no run dir, no mount of carapace's.
+process, no run dir, no mount of carapace's, no sandbox cgroup on the host.
 """
 
 from __future__ import annotations
@@ -50,8 +50,14 @@ def shim_pids() -> set[int]:
     }
 
 
-def resources() -> tuple[set[int], set[str], set[str], set[int]]:
-    return qemu_pids(), run_dirs(), carapace_mounts(), shim_pids()
+def host_cgroups() -> set[str]:
+    """Sandbox cgroups on the host: <hierarchy>/carapace/<id> (v1) or carapace/<id> (v2)."""
+    root = Path("/sys/fs/cgroup")
+    return {str(p) for p in [*root.glob("*/carapace/*"), *root.glob("carapace/*")] if p.is_dir()}
+
+
+def resources() -> tuple[set[int], set[str], set[str], set[int], set[str]]:
+    return qemu_pids(), run_dirs(), carapace_mounts(), shim_pids(), host_cgroups()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,8 +75,9 @@ def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     after = resources()
     leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]  # type: ignore[operator]
-    assert leaked == [[], [], [], []], (
-        f"{request.node.name} left behind qemu pids / run dirs / mounts / shims: {leaked}"
+    assert leaked == [[], [], [], [], []], (
+        f"{request.node.name} left behind qemu pids / run dirs / mounts / shims / host "
+        f"cgroups: {leaked}"
     )
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import carapace
 from carapace.config import Config, load_config
-from carapace.errors import HypervisorError, InvalidArgument
+from carapace.errors import InvalidArgument
 from carapace.sandbox import Sandbox as AsyncSandbox
 
 T = TypeVar("T")
@@ -115,22 +115,24 @@ def test_shrink_to_one_vcpu_keeps_memory(hotplug_sandbox: carapace.Sandbox) -> N
     sb = inner(hotplug_sandbox)
     assert sb.vm is not None
     mem_before = int(probe(hotplug_sandbox)["mem_kb"])
-    if sb.vm.spec.accel == "tcg":
-        # QEMU 7.2 under TCG corrupts its heap on a vCPU hot-remove: refused, unchanged
-        with pytest.raises(HypervisorError, match=r"cannot hot-remove vCPUs .* under TCG"):
-            call(hotplug_sandbox, sb.set_size(1, 1024))
-        assert (sb.vcpus, sb.memory_mib) == (2, 4096)
-        seen = probe(hotplug_sandbox)
-        assert (seen["nproc"], seen["online"]) == ("2", "0-1")
-        assert int(seen["mem_kb"]) == mem_before
-        return
     call(hotplug_sandbox, sb.set_size(1, 1024))
     assert (sb.vcpus, sb.memory_mib) == (1, 4096)  # memory is hot-add only
     seen = probe(hotplug_sandbox)
     assert seen["nproc"] == "1"
     assert seen["online"] == "0"
     assert int(seen["mem_kb"]) == mem_before
-    assert list(call(hotplug_sandbox, sb.vm.vcpu_threads())) == [0]
+    threads = call(hotplug_sandbox, sb.vm.vcpu_threads())
+    if sb.vm.can_unplug_vcpus:
+        assert list(threads) == [0]
+    else:
+        # QEMU 7.2 under TCG corrupts its heap on a vCPU hot-remove: the vCPU stays
+        # plugged and the guest took it offline (nproc and the online list above)
+        assert list(threads) == [0, 1]
+        # and it comes back online when the pod needs it again
+        call(hotplug_sandbox, sb.set_size(2, 4096))
+        assert probe(hotplug_sandbox)["online"] == "0-1"
+        call(hotplug_sandbox, sb.set_size(1, 4096))
+        assert probe(hotplug_sandbox)["online"] == "0"
 
 
 @pytest.mark.parametrize(
@@ -173,13 +175,13 @@ def test_memory_grows_again_in_whole_blocks(hotplug_sandbox: carapace.Sandbox) -
 def test_vcpu_hot_remove_mechanism() -> None:
     """device_del of a hot-added vCPU: the guest ejects it, QEMU reports the slot empty.
     Under TCG this VM is thrown away right after (QEMU's heap is corrupt by then)."""
-    with carapace.Sandbox(cpus=1, memory="512M", config=hotplug_config()) as box:
+    with carapace.Sandbox(cpus=1, memory="1G", config=hotplug_config()) as box:
         sb = inner(box)
         assert sb.vm is not None
         sb.vm.unplug_under_tcg = True
-        call(box, sb.set_size(2, 512))
+        call(box, sb.set_size(2, 1024))
         assert box.run(["nproc"]).text == "2\n"
-        call(box, sb.set_size(1, 512))
+        call(box, sb.set_size(1, 1024))
         assert sb.vcpus == 1
         r = box.run(["sh", "-c", "nproc; cat /sys/devices/system/cpu/online"])
         assert r.text == "1\n0\n"
@@ -189,12 +191,12 @@ def test_vcpu_hot_remove_mechanism() -> None:
 
 
 def test_hotplug_disabled_is_refused() -> None:
-    with carapace.Sandbox(cpus=1, memory="512M", config=hotplug_config(False)) as box:
+    with carapace.Sandbox(cpus=1, memory="1G", config=hotplug_config(False)) as box:
         sb = inner(box)
-        assert (sb.max_vcpus, sb.max_memory_mib) == (1, 512)
+        assert (sb.max_vcpus, sb.max_memory_mib) == (1, 1024)
         cmdline = Path(f"/proc/{box.qemu_pid}/cmdline").read_bytes().split(b"\0")
         assert b"maxcpus" not in b" ".join(cmdline) and b"maxmem" not in b" ".join(cmdline)
         with pytest.raises(InvalidArgument, match="hotplug is disabled"):
             call(box, sb.set_size(2, 1024))
-        assert (sb.vcpus, sb.memory_mib) == (1, 512)
+        assert (sb.vcpus, sb.memory_mib) == (1, 1024)
         assert box.run(["nproc"]).text == "1\n"

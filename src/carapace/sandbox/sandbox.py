@@ -310,6 +310,8 @@ class Sandbox:
         )
         threads = await self.vm.vcpu_threads()
         self.cgroup.add_threads(threads.values(), child=VCPU_CGROUP)
+        self.record.cgroup = self.cgroup.to_record()
+        self.record.save()
         cap = None if cpus >= len(threads) else cpus
         self.cgroup.set_cpu_limit(cap, child=VCPU_CGROUP)
         log.info("sandbox %s: %d vCPU threads capped to %s CPUs", self.id, len(threads), cap)
