@@ -43,3 +43,26 @@ def nofile_cap() -> int:
 def memory_total() -> int:
     """The host's physical memory in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+#: /proc/1/ns/<name> for each OCI namespace type.
+_NS_FILE = {"network": "net", "ipc": "ipc", "pid": "pid", "uts": "uts", "mount": "mnt"}
+
+
+def is_host_namespace(ns_type: str, path: str) -> bool:
+    """Whether ``path`` is the host's own namespace of that type: init's, or (where
+    init's cannot be read) the runtime's, which runs in the host's namespaces."""
+    name = _NS_FILE.get(ns_type)
+    if name is None:
+        return False
+    try:
+        a = os.stat(path)
+    except OSError:
+        return False
+    for host in (f"/proc/1/ns/{name}", f"/proc/self/ns/{name}"):
+        try:
+            b = os.stat(host)
+        except OSError:
+            continue
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    return False

@@ -30,7 +30,7 @@ Container") and Kubernetes' sizing:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -252,12 +252,25 @@ def check_sandbox_only(
 # -- host namespaces ------------------------------------------------------------------
 
 
-def check_namespaces(spec: Mapping[str, Any], container_id: str) -> None:
+def check_namespaces(
+    spec: Mapping[str, Any],
+    container_id: str,
+    is_host_namespace: Callable[[str, str], bool] = lambda ns_type, path: False,
+) -> None:
     """Refuse a spec that would share the host's net, ipc, pid or uts namespace: in OCI
-    a namespace type missing from linux.namespaces means the host's."""
+    a namespace type missing from linux.namespaces means the host's, and so does a path
+    to the host's own namespace (``is_host_namespace(type, path)`` tells)."""
     linux = spec.get("linux") or {}
-    have = {ns.get("type") for ns in linux.get("namespaces") or [] if isinstance(ns, dict)}
+    entries = [ns for ns in linux.get("namespaces") or [] if isinstance(ns, dict)]
+    have = {ns.get("type") for ns in entries}
     missing = [t for t in HOST_NAMESPACES_REFUSED if t not in have]
+    missing += [
+        str(ns["type"])
+        for ns in entries
+        if ns.get("type") in HOST_NAMESPACES_REFUSED
+        and ns.get("path")
+        and is_host_namespace(str(ns["type"]), str(ns["path"]))
+    ]
     if missing:
         flags = ", ".join(f"{_NS_FLAG[t]} host" for t in missing)
         raise InvalidArgument(

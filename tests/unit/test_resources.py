@@ -371,3 +371,19 @@ def test_update_keeps_what_it_leaves_out() -> None:
         cpus=2, memory=2 * GiB, cpuset_cpus=frozenset({0})
     )
     assert r.merge(old, CR()) == old
+
+
+def test_a_path_to_the_hosts_namespace_is_refused() -> None:
+    spec = {
+        "linux": {
+            "namespaces": [
+                {"type": "network", "path": "/proc/1/ns/net"},
+                {"type": "ipc"},
+                {"type": "pid"},
+                {"type": "uts"},
+            ]
+        }
+    }
+    msg = bad(r.check_namespaces, spec, "c1", lambda t, p: p == "/proc/1/ns/net")
+    assert "host's network namespace (--net host)" in msg
+    r.check_namespaces(spec, "c1", lambda t, p: False)

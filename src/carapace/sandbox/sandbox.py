@@ -151,7 +151,7 @@ class Sandbox:
             self.max_memory_mib = max(self.memory_mib, hv.default_maxmemory or host_memory_mib())
         spec = opts.sandbox_spec or {}
         if opts.sandbox_spec is not None:
-            resources.check_namespaces(spec, self.id)
+            resources.check_namespaces(spec, self.id, hostinfo.is_host_namespace)
             self._check_fit(self.id, _spec_resources(spec, self.id), [])
         self.files_limit, warning = resources.files_limit(
             resources.files_limit_value(spec, self.annotations),
@@ -386,7 +386,7 @@ class Sandbox:
             raise AlreadyExists(f"container {container_id} exists already in sandbox {self.id}")
         if not rootfs.is_dir():
             raise NotFound(f"rootfs {rootfs} is not a directory")
-        resources.check_namespaces(spec, container_id)
+        resources.check_namespaces(spec, container_id, hostinfo.is_host_namespace)
         resources.check_sandbox_only(spec.get("annotations") or {}, container_id, self.annotations)
         res = _spec_resources(spec, container_id)
         c = _Container(container_id, resources=res)

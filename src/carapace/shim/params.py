@@ -138,8 +138,9 @@ POD_SHARED_NAMESPACES = ("pid", "ipc", "uts")
 def join_pod_namespaces(spec: dict[str, Any], sandbox_guest_pid: int) -> dict[str, Any]:
     """Point the namespaces CRI asks a container to share with the pod (a path to the
     sandbox container's namespace on the host) at the sandbox container's namespaces in
-    the guest (``guest:/proc/<pid>/ns/<type>``, see ``carapace.guest.spec``). The network
-    namespace stays as it is (the VM is the pod's network); other shared namespaces
+    the guest (``guest:/proc/<pid>/ns/<type>``, see ``carapace.guest.spec``). The pod's
+    network namespace (CRI names it by the pod task's pid, which is the VM's on the
+    host) is the VM's: the entry stays without its host path; other shared namespaces
     become new ones."""
     out = dict(spec)
     linux = dict(out.get("linux") or {})
@@ -147,7 +148,7 @@ def join_pod_namespaces(spec: dict[str, Any], sandbox_guest_pid: int) -> dict[st
     for ns in linux.get("namespaces") or []:
         ns = dict(ns)
         kind = ns.get("type")
-        if ns.get("path") and kind != "network":
+        if ns.get("path"):
             if kind in POD_SHARED_NAMESPACES and sandbox_guest_pid > 0:
                 ns["path"] = f"guest:/proc/{sandbox_guest_pid}/ns/{kind}"
             else:

@@ -97,3 +97,9 @@ def test_seed_hotplug_example_through_ctr(ctr: CtrFn, tmp_path: Path) -> None:
     finally:
         ctr("task", "delete", "--force", pause, check=False)
         ctr("containers", "rm", pause, check=False)
+
+
+def test_a_path_to_the_hosts_network_namespace_refused_through_ctr(ctr: CtrFn) -> None:
+    c = cid("withns")
+    err = refused(ctr, c, "--with-ns", f"network:/proc/{os.getpid()}/ns/net")
+    assert "host's network namespace (--net host)" in err
