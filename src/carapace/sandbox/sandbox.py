@@ -167,6 +167,8 @@ class Sandbox:
             )
         self.cgroup: CgroupHandle | None = None
         self._resize_lock = asyncio.Lock()
+        #: the vCPUs the pod's containers last needed (hotplug follows its changes)
+        self._pod_vcpus = self.vcpus
         self.run_dir = Path(config.runtime.run_dir) / self.id
         self._image = image
         self.vm: QemuVM | None = None
@@ -628,8 +630,9 @@ class Sandbox:
         """Check a container's resources and hot-plug what the pod needs with them."""
         others = [c.resources for c in self.containers.values() if c.id != container_id]
         vcpus, memory_mib = self._check_fit(container_id, res, others)
-        if self.hotplug and (vcpus, memory_mib) != (self.vcpus, self.memory_mib):
-            await self.set_size(vcpus, memory_mib)
+        if self.hotplug and (vcpus > self.vcpus or memory_mib > self.memory_mib):
+            await self.set_size(max(vcpus, self.vcpus), memory_mib)
+            self._pod_vcpus = max(self._pod_vcpus, vcpus)
 
     async def _refit(self) -> None:
         """After a container left or changed: give back vCPUs the pod no longer needs
@@ -638,7 +641,9 @@ class Sandbox:
             return
         pod = [c.resources for c in self.containers.values()]
         vcpus = resources.pod_vcpus(self.size.vcpus, pod)
-        if vcpus != self.vcpus:
+        # only a change of what the pod needs resizes (a size set by hand stays)
+        changed, self._pod_vcpus = vcpus != self._pod_vcpus, vcpus
+        if changed and vcpus != self.vcpus:
             try:
                 await self.set_size(vcpus, self.memory_mib)
             except CarapaceError as e:
