@@ -99,5 +99,5 @@ def test_sequential_containers_in_one_sandbox(shared_sandbox: carapace.Sandbox) 
 def test_guest_details(shared_sandbox: carapace.Sandbox) -> None:
     d = shared_sandbox.guest_details()
     assert d.online_cpus == 1
-    assert 400 * 2**20 < d.mem_total_bytes <= 512 * 2**20
+    assert 900 * 2**20 < d.mem_total_bytes <= 1024 * 2**20  # the 1G default
     assert d.crun_version.startswith("crun version")
