@@ -51,9 +51,13 @@ def shim_pids() -> set[int]:
 
 
 def host_cgroups() -> set[str]:
-    """Sandbox cgroups on the host: <hierarchy>/carapace/<id> (v1) or carapace/<id> (v2)."""
+    """Sandbox cgroups on the host: [<hierarchy>/]carapace/<id>, or
+    <pod cgroup>/carapace-sandbox-<id> a few levels down."""
     root = Path("/sys/fs/cgroup")
-    return {str(p) for p in [*root.glob("*/carapace/*"), *root.glob("carapace/*")] if p.is_dir()}
+    patterns = ["*/carapace/*", "carapace/*"] + [
+        "*/" * depth + "carapace-sandbox-*" for depth in range(1, 6)
+    ]
+    return {str(p) for pattern in patterns for p in root.glob(pattern) if p.is_dir()}
 
 
 def resources() -> tuple[set[int], set[str], set[str], set[int], set[str]]:

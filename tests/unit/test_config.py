@@ -246,3 +246,11 @@ def test_hotplug_keys_are_checked(toml: str, seen: str) -> None:
     with pytest.raises(InvalidArgument) as exc:
         parse_config(f"[hypervisor]\n{toml}\n")
     assert seen in str(exc.value)
+
+
+def test_sandbox_cgroup_prefix_ours_or_katas() -> None:
+    assert parse_config("").runtime.sandbox_cgroup_prefix == "carapace-sandbox-"
+    cfg = parse_config('[runtime]\nsandbox_cgroup_prefix = "kata-sandbox-"\n')
+    assert cfg.runtime.sandbox_cgroup_prefix == "kata-sandbox-"
+    with pytest.raises(InvalidArgument, match="accepted: carapace-sandbox-, kata-sandbox-"):
+        parse_config('[runtime]\nsandbox_cgroup_prefix = "x-"\n')

@@ -25,6 +25,7 @@ from carapace.hostcgroup import (
     detect,
     driver,
 )
+from carapace.hostcgroup.driver import parse_proc_cgroup
 
 V1_HIERARCHIES = ("blkio", "cpu,cpuacct", "cpuset", "memory", "pids", "freezer")
 V1_FILES = {
@@ -554,3 +555,28 @@ def test_preexec_fn_writes_zero_to_every_procs_file(tmp_path: Path) -> None:
     h = CgroupV1(str(tmp_path), fs).create("sb", ["cpu", "memory"])
     h.preexec_fn()()  # on cgroupfs, '0' means the writing process itself
     assert [read(Path(f)) for f in h.procs_files()] == ["0", "0"]
+
+
+def test_parse_proc_cgroup() -> None:
+    text = "9:name=systemd:/\n8:pids:/a\n2:cpu,cpuacct:/k/p\n0::/unified/x\n"
+    assert parse_proc_cgroup(text) == {
+        "name=systemd": "/",
+        "pids": "/a",
+        "cpu": "/k/p",
+        "cpuacct": "/k/p",
+        "": "/unified/x",
+    }
+
+
+def test_member_dirs_name_where_a_process_is_in_each_hierarchy(tmp_path: Path) -> None:
+    """What the shim daemon records before it joins the sandbox cgroup, to go back."""
+    fs = v1_tree(tmp_path)
+    drv = CgroupV1(str(tmp_path), fs)
+    where = {"cpu": "/default", "cpuacct": "/default", "memory": "/", "pids": "/x"}
+    t = str(tmp_path)
+    assert drv.member_dirs(where, ["cpu", "cpuacct", "memory", "pids", "blkio"]) == [
+        f"{t}/cpu,cpuacct/default",  # cpu and cpuacct are one co-mount here
+        f"{t}/memory",
+        f"{t}/pids/x",
+    ]
+    assert CgroupV2(str(tmp_path), fs).member_dirs({"": "/a/b"}, ["cpu"]) == [f"{t}/a/b"]

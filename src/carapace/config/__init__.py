@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from carapace.errors import InvalidArgument
+from carapace.hostcgroup.cgroupspath import SANDBOX_CGROUP_PREFIXES
 
 DEFAULT_CONFIG_PATH = Path("/etc/carapace/configuration.toml")
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -49,6 +50,10 @@ class RuntimeConfig:
     state_dir: str = "/var/lib/carapace"
     #: Kill the VM when the process that owns the sandbox dies (in-process owners).
     kill_vm_with_owner: bool = True
+    #: The sandbox's host cgroup is <pod cgroup>/<prefix><sandbox id> (the pod cgroup is
+    #: the parent of the sandbox container's cgroupsPath): "carapace-sandbox-" or Kata's
+    #: "kata-sandbox-" for tools that look for that name.
+    sandbox_cgroup_prefix: str = "carapace-sandbox-"
 
 
 @dataclass
@@ -108,6 +113,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 f"{source} [hypervisor] {key}: {getattr(cfg.hypervisor, key)}; accepted: 0 "
                 "(the host's size) or a positive number"
             )
+    if cfg.runtime.sandbox_cgroup_prefix not in SANDBOX_CGROUP_PREFIXES:
+        raise InvalidArgument(
+            f"{source} [runtime] sandbox_cgroup_prefix: {cfg.runtime.sandbox_cgroup_prefix!r}; "
+            f"accepted: {', '.join(SANDBOX_CGROUP_PREFIXES)}"
+        )
     return cfg
 
 

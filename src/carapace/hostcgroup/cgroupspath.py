@@ -129,3 +129,27 @@ def parse_cgroups_path(value: str) -> CgroupsPath:
         )
     parent = expand_slice(slice_name or DEFAULT_SLICE)
     return CgroupsPath("systemd", posixpath.join(parent, unit_name(prefix, name)))
+
+
+#: Names the sandbox cgroup may take below the pod cgroup (ours, and Kata's for tools
+#: that look for it).
+SANDBOX_CGROUP_PREFIXES = ("carapace-sandbox-", "kata-sandbox-")
+#: Where a sandbox's cgroup goes when its sandbox container names no cgroupsPath.
+DEFAULT_SANDBOX_PARENT = "carapace"
+
+
+def sandbox_cgroup_path(
+    cgroups_path: str | None, sandbox_id: str, prefix: str = SANDBOX_CGROUP_PREFIXES[0]
+) -> str:
+    """The sandbox's host cgroup, relative to a hierarchy's root: Kata's
+    ``<podCgroup>/<prefix><id>`` with ``podCgroup = parent(cgroupsPath)`` of the pod's
+    sandbox container (a relative cgroupsPath counts from the root), or
+    ``carapace/<id>`` when there is no cgroupsPath."""
+    if prefix not in SANDBOX_CGROUP_PREFIXES:
+        raise InvalidArgument(
+            f"sandbox cgroup prefix {prefix!r}; accepted: {', '.join(SANDBOX_CGROUP_PREFIXES)}"
+        )
+    if not cgroups_path:
+        return f"{DEFAULT_SANDBOX_PARENT}/{sandbox_id}"
+    pod = parse_cgroups_path(cgroups_path).under("/").parent()
+    return posixpath.join(pod.relative_to_root(), f"{prefix}{sandbox_id}")

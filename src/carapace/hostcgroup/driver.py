@@ -153,6 +153,17 @@ class CgroupHandle:
         for p in self.procs_files():
             self.driver.fs.write(p, str(pid))
 
+    def origin(self, pid: int) -> list[str]:
+        """The directories ``pid`` is in now, in this handle's hierarchies (to move it
+        back there with ``move_to`` before the cgroup is removed)."""
+        text = self.driver.fs.read(f"/proc/{pid}/cgroup")
+        return self.driver.member_dirs(parse_proc_cgroup(text), self.controllers)
+
+    def move_to(self, pid: int, directories: Iterable[str]) -> None:
+        """Move ``pid`` (all its threads) into ``directories`` (from ``origin``)."""
+        for d in directories:
+            self.driver.fs.write(os.path.join(d, files.procs_file()), str(pid))
+
     def pids(self) -> set[int]:
         """Processes in the cgroup (any hierarchy), with those of its thread children."""
         found: set[int] = set()
@@ -361,6 +372,10 @@ class CgroupDriver(ABC):
     @abstractmethod
     def add_threads(self, handle: CgroupHandle, tids: list[int], child: str) -> None: ...
 
+    @abstractmethod
+    def member_dirs(self, where: dict[str, str], controllers: Iterable[str]) -> list[str]:
+        """The directories named by a parsed /proc/PID/cgroup for ``controllers``."""
+
     def _mkdirs(self, top: str, rel: str, created: list[str]) -> list[str]:
         """mkdir each component of ``rel`` below ``top``, top-down, appending the ones
         made to ``created``; returns the chain of directories. Retries when a shared
@@ -401,6 +416,18 @@ class CgroupDriver(ABC):
                 self.fs.rmdir(d)
 
 
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """/proc/PID/cgroup as {controller: path}; v2's unified line is under ""."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for name in parts[1].split(","):
+            out[name] = parts[2]
+    return out
+
+
 class CgroupV1(CgroupDriver):
     """cgroup v1: <root>/<controller>/<path>; controllers co-mounted ('cpu,cpuacct')
     share one directory."""
@@ -420,6 +447,15 @@ class CgroupV1(CgroupDriver):
             f"no cgroup v1 hierarchy for the {controller} controller under {self.root} "
             f"(found: {', '.join(sorted(self.fs.listdir(self.root))) or 'nothing'})"
         )
+
+    def member_dirs(self, where: dict[str, str], controllers: Iterable[str]) -> list[str]:
+        # co-mounted controllers (cpu and cpuacct behind symlinks) are one directory
+        dirs = {
+            os.path.realpath(os.path.join(self.hierarchy(c), where[c].lstrip("/")))
+            for c in controllers
+            if c in where
+        }
+        return sorted(dirs)
 
     def create(self, path: str, controllers: Iterable[str]) -> CgroupHandle:
         rel = check_relative_path(path)
@@ -486,6 +522,11 @@ class CgroupV2(CgroupDriver):
     def __init__(self, root: str = DEFAULT_ROOT, fs: CgroupFs | None = None) -> None:
         super().__init__(root, fs)
         self._enable: set[str] = set()
+
+    def member_dirs(self, where: dict[str, str], controllers: Iterable[str]) -> list[str]:
+        if "" not in where:
+            return []
+        return [os.path.normpath(os.path.join(self.root, where[""].lstrip("/")))]
 
     def create(self, path: str, controllers: Iterable[str]) -> CgroupHandle:
         rel = check_relative_path(path)

@@ -36,6 +36,7 @@ from carapace.errors import (
 )
 from carapace.hostcgroup import CgroupHandle, driver, parse_blkio_cgroup, resolve_devices
 from carapace.hostcgroup.blkio import ResolvedBlkioItem
+from carapace.hostcgroup.cgroupspath import sandbox_cgroup_path
 from carapace.hypervisor import VMSpec
 from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
@@ -69,8 +70,6 @@ def host_cpus() -> int:
     return hostinfo.usable_cpus()
 
 
-#: The sandbox's host cgroup, under the root of every hierarchy.
-HOST_CGROUP_PARENT = "carapace"
 HOST_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio")
 #: The child cgroup of the sandbox's that holds the vCPU threads.
 VCPU_CGROUP = "vcpus"
@@ -100,6 +99,9 @@ class SandboxOptions:
     #: The pod's sandbox container's OCI spec, checked before anything is made (host
     #: namespaces, its resources) and read for linux.resources.files.limit.
     sandbox_spec: dict[str, Any] | None = None
+    #: The owner process (the shim daemon serving the pod) joins the sandbox's host
+    #: cgroup too, and leaves it for where it was before the cgroup is removed.
+    join_owner: bool = False
 
 
 @dataclass
@@ -166,6 +168,12 @@ class Sandbox:
                 parse_blkio_cgroup(self.annotations[resources.BLKIO_CGROUP])
             )
         self.cgroup: CgroupHandle | None = None
+        self.join_owner = opts.join_owner
+        self._owner_origin: list[str] = []
+        # the pod cgroup is the parent of the sandbox container's (checked here, used
+        # when the VM starts)
+        self.cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
+        sandbox_cgroup_path(self.cgroups_path, self.id, config.runtime.sandbox_cgroup_prefix)
         self._resize_lock = asyncio.Lock()
         #: the vCPUs the pod's containers last needed (hotplug follows its changes)
         self._pod_vcpus = self.vcpus
@@ -283,9 +291,15 @@ class Sandbox:
 
     def _make_cgroup(self) -> None:
         """The sandbox's host cgroup (QEMU and its threads), with its block I/O limits."""
-        self.cgroup = driver().create(f"{HOST_CGROUP_PARENT}/{self.id}", HOST_CGROUP_CONTROLLERS)
+        path = sandbox_cgroup_path(
+            self.cgroups_path, self.id, self.config.runtime.sandbox_cgroup_prefix
+        )
+        self.cgroup = driver().create(path, HOST_CGROUP_CONTROLLERS)
         self.record.cgroup = self.cgroup.to_record()
         self.record.save()
+        if self.join_owner:
+            self._owner_origin = self.cgroup.origin(os.getpid())
+            self.cgroup.join(os.getpid())
         if self.blkio:
             result = self.cgroup.set_blkio(self.blkio)
             for u in result.unapplied:
@@ -365,6 +379,12 @@ class Sandbox:
         if self.vm is not None:
             await self.vm.stop(self.config.hypervisor.shutdown_timeout)
             self.record.state = "stopped"
+        if self._owner_origin and self.cgroup is not None:
+            try:
+                self.cgroup.move_to(os.getpid(), self._owner_origin)
+                self._owner_origin = []
+            except CarapaceError as e:
+                log.warning("sandbox %s: cannot leave its cgroup: %s", self.id, e)
         problems = await asyncio.get_running_loop().run_in_executor(None, release, self.record)
         self.record.state = "deleted"
         if problems:

@@ -232,6 +232,7 @@ class TaskService:
                 hostname=hostname,
                 annotations=dict(spec.get("annotations") or {}),
                 sandbox_spec=spec,
+                join_owner=True,  # the shim daemon lives in the sandbox cgroup too
             ),
         )
         await sb.start()

@@ -1,0 +1,109 @@
+"""Where the host processes of a pod live (seed 001, SandboxCgroupOnly): the shim
+daemon, QEMU and every one of its threads in <pod cgroup>/carapace-sandbox-<id>, the
+pod cgroup being the parent of the sandbox container's cgroupsPath; nothing left after
+the pod is deleted."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import host_cgroups, processes
+from .conftest import CtrFn
+from .rig import BUSYBOX_IMAGE, CARAPACE
+
+CGROUP = Path("/sys/fs/cgroup")
+CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio")
+
+
+def cgroups_of(pid: int, tid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/task/{tid}/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        for name in names.split(","):
+            out[name] = path
+    return out
+
+
+def qemu_of(sandbox: str) -> int:
+    found = [
+        pid
+        for pid, argv in processes()
+        if b"qemu-system" in argv[0]
+        and any(a.startswith(f"carapace-{sandbox},".encode()) for a in argv)
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def shim_of(sandbox: str) -> int:
+    found = [
+        pid
+        for pid, argv in processes()
+        if b"containerd-shim-carapace-v2" in b" ".join(argv)
+        and sandbox.encode() in argv
+        and b"start" not in argv
+        and b"delete" not in argv
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture
+def pod_cgroup() -> Iterator[str]:
+    """A pod cgroup made the way kubelet makes one (in every hierarchy we use)."""
+    name = f"carapace-test-pod-{uuid.uuid4().hex[:8]}"
+    for c in CONTROLLERS:
+        (CGROUP / c / name).mkdir()
+    yield name
+    for c in CONTROLLERS:
+        (CGROUP / c / name).rmdir()  # fails if the runtime left anything inside
+
+
+def test_sandbox_cgroup_only_places_shim_qemu_and_every_thread(ctr: CtrFn, pod_cgroup: str) -> None:
+    cid = f"cg-{uuid.uuid4().hex[:8]}"
+    cgroups_path = f"/{pod_cgroup}/{cid}"
+    sandbox_cg = f"/{pod_cgroup}/carapace-sandbox-{cid}"
+    ctr(
+        "run", "-d", "--runtime", CARAPACE, "--cgroup", cgroups_path,
+        BUSYBOX_IMAGE, cid, "sleep", "3600",
+    )  # fmt: skip
+    try:
+        qemu = qemu_of(cid)
+        threads = [int(t.name) for t in Path(f"/proc/{qemu}/task").iterdir()]
+        assert len(threads) > 3  # main loop, vCPU, RCU, workers...
+        for tid in threads:
+            where = cgroups_of(qemu, tid)
+            for c in CONTROLLERS:
+                assert where[c] == sandbox_cg, (tid, c, where[c])
+        shim = shim_of(cid)
+        for c in CONTROLLERS:
+            assert cgroups_of(shim, shim)[c] == sandbox_cg
+        procs = (CGROUP / "memory" / sandbox_cg.lstrip("/") / "cgroup.procs").read_text().split()
+        assert sorted(map(int, procs)) == sorted([qemu, shim])
+        # the pod cgroup sees the sandbox's usage (it is the parent)
+        usage = int((CGROUP / "memory" / pod_cgroup / "memory.usage_in_bytes").read_text())
+        assert usage > 100 << 20  # QEMU's guest memory and the shim
+    finally:
+        ctr("task", "delete", "--force", cid, check=False)
+        ctr("containers", "rm", cid, check=False)
+    for c in CONTROLLERS:
+        assert not (CGROUP / c / sandbox_cg.lstrip("/")).exists()
+    assert not any(cid in g for g in host_cgroups())
+
+
+def test_ctr_default_cgroups_path_gives_a_namespace_pod_cgroup(ctr: CtrFn) -> None:
+    """ctr's cgroupsPath is /<namespace>/<id>: the sandbox goes to
+    /default/carapace-sandbox-<id>, and what carapace created goes with it."""
+    cid = f"cg-{uuid.uuid4().hex[:8]}"
+    ctr("run", "-d", "--runtime", CARAPACE, BUSYBOX_IMAGE, cid, "sleep", "3600")
+    try:
+        qemu = qemu_of(cid)
+        assert cgroups_of(qemu, qemu)["memory"] == f"/default/carapace-sandbox-{cid}"
+    finally:
+        ctr("task", "delete", "--force", cid, check=False)
+        ctr("containers", "rm", cid, check=False)
+    assert not any(cid in g for g in host_cgroups())
