@@ -18,6 +18,7 @@ from carapace.shim.params import (
     CRI_SANDBOX_ID,
     SOCKET_DIR,
     ShimArgs,
+    is_pause,
     is_pod_sandbox,
     is_type,
     join_pod_namespaces,
@@ -409,3 +410,10 @@ def test_defaults_mount_option_means_nothing() -> None:
 )
 def test_is_type(url: str, expected: bool) -> None:
     assert is_type(url, "runtimeoptions.v1.Options") is expected
+
+
+def test_is_pause_only_for_marked_sandbox_containers() -> None:
+    assert is_pause(cri_spec("sandbox", "p1"))
+    assert is_pause({"annotations": {"io.kubernetes.docker.type": "podsandbox"}})
+    assert not is_pause(cri_spec("container", "p1"))
+    assert not is_pause({})  # ctr run: a pod of one, its own workload

@@ -96,3 +96,18 @@ def to_v1_metrics(stats: pb.StatsContainerResponse) -> m.Metrics:
         ),
         memory_oom_control=m.MemoryOomControl(oom_kill=events.get("oom_kill", 0)),
     )
+
+
+def host_v1_metrics(
+    cpu_usage_ns: int | None, memory_bytes: int | None, pids: int | None
+) -> m.Metrics:
+    """containerd's v1 Metrics for the sandbox's host cgroup (QEMU, its threads and the
+    shim): what the pod really costs the host. Numbers the host lacks stay 0."""
+    return m.Metrics(
+        pids=m.PidsStat(current=pids or 0),
+        cpu=m.CPUStat(usage=m.CPUUsage(total=cpu_usage_ns or 0)),
+        memory=m.MemoryStat(
+            hierarchical_memory_limit=V1_UNLIMITED,
+            usage=m.MemoryEntry(usage=memory_bytes or 0, limit=V1_UNLIMITED),
+        ),
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from carapace.config import Config, load_config
-from carapace.errors import CarapaceError, InvalidArgument, NotFound
+from carapace.errors import CarapaceError, InvalidArgument, NotFound, StateError
 
 log = logging.getLogger("carapace")
 
@@ -76,6 +76,15 @@ def build_parser() -> ArgumentParser:
     gsub.add_parser("info", help="show the guest image manifest")
 
     sub.add_parser("gc", help="clean sandboxes whose owner process died")
+    ov = sub.add_parser(
+        "overhead", help="measure a pod's host cost and recommend RuntimeClass overhead"
+    )
+    ov.add_argument("--idle-seconds", type=float, default=10.0)
+    ov.add_argument("--load-seconds", type=float, default=5.0)
+    ov.add_argument("--json", action="store_true")
+    st = sub.add_parser("stats", help="a sandbox's host cost, from its host cgroup")
+    st.add_argument("sandbox", help="sandbox id (a CRI pod's id for the shim)")
+    st.add_argument("--json", action="store_true")
     from carapace.cli.install import add_install_parser
 
     add_install_parser(sub)
@@ -353,6 +362,38 @@ def cmd_gc(cfg: Config, args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
+    from carapace.hostcgroup import CgroupHandle
+    from carapace.sandbox.state import SandboxRecord
+
+    run_dir = Path(cfg.runtime.run_dir) / args.sandbox
+    try:
+        rec = SandboxRecord.load(run_dir)
+    except FileNotFoundError:
+        raise NotFound(f"no sandbox {args.sandbox!r} (nothing in {run_dir})") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise StateError(f"sandbox {args.sandbox}: unreadable state: {e}") from e
+    if not rec.cgroup:
+        raise StateError(f"sandbox {args.sandbox} has no host cgroup (state {rec.state})")
+    handle = CgroupHandle.from_record(rec.cgroup)
+    stats = handle.stats()
+    out = {
+        "sandbox": rec.id,
+        "cgroup": handle.path,
+        "cpu_usage_ns": stats.cpu_usage_ns,
+        "memory_bytes": stats.memory_bytes,
+        "pids": stats.pids,
+        "vcpus": rec.vcpus,
+        "vm_memory_mib": rec.memory_mib,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for key, value in out.items():
+            print(f"{key + ':':<15} {'-' if value is None else value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -373,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_guest(cfg, args)
         if args.command == "gc":
             return cmd_gc(cfg, args)
+        if args.command == "stats":
+            return cmd_stats(cfg, args)
+        if args.command == "overhead":
+            from carapace.cli.overhead import cmd_overhead
+
+            return cmd_overhead(cfg, args.idle_seconds, args.load_seconds, args.json)
         raise InvalidArgument(f"unknown command {args.command!r}")
     except CarapaceError as e:
         print(f"carapace: {e}", file=sys.stderr)

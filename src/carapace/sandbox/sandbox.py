@@ -34,7 +34,13 @@ from carapace.errors import (
     NotFound,
     StateError,
 )
-from carapace.hostcgroup import CgroupHandle, driver, parse_blkio_cgroup, resolve_devices
+from carapace.hostcgroup import (
+    CgroupHandle,
+    CgroupStats,
+    driver,
+    parse_blkio_cgroup,
+    resolve_devices,
+)
 from carapace.hostcgroup.blkio import ResolvedBlkioItem
 from carapace.hostcgroup.cgroupspath import sandbox_cgroup_path
 from carapace.hypervisor import VMSpec
@@ -587,6 +593,13 @@ class Sandbox:
     async def stats(self, container_id: str) -> pb.StatsContainerResponse:
         self._container(container_id)
         return await self._agent().stats_container(container_id)
+
+    def host_stats(self) -> CgroupStats:
+        """The sandbox's host cost: CPU time, memory and processes of its host cgroup
+        (QEMU and all its threads, and the shim daemon serving the pod)."""
+        if self.cgroup is None:
+            raise StateError(f"sandbox {self.id} has no host cgroup (state {self.record.state})")
+        return self.cgroup.stats()
 
     async def update(self, container_id: str, new: dict[str, Any]) -> None:
         """Apply OCI linux.resources to the container's cgroup in the guest, after

@@ -131,6 +131,16 @@ def is_pod_sandbox(container_id: str, spec: dict[str, Any]) -> bool:
     return pod_of(container_id, spec) == container_id
 
 
+def is_pause(spec: dict[str, Any]) -> bool:
+    """Whether the spec is a pod's pause container as CRI (or dockershim) marks it: a
+    placeholder that stands for the pod, running nothing of the user's."""
+    annotations = spec.get("annotations") or {}
+    return bool(
+        annotations.get(CRI_CONTAINER_TYPE) == "sandbox"
+        or annotations.get(DOCKER_CONTAINER_TYPE) == "podsandbox"
+    )
+
+
 #: Namespaces a pod's containers may share with its sandbox container in the guest.
 POD_SHARED_NAMESPACES = ("pid", "ipc", "uts")
 

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from carapace import __version__, linux
-from carapace.agent.metrics import to_v1_metrics
+from carapace.agent.metrics import host_v1_metrics, to_v1_metrics
 from carapace.config import Config, load_config
 from carapace.errors import (
     AlreadyExists,
@@ -38,6 +38,7 @@ from carapace.shim.events import Publisher, oneline
 from carapace.shim.params import (
     METRICS_URL,
     config_path_of,
+    is_pause,
     is_pod_sandbox,
     join_pod_namespaces,
     mount_options,
@@ -570,9 +571,15 @@ class TaskService:
         return Empty()
 
     async def stats(self, req: api.StatsRequest) -> api.StatsResponse:
-        self._container(req.id)
-        raw = await self._sandbox().stats(req.id)
-        metrics = to_v1_metrics(raw)
+        c = self._container(req.id)
+        sb = self._sandbox()
+        if is_pause(c.spec):
+            # a pause container stands for the pod: its stats are the pod's host cost
+            # (QEMU, its threads and the shim) from the sandbox's host cgroup
+            host = sb.host_stats()
+            metrics = host_v1_metrics(host.cpu_usage_ns, host.memory_bytes, host.pids)
+        else:
+            metrics = to_v1_metrics(await sb.stats(req.id))
         return api.StatsResponse(
             stats=AnyPb(type_url=METRICS_URL, value=metrics.SerializeToString())
         )

@@ -107,3 +107,38 @@ def test_ctr_default_cgroups_path_gives_a_namespace_pod_cgroup(ctr: CtrFn) -> No
         ctr("task", "delete", "--force", cid, check=False)
         ctr("containers", "rm", cid, check=False)
     assert not any(cid in g for g in host_cgroups())
+
+
+def test_pod_stats_are_the_sandboxs_host_cost(ctr: CtrFn) -> None:
+    """A pause container's Stats (ctr task metrics) and `carapace stats` read the
+    sandbox's host cgroup: QEMU's memory (hundreds of MiB), its threads, CPU time."""
+    import json
+    import subprocess
+
+    from ..conftest import CARAPACE as CLI
+
+    cid = f"cg-{uuid.uuid4().hex[:8]}"
+    ctr(
+        "run", "-d", "--runtime", CARAPACE,
+        "--annotation", "io.kubernetes.docker.type=podsandbox",
+        BUSYBOX_IMAGE, cid, "sleep", "3600",
+    )  # fmt: skip
+    try:
+        out = ctr("task", "metrics", cid).stdout
+        table = dict(
+            line.split()
+            for line in out.splitlines()
+            if len(line.split()) == 2 and not line.split()[0].isupper()
+        )
+        assert int(table["memory.usage_in_bytes"]) > 100 << 20, out
+        assert int(table["cpuacct.usage"]) > 0, out
+        assert int(table["pids.current"]) > 3, out  # QEMU's threads and the shim's
+        r = subprocess.run([CLI, "stats", cid, "--json"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        stats = json.loads(r.stdout)
+        assert stats["memory_bytes"] > 100 << 20
+        assert stats["cpu_usage_ns"] > 0 and stats["pids"] > 3
+        assert stats["cgroup"] == f"default/carapace-sandbox-{cid}"
+    finally:
+        ctr("task", "delete", "--force", cid, check=False)
+        ctr("containers", "rm", cid, check=False)
