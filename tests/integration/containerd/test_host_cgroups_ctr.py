@@ -142,3 +142,35 @@ def test_pod_stats_are_the_sandboxs_host_cost(ctr: CtrFn) -> None:
     finally:
         ctr("task", "delete", "--force", cid, check=False)
         ctr("containers", "rm", cid, check=False)
+
+
+def test_a_memory_limit_on_the_pod_cgroup_bounds_the_whole_sandbox(
+    ctr: CtrFn, pod_cgroup: str
+) -> None:
+    """Kubelet limits the pod cgroup (its containers + the RuntimeClass overhead); with
+    everything of the sandbox inside, a guest that fills its 1G cannot take more from
+    the host: the kernel enforces the pod's limit on QEMU (the OOM killer ends the VM)."""
+    limit = 640 << 20
+    memcg = CGROUP / "memory" / pod_cgroup
+    (memcg / "memory.limit_in_bytes").write_text(str(limit))
+    cid = f"cg-{uuid.uuid4().hex[:8]}"
+    ctr(
+        "run", "-d", "--runtime", CARAPACE, "--cgroup", f"/{pod_cgroup}/{cid}",
+        BUSYBOX_IMAGE, cid, "sleep", "3600",
+    )  # fmt: skip
+    try:
+        # 900 MiB into the guest's memory (the rootfs overlay lives in it): more than
+        # the pod may use on the host
+        ctr(
+            "task", "exec", "--exec-id", "fill", cid,
+            "dd", "if=/dev/zero", "of=/tmp/fill", "bs=1M", "count=900",
+            check=False, timeout=300,
+        )  # fmt: skip
+        peak = int((memcg / "memory.max_usage_in_bytes").read_text())
+        print(f"pod cgroup peak {peak >> 20} MiB of {limit >> 20} MiB")
+        assert peak <= limit
+        assert int((memcg / "memory.failcnt").read_text()) > 0  # the limit was hit
+    finally:
+        ctr("task", "delete", "--force", cid, check=False)
+        ctr("containers", "rm", cid, check=False)
+    assert not any(cid in g for g in host_cgroups())
