@@ -23,3 +23,7 @@ def test_at_least_10_millicores() -> None:
 def test_runtimeclass_snippet() -> None:
     text = Recommendation(70, 500).runtimeclass_overhead()
     assert text == 'overhead:\n  podFixed:\n    memory: "500Mi"\n    cpu: "70m"\n'
+
+
+def test_the_serving_process_memory_is_added() -> None:
+    assert recommend(phase(0.05, 400 * MiB), owner_rss=40 * MiB).memory_mib == 550

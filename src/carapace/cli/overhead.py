@@ -2,7 +2,8 @@
 recommend a RuntimeClass ``overhead.podFixed``.
 
 A pod of the configured size is booted; the sandbox's host cgroup (QEMU with all its
-threads; the shim daemon joins it too when containerd runs the pod) is sampled while
+threads, and this process standing in for the shim daemon that serves a pod) is
+sampled while
 the pod is idle and while a container runs a small CPU and memory load. The
 recommendation covers the idle cost (VMM, guest kernel, agent) with a margin: the
 containers' own usage is what their requests and limits are for.
@@ -52,12 +53,23 @@ class Recommendation:
         )
 
 
-def recommend(idle: Phase, margin: float = MARGIN) -> Recommendation:
+def recommend(idle: Phase, owner_rss: int = 0, margin: float = MARGIN) -> Recommendation:
     """podFixed from the idle cost with a margin, rounded up: CPU to 10 millicores (at
-    least 10m), memory to whole MiB."""
+    least 10m), memory to whole MiB. ``owner_rss``: the serving process's memory that
+    its cgroup does not show (pages it had before it joined stay charged where they
+    were)."""
     cpu = max(10, math.ceil(idle.cpu_cores * margin * 1000 / 10) * 10)
-    memory = math.ceil(idle.memory_peak_bytes * margin / MiB)
+    memory = math.ceil((idle.memory_peak_bytes + owner_rss) * margin / MiB)
     return Recommendation(cpu, memory)
+
+
+def own_rss() -> int:
+    """This process's resident memory (VmRSS) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 async def _sample(sb: Sandbox, seconds: float, busy: asyncio.Future[int] | None) -> Phase:
@@ -81,7 +93,9 @@ async def _sample(sb: Sandbox, seconds: float, busy: asyncio.Future[int] | None)
 
 
 async def measure(cfg: Config, idle_seconds: float, load_seconds: float) -> dict[str, object]:
-    sb = Sandbox(cfg, SandboxOptions())
+    # this process joins the sandbox cgroup as the shim daemon does: a Python process
+    # serving the pod is part of its cost
+    sb = Sandbox(cfg, SandboxOptions(join_owner=True))
     await sb.start()
     try:
         await asyncio.sleep(2)  # let the guest settle after boot
@@ -93,11 +107,13 @@ async def measure(cfg: Config, idle_seconds: float, load_seconds: float) -> dict
         status = await load_run
     finally:
         await sb.destroy()
-    rec = recommend(idle)
+    rss = own_rss()
+    rec = recommend(idle, rss)
     return {
         "vm": {"vcpus": sb.vcpus, "memory_mib": sb.memory_mib, "accel": sb.record.accel},
         "idle": asdict(idle),
         "load": {**asdict(loaded), "exit_status": status},
+        "serving_process_rss_bytes": rss,
         "margin": MARGIN,
         "recommended": {"cpu": f"{rec.cpu_millicores}m", "memory": f"{rec.memory_mib}Mi"},
         "runtimeclass": rec.runtimeclass_overhead(),
@@ -113,6 +129,7 @@ def cmd_overhead(cfg: Config, idle_seconds: float, load_seconds: float, as_json:
     print(f"pod VM: {vm}")
     print(f"idle:   {idle}")
     print(f"load:   {load}")
-    print(f"recommended RuntimeClass overhead (idle cost x {MARGIN}):")
+    print(f"serving process RSS (as a shim's): {result['serving_process_rss_bytes']}")
+    print(f"recommended RuntimeClass overhead ((idle cost + serving process) x {MARGIN}):")
     print(result["runtimeclass"], end="")
     return 0

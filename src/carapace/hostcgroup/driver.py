@@ -148,8 +148,19 @@ class CgroupHandle:
 
         return join_self
 
-    def join(self, pid: int) -> None:
-        """Move process ``pid`` (all its threads) into the cgroup."""
+    def join(self, pid: int, move_memory: bool = False) -> None:
+        """Move process ``pid`` (all its threads) into the cgroup. ``move_memory``: its
+        memory is charged here from now on (cgroup v1 leaves the pages a process had
+        charged where they were unless memory.move_charge_at_immigrate says so; v2
+        never moves them)."""
+        memory_dir = self.dirs.get("memory")
+        if move_memory and self.version == "v1" and memory_dir is not None:
+            knob = os.path.join(memory_dir, "memory.move_charge_at_immigrate")
+            if self.driver.fs.exists(knob):
+                # anonymous and file pages; newer kernels refuse it (deprecated): then
+                # only what the process allocates from now on is charged here
+                with contextlib.suppress(HostError):
+                    self.driver.fs.write(knob, "3")
         for p in self.procs_files():
             self.driver.fs.write(p, str(pid))
 

@@ -305,7 +305,7 @@ class Sandbox:
         self.record.save()
         if self.join_owner:
             self._owner_origin = self.cgroup.origin(os.getpid())
-            self.cgroup.join(os.getpid())
+            self.cgroup.join(os.getpid(), move_memory=True)
         if self.blkio:
             result = self.cgroup.set_blkio(self.blkio)
             for u in result.unapplied:
