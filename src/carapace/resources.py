@@ -406,6 +406,16 @@ def pod_memory(boot_memory: int, current: int, containers: Iterable[ContainerRes
     return max(current, want)
 
 
+def pod_limits(containers: Iterable[ContainerResources]) -> tuple[float | None, int | None]:
+    """The pod cgroup's CPU (CPUs) and memory (bytes) limits when only the vCPU threads
+    are placed there (sandbox_cgroup_only = false): the sums of the containers' limits;
+    None (no limit) when no container sets one."""
+    items = list(containers)
+    cpus = [r.cpus for r in items if r.cpus is not None]
+    memory = [r.memory for r in items if r.memory is not None]
+    return (sum(cpus) if cpus else None), (sum(memory) if memory else None)
+
+
 # -- the hypervisor's open files -------------------------------------------------------------
 
 

@@ -52,10 +52,12 @@ def shim_pids() -> set[int]:
 
 def host_cgroups() -> set[str]:
     """Sandbox cgroups on the host: [<hierarchy>/]carapace/<id>, or
-    <pod cgroup>/carapace-sandbox-<id> a few levels down."""
+    <pod cgroup>/carapace-sandbox-<id> or <pod cgroup>/carapace_<id> a few levels down."""
     root = Path("/sys/fs/cgroup")
     patterns = ["*/carapace/*", "carapace/*"] + [
-        "*/" * depth + "carapace-sandbox-*" for depth in range(1, 6)
+        "*/" * depth + name
+        for depth in range(1, 6)
+        for name in ("carapace-sandbox-*", "carapace_*")
     ]
     return {str(p) for pattern in patterns for p in root.glob(pattern) if p.is_dir()}
 

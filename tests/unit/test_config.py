@@ -254,3 +254,14 @@ def test_sandbox_cgroup_prefix_ours_or_katas() -> None:
     assert cfg.runtime.sandbox_cgroup_prefix == "kata-sandbox-"
     with pytest.raises(InvalidArgument, match="accepted: carapace-sandbox-, kata-sandbox-"):
         parse_config('[runtime]\nsandbox_cgroup_prefix = "x-"\n')
+
+
+def test_sandbox_cgroup_only_default_and_legacy() -> None:
+    assert parse_config("").runtime.sandbox_cgroup_only is True
+    cfg = parse_config(
+        '[runtime]\nsandbox_cgroup_only = false\ncontainer_cgroup_prefix = "kata_"\n'
+    )
+    assert (cfg.runtime.sandbox_cgroup_only, cfg.runtime.container_cgroup_prefix) == (
+        False,
+        "kata_",
+    )

@@ -387,3 +387,17 @@ def test_a_path_to_the_hosts_namespace_is_refused() -> None:
     msg = bad(r.check_namespaces, spec, "c1", lambda t, p: p == "/proc/1/ns/net")
     assert "host's network namespace (--net host)" in msg
     r.check_namespaces(spec, "c1", lambda t, p: False)
+
+
+# -- sandbox_cgroup_only = false: "the pod cgroup limited by the sum of all container limits"
+
+
+def test_pod_limits_sum_the_containers_limits() -> None:
+    pod = [CR(), CR(cpus=1.5, memory=GiB), CR(cpus=0.5, memory=512 * MiB)]
+    assert r.pod_limits(pod) == (2.0, GiB + 512 * MiB)
+
+
+def test_pod_limits_without_any_limit_are_none() -> None:
+    assert r.pod_limits([CR(), CR()]) == (None, None)
+    assert r.pod_limits([]) == (None, None)
+    assert r.pod_limits([CR(memory=GiB)]) == (None, GiB)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from carapace.errors import InvalidArgument
-from carapace.hostcgroup.cgroupspath import sandbox_cgroup_path
+from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,21 @@ def test_sandbox_cgroup_is_below_the_pod_cgroup(
 def test_sandbox_cgroup_prefix_is_ours_or_katas() -> None:
     with pytest.raises(InvalidArgument, match="accepted: carapace-sandbox-, kata-sandbox-"):
         sandbox_cgroup_path("/a/b", "sb1", "runc-")
+
+
+@pytest.mark.parametrize(
+    ("cgroups_path", "expected"),
+    [
+        ("/kubepods/pod1/container1", "kubepods/pod1"),
+        ("/default/c1", "default"),
+        (
+            "kubepods-besteffort-pod1.slice:cri-containerd:a",
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice",
+        ),
+        (None, "carapace/pod-sb1"),
+    ],
+)
+def test_pod_cgroup_is_the_parent_of_the_cgroups_path(
+    cgroups_path: str | None, expected: str
+) -> None:
+    assert pod_cgroup_path(cgroups_path, "sb1") == expected

@@ -54,6 +54,13 @@ class RuntimeConfig:
     #: the parent of the sandbox container's cgroupsPath): "carapace-sandbox-" or Kata's
     #: "kata-sandbox-" for tools that look for that name.
     sandbox_cgroup_prefix: str = "carapace-sandbox-"
+    #: true: the shim, QEMU and all its threads live in the sandbox cgroup below the pod
+    #: cgroup, which the caller sizes (pod overhead). false (legacy): only the vCPU
+    #: threads go into the pod cgroup, limited by the sum of the containers' limits;
+    #: QEMU and its other threads go to carapace/<id>, the shim to the sandbox
+    #: container's cgroup <pod>/<container_cgroup_prefix><id>. cgroup v1 only.
+    sandbox_cgroup_only: bool = True
+    container_cgroup_prefix: str = "carapace_"
 
 
 @dataclass

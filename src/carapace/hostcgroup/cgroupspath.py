@@ -153,3 +153,11 @@ def sandbox_cgroup_path(
         return f"{DEFAULT_SANDBOX_PARENT}/{sandbox_id}"
     pod = parse_cgroups_path(cgroups_path).under("/").parent()
     return posixpath.join(pod.relative_to_root(), f"{prefix}{sandbox_id}")
+
+
+def pod_cgroup_path(cgroups_path: str | None, sandbox_id: str) -> str:
+    """The pod cgroup, relative to a hierarchy's root: the parent of the sandbox
+    container's cgroupsPath, or carapace/pod-<id> when there is none."""
+    if not cgroups_path:
+        return f"{DEFAULT_SANDBOX_PARENT}/pod-{sandbox_id}"
+    return parse_cgroups_path(cgroups_path).under("/").parent().relative_to_root()

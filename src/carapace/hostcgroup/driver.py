@@ -197,6 +197,20 @@ class CgroupHandle:
         <cg>/<child> a threaded cgroup and writes to its cgroup.threads."""
         self.driver.add_threads(self, list(tids), check_relative_path(child, "child name"))
 
+    def place_threads(self, tids: Iterable[int]) -> None:
+        """Move single threads into this cgroup itself (v1: its ``tasks`` in the cpu,
+        cpuacct and cpuset hierarchies), leaving the rest of their process where it is.
+        cgroup v2 cannot: a thread stays in its process's domain."""
+        if self.version != "v1":
+            raise HostError(
+                f"cgroup {self.path}: cgroup v2 cannot place single threads outside their "
+                "process's cgroup (sandbox_cgroup_only = false needs cgroup v1)"
+            )
+        dirs = {d for c, d in self.dirs.items() if c in files.THREADED_CONTROLLERS_V1}
+        for d in sorted(dirs):
+            for tid in tids:
+                self.driver.fs.write(os.path.join(d, files.threads_file("v1")), str(tid))
+
     def set_cpu_limit(
         self,
         cpus: float | None,

@@ -28,6 +28,7 @@ from carapace.errors import (
     AgentError,
     AlreadyExists,
     CarapaceError,
+    HostError,
     HypervisorError,
     ImageError,
     InvalidArgument,
@@ -42,7 +43,7 @@ from carapace.hostcgroup import (
     resolve_devices,
 )
 from carapace.hostcgroup.blkio import ResolvedBlkioItem
-from carapace.hostcgroup.cgroupspath import sandbox_cgroup_path
+from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
 from carapace.hypervisor import VMSpec
 from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
@@ -77,6 +78,9 @@ def host_cpus() -> int:
 
 
 HOST_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio")
+#: The pod cgroup's controllers when it holds the vCPU threads (sandbox_cgroup_only =
+#: false).
+POD_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory")
 #: The child cgroup of the sandbox's that holds the vCPU threads.
 VCPU_CGROUP = "vcpus"
 
@@ -176,6 +180,9 @@ class Sandbox:
         self.cgroup: CgroupHandle | None = None
         self.join_owner = opts.join_owner
         self._owner_origin: list[str] = []
+        self._owner_cgroup: CgroupHandle | None = None
+        #: sandbox_cgroup_only = false: the pod cgroup that holds the vCPU threads
+        self.pod_cgroup: CgroupHandle | None = None
         # the pod cgroup is the parent of the sandbox container's (checked here, used
         # when the VM starts)
         self.cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
@@ -296,16 +303,40 @@ class Sandbox:
             raise
 
     def _make_cgroup(self) -> None:
-        """The sandbox's host cgroup (QEMU and its threads), with its block I/O limits."""
-        path = sandbox_cgroup_path(
-            self.cgroups_path, self.id, self.config.runtime.sandbox_cgroup_prefix
-        )
-        self.cgroup = driver().create(path, HOST_CGROUP_CONTROLLERS)
+        """The sandbox's host cgroups, with its block I/O limits. sandbox_cgroup_only:
+        one, <pod>/carapace-sandbox-<id>, for QEMU, its threads and the owner (shim).
+        Otherwise (legacy): QEMU in carapace/<id>, its vCPU threads later in the pod
+        cgroup, the owner in the sandbox container's <pod>/carapace_<id>."""
+        rt = self.config.runtime
+        drv = driver()
+        if rt.sandbox_cgroup_only:
+            path = sandbox_cgroup_path(self.cgroups_path, self.id, rt.sandbox_cgroup_prefix)
+        else:
+            if drv.version != "v1":
+                raise HostError(
+                    "sandbox_cgroup_only = false places single vCPU threads in the pod "
+                    "cgroup, which needs cgroup v1; this host has cgroup v2"
+                )
+            path = sandbox_cgroup_path(None, self.id)
+        self.cgroup = drv.create(path, HOST_CGROUP_CONTROLLERS)
         self.record.cgroup = self.cgroup.to_record()
         self.record.save()
+        owner_cgroup = self.cgroup
+        if not rt.sandbox_cgroup_only:
+            pod = pod_cgroup_path(self.cgroups_path, self.id)
+            self.pod_cgroup = drv.create(pod, POD_CGROUP_CONTROLLERS)
+            self.record.more_cgroups.insert(0, self.pod_cgroup.to_record())
+            self.record.save()
+            if self.join_owner:
+                owner_cgroup = drv.create(
+                    f"{pod}/{rt.container_cgroup_prefix}{self.id}", HOST_CGROUP_CONTROLLERS
+                )
+                self.record.more_cgroups.insert(0, owner_cgroup.to_record())
+                self.record.save()
         if self.join_owner:
-            self._owner_origin = self.cgroup.origin(os.getpid())
-            self.cgroup.join(os.getpid(), move_memory=True)
+            self._owner_origin = owner_cgroup.origin(os.getpid())
+            self._owner_cgroup = owner_cgroup
+            owner_cgroup.join(os.getpid(), move_memory=True)
         if self.blkio:
             result = self.cgroup.set_blkio(self.blkio)
             for u in result.unapplied:
@@ -324,7 +355,16 @@ class Sandbox:
         """A fractional CPU amount caps the vCPU threads' host CPU time: they move to
         the sandbox cgroup's ``vcpus`` child, limited to that many CPUs. Hot-added vCPUs
         join them; the cap follows the pod's CPUs (never below the boot amount)."""
-        if self.size.cpu_cap is None or self.vm is None or self.cgroup is None:
+        if self.vm is None or self.cgroup is None:
+            return
+        if self.pod_cgroup is not None:
+            # legacy placement: every vCPU thread in the pod cgroup, whose limits are
+            # the sum of the containers'
+            threads = await self.vm.vcpu_threads()
+            self.pod_cgroup.place_threads(threads.values())
+            self._apply_pod_limits()
+            return
+        if self.size.cpu_cap is None:
             return
         cpus = max(
             self.size.cpus,
@@ -385,9 +425,9 @@ class Sandbox:
         if self.vm is not None:
             await self.vm.stop(self.config.hypervisor.shutdown_timeout)
             self.record.state = "stopped"
-        if self._owner_origin and self.cgroup is not None:
+        if self._owner_origin and self._owner_cgroup is not None:
             try:
-                self.cgroup.move_to(os.getpid(), self._owner_origin)
+                self._owner_cgroup.move_to(os.getpid(), self._owner_origin)
                 self._owner_origin = []
             except CarapaceError as e:
                 log.warning("sandbox %s: cannot leave its cgroup: %s", self.id, e)
@@ -435,6 +475,7 @@ class Sandbox:
             await self._unshare(c)
             await self._refit()
             raise
+        self._apply_pod_limits()
 
     async def _unshare(self, c: _Container) -> None:
         for m in reversed(c.mounts):
@@ -667,9 +708,23 @@ class Sandbox:
             await self.set_size(max(vcpus, self.vcpus), memory_mib)
             self._pod_vcpus = max(self._pod_vcpus, vcpus)
 
+    def _apply_pod_limits(self) -> None:
+        """sandbox_cgroup_only = false: the pod cgroup (the vCPU threads) is limited by
+        the sum of the containers' CPU and memory limits."""
+        if self.pod_cgroup is None:
+            return
+        cpus, memory = resources.pod_limits(c.resources for c in self.containers.values())
+        try:
+            self.pod_cgroup.set_cpu_limit(cpus)
+            self.pod_cgroup.set_memory_limit(memory)
+        except CarapaceError as e:
+            log.warning("sandbox %s: cannot limit the pod cgroup: %s", self.id, e)
+
     async def _refit(self) -> None:
-        """After a container left or changed: give back vCPUs the pod no longer needs
-        (memory stays: it is only ever hot-added)."""
+        """After a container came, left or changed: the pod cgroup's limits follow, and
+        vCPUs the pod no longer needs are given back (memory stays: it is only ever
+        hot-added)."""
+        self._apply_pod_limits()
         if not self.hotplug or self.record.state != "running":
             return
         pod = [c.resources for c in self.containers.values()]

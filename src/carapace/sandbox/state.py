@@ -38,6 +38,8 @@ class SandboxRecord:
     containers: list[str] = field(default_factory=list)
     #: The host cgroup directories made for the sandbox (CgroupHandle.to_record()).
     cgroup: dict[str, Any] = field(default_factory=dict)
+    #: Other host cgroups made for it, removed in this order after ``cgroup``.
+    more_cgroups: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -99,12 +101,15 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
                 linux.umount(m, lazy=True)
         except OSError as e:
             problems.append(str(e))
-    if record.cgroup and not problems:
+    for cg in [record.cgroup, *record.more_cgroups] if not problems else []:
+        if not cg:
+            continue
         try:
-            CgroupHandle.from_record(record.cgroup).remove()
-            record.cgroup = {}
+            CgroupHandle.from_record(cg).remove()
         except CarapaceError as e:
             problems.append(str(e))
+    if not problems:
+        record.cgroup, record.more_cgroups = {}, []
     if not problems:
         shutil.rmtree(record.run_dir, ignore_errors=True)
         if os.path.exists(record.run_dir):

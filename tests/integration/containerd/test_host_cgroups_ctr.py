@@ -174,3 +174,43 @@ def test_a_memory_limit_on_the_pod_cgroup_bounds_the_whole_sandbox(
         ctr("task", "delete", "--force", cid, check=False)
         ctr("containers", "rm", cid, check=False)
     assert not any(cid in g for g in host_cgroups())
+
+
+def test_legacy_mode_places_only_the_vcpu_threads_in_the_pod_cgroup(
+    ctr: CtrFn, pod_cgroup: str, tmp_path: Path
+) -> None:
+    """sandbox_cgroup_only = false: exactly the vCPU threads in the pod cgroup, limited
+    by the sum of the containers' limits; QEMU and its other threads in
+    carapace/<id> (memory and the rest); the shim in <pod>/carapace_<id>."""
+    config = tmp_path / "configuration.toml"
+    config.write_text("[runtime]\nsandbox_cgroup_only = false\n")
+    cid = f"cg-{uuid.uuid4().hex[:8]}"
+    ctr(
+        "run", "-d", "--runtime", CARAPACE, "--runtime-config-path", str(config),
+        "--cgroup", f"/{pod_cgroup}/{cid}", "--cpus", "1", "--memory-limit", str(512 << 20),
+        BUSYBOX_IMAGE, cid, "sleep", "3600",
+    )  # fmt: skip
+    try:
+        qemu = qemu_of(cid)
+        tids = [int(t.name) for t in Path(f"/proc/{qemu}/task").iterdir()]
+        vcpus = {
+            t for t in tids if Path(f"/proc/{qemu}/task/{t}/comm").read_text().startswith("CPU ")
+        }
+        assert len(vcpus) == 1 and len(tids) > 2
+        pod_tasks = {int(x) for x in (CGROUP / "cpu" / pod_cgroup / "tasks").read_text().split()}
+        assert pod_tasks == vcpus
+        for t in tids:
+            where = cgroups_of(qemu, t)
+            assert where["memory"] == f"/carapace/{cid}", (t, where)
+            if t not in vcpus:
+                assert where["cpu"] == f"/carapace/{cid}", (t, where)
+        shim = shim_of(cid)
+        assert cgroups_of(shim, shim)["cpu"] == f"/{pod_cgroup}/carapace_{cid}"
+        cpu = CGROUP / "cpu" / pod_cgroup
+        assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "100000"  # --cpus 1
+        memory = (CGROUP / "memory" / pod_cgroup / "memory.limit_in_bytes").read_text()
+        assert int(memory) == 512 << 20
+    finally:
+        ctr("task", "delete", "--force", cid, check=False)
+        ctr("containers", "rm", cid, check=False)
+    assert not any(cid in g for g in host_cgroups())
