@@ -229,8 +229,8 @@ def test_runtimeclass_names_the_handler() -> None:
     assert "kind: RuntimeClass" in body
     assert "  name: carapace" in body
     assert "handler: carapace" in body
-    assert '    memory: "160Mi"' in body
-    assert '    cpu: "250m"' in body
+    assert '    memory: "372Mi"' in body
+    assert '    cpu: "20m"' in body
 
 
 # -- the command ----------------------------------------------------------------------
