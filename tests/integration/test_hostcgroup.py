@@ -38,10 +38,24 @@ from carapace.hostcgroup import (
 ROOT = Path("/sys/fs/cgroup")
 UNIFIED = ROOT / "unified"
 V1_CONTROLLERS = ("blkio", "cpu", "cpuacct", "memory", "pids")
-SEED_FOR_VDA = (
-    '{"blkiocgroup":[{"path":"/dev/vda","limits":[{"type":"throttle_read_bps","value":400},'
-    '{"type":"throttle_write_bps","value":400},{"type":"throttle_read_iops","value":700},'
-    '{"type":"throttle_write_iops","value":699}]},{"limits":[{"type":"blkio_weight","value":78}]}]}'
+# The seed's shape with workable numbers: its 400 bytes/s would throttle the page-ins of
+# every process in the cgroup (and of anyone waiting on the same pages) to a crawl.
+MIB400 = 400 << 20
+SEED_FOR_VDA = json.dumps(
+    {
+        "blkiocgroup": [
+            {
+                "path": "/dev/vda",
+                "limits": [
+                    {"type": "throttle_read_bps", "value": MIB400},
+                    {"type": "throttle_write_bps", "value": MIB400},
+                    {"type": "throttle_read_iops", "value": 70000},
+                    {"type": "throttle_write_iops", "value": 69999},
+                ],
+            },
+            {"limits": [{"type": "blkio_weight", "value": 78}]},
+        ]
+    }
 )
 # A process with a second thread that spins; prints that thread's id, then waits.
 SPINNER = (
@@ -130,10 +144,10 @@ def test_v1_placement_limits_stats_and_removal(
         result = h.set_blkio(resolve_devices(parse_blkio_cgroup(SEED_FOR_VDA)))
         blkio = ROOT / "blkio" / test_name / "sb"
         for name, value in (
-            ("read_bps", 400),
-            ("write_bps", 400),
-            ("read_iops", 700),
-            ("write_iops", 699),
+            ("read_bps", MIB400),
+            ("write_bps", MIB400),
+            ("read_iops", 70000),
+            ("write_iops", 69999),
         ):
             assert (blkio / f"blkio.throttle.{name}_device").read_text() == f"{dev} {value}\n"
         # the weight is either applied (and read back), or reported: never lost
