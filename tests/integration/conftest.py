@@ -51,10 +51,11 @@ def shim_pids() -> set[int]:
 
 
 def host_cgroups() -> set[str]:
-    """Sandbox cgroups on the host: [<hierarchy>/]carapace/<id>, or
+    """Sandbox cgroups on the host: [<hierarchy>/]carapace (itself too: it goes with
+    the last sandbox in it) and carapace/<id>, or
     <pod cgroup>/carapace-sandbox-<id> or <pod cgroup>/carapace_<id> a few levels down."""
     root = Path("/sys/fs/cgroup")
-    patterns = ["*/carapace/*", "carapace/*"] + [
+    patterns = ["*/carapace", "carapace", "*/carapace/*", "carapace/*"] + [
         "*/" * depth + name
         for depth in range(1, 6)
         for name in ("carapace-sandbox-*", "carapace_*")

@@ -410,6 +410,20 @@ def test_remove_refuses_a_leaf_holding_foreign_cgroups_but_leaves_shared_parents
         b.remove(timeout=0.05)
 
 
+def test_the_runtimes_own_parent_goes_with_the_last_cgroup_in_it(tmp_path: Path) -> None:
+    """carapace/ is carapace's own: whichever sandbox leaves last removes it, whoever
+    made it (without own_parents, b would leave it behind)."""
+    fs = v1_tree(tmp_path)
+    drv = CgroupV1(str(tmp_path), fs)
+    a = drv.create("carapace/a", ["pids"], own_parents=1)
+    b = drv.create("carapace/b", ["pids"], own_parents=1)
+    assert b.created == [f"{tmp_path}/pids/carapace", f"{tmp_path}/pids/carapace/b"]
+    a.remove()
+    assert (tmp_path / "pids" / "carapace" / "b").is_dir()  # b's still there
+    b.remove()
+    assert not (tmp_path / "pids" / "carapace").exists()
+
+
 def test_record_round_trip_lets_another_process_remove(tmp_path: Path) -> None:
     fs = v1_tree(tmp_path)
     h = CgroupV1(str(tmp_path), fs).create("carapace/sb", ["cpu", "memory", "blkio"])

@@ -161,3 +161,9 @@ def pod_cgroup_path(cgroups_path: str | None, sandbox_id: str) -> str:
     if not cgroups_path:
         return f"{DEFAULT_SANDBOX_PARENT}/pod-{sandbox_id}"
     return parse_cgroups_path(cgroups_path).under("/").parent().relative_to_root()
+
+
+def own_parents(path: str) -> int:
+    """How many leading components of a cgroup path are carapace's own directory
+    (``carapace/...``): 1 or 0 (see CgroupDriver.create)."""
+    return 1 if path.split("/", 1)[0] == DEFAULT_SANDBOX_PARENT and "/" in path else 0

@@ -390,9 +390,12 @@ class CgroupDriver(ABC):
         self.fs = fs or CgroupFs()
 
     @abstractmethod
-    def create(self, path: str, controllers: Iterable[str]) -> CgroupHandle:
+    def create(self, path: str, controllers: Iterable[str], own_parents: int = 0) -> CgroupHandle:
         """Create cgroup ``path`` with ``controllers``; the handle records what it made.
-        On failure whatever this call made is removed again."""
+        On failure whatever this call made is removed again. ``own_parents``: the first
+        components of ``path`` are the runtime's own (e.g. ``carapace``): the handle
+        counts them as made even when another handle made them, so whichever removes
+        the last cgroup in them removes them too."""
 
     @abstractmethod
     def add_threads(self, handle: CgroupHandle, tids: list[int], child: str) -> None: ...
@@ -401,20 +404,23 @@ class CgroupDriver(ABC):
     def member_dirs(self, where: dict[str, str], controllers: Iterable[str]) -> list[str]:
         """The directories named by a parsed /proc/PID/cgroup for ``controllers``."""
 
-    def _mkdirs(self, top: str, rel: str, created: list[str]) -> list[str]:
+    def _mkdirs(self, top: str, rel: str, created: list[str], own: int = 0) -> list[str]:
         """mkdir each component of ``rel`` below ``top``, top-down, appending the ones
-        made to ``created``; returns the chain of directories. Retries when a shared
-        parent vanishes under us (its creator removing it)."""
+        made (and the first ``own`` ones, made or found) to ``created``; returns the
+        chain of directories. Retries when a shared parent vanishes under us (its
+        creator removing it)."""
         for attempt in range(_CREATE_ATTEMPTS):
             chain: list[str] = []
             current = top
             try:
-                for part in rel.split("/"):
+                for i, part in enumerate(rel.split("/")):
                     current = os.path.join(current, part)
                     self._before_mkdir(os.path.dirname(current))
                     if self.fs.mkdir(current):
                         created.append(current)
                         self._after_mkdir(current)
+                    elif i < own and current not in created:
+                        created.append(current)
                     chain.append(current)
                 return chain
             except FileNotFoundError:
@@ -482,7 +488,7 @@ class CgroupV1(CgroupDriver):
         }
         return sorted(dirs)
 
-    def create(self, path: str, controllers: Iterable[str]) -> CgroupHandle:
+    def create(self, path: str, controllers: Iterable[str], own_parents: int = 0) -> CgroupHandle:
         rel = check_relative_path(path)
         names: list[str] = []
         for c in controllers:
@@ -505,7 +511,7 @@ class CgroupV1(CgroupDriver):
                 if n in dirs:
                     continue
                 top = self.hierarchy(n)
-                leaf = self._mkdirs(top, rel, created)[-1]
+                leaf = self._mkdirs(top, rel, created, own_parents)[-1]
                 for same in by_mount[os.path.realpath(top)]:
                     dirs[same] = leaf
         except BaseException:
@@ -553,13 +559,13 @@ class CgroupV2(CgroupDriver):
             return []
         return [os.path.normpath(os.path.join(self.root, where[""].lstrip("/")))]
 
-    def create(self, path: str, controllers: Iterable[str]) -> CgroupHandle:
+    def create(self, path: str, controllers: Iterable[str], own_parents: int = 0) -> CgroupHandle:
         rel = check_relative_path(path)
         names = {files.controller_name("v2", c) for c in controllers}
         created: list[str] = []
         self._enable = names
         try:
-            leaf = self._mkdirs(self.root, rel, created)[-1]
+            leaf = self._mkdirs(self.root, rel, created, own_parents)[-1]
         except BaseException:
             self._undo(created)
             raise

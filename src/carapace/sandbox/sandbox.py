@@ -43,7 +43,7 @@ from carapace.hostcgroup import (
     resolve_devices,
 )
 from carapace.hostcgroup.blkio import ResolvedBlkioItem
-from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
+from carapace.hostcgroup.cgroupspath import own_parents, pod_cgroup_path, sandbox_cgroup_path
 from carapace.hypervisor import VMSpec
 from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
@@ -318,13 +318,13 @@ class Sandbox:
                     "cgroup, which needs cgroup v1; this host has cgroup v2"
                 )
             path = sandbox_cgroup_path(None, self.id)
-        self.cgroup = drv.create(path, HOST_CGROUP_CONTROLLERS)
+        self.cgroup = drv.create(path, HOST_CGROUP_CONTROLLERS, own_parents(path))
         self.record.cgroup = self.cgroup.to_record()
         self.record.save()
         owner_cgroup = self.cgroup
         if not rt.sandbox_cgroup_only:
             pod = pod_cgroup_path(self.cgroups_path, self.id)
-            self.pod_cgroup = drv.create(pod, POD_CGROUP_CONTROLLERS)
+            self.pod_cgroup = drv.create(pod, POD_CGROUP_CONTROLLERS, own_parents(pod))
             self.record.more_cgroups.insert(0, self.pod_cgroup.to_record())
             self.record.save()
             if self.join_owner:
