@@ -73,27 +73,12 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def host_cpus() -> int:
-    return hostinfo.usable_cpus()
-
-
 HOST_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio")
 #: The pod cgroup's controllers when it holds the vCPU threads (sandbox_cgroup_only =
 #: false).
 POD_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory")
 #: The child cgroup of the sandbox's that holds the vCPU threads.
 VCPU_CGROUP = "vcpus"
-
-
-#: The most memory a VM grows to when the configuration leaves it to the host's size.
-MAX_MEMORY_MIB = 256 * 1024
-
-
-def host_memory_mib() -> int:
-    """The host's physical memory in MiB, at most 256 GiB."""
-    return min(
-        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // sizing.MiB, MAX_MEMORY_MIB
-    )
 
 
 @dataclass
@@ -145,11 +130,12 @@ class Sandbox:
         self.id = check_id(opts.sandbox_id or secrets.token_hex(6), "sandbox id")
         self.hostname = opts.hostname
         self.annotations = dict(opts.annotations)
+        host_cpus = hostinfo.usable_cpus()
         self.size = resources.sandbox_size(
             self.annotations,
             default_cpus=hv.default_vcpus,
             default_memory_mib=hv.default_memory,
-            host_cpus=host_cpus(),
+            host_cpus=host_cpus,
             cpus=opts.cpus,
             memory=opts.memory,
         )
@@ -159,8 +145,10 @@ class Sandbox:
         # the most the VM can grow to while it runs (hotplug headroom)
         self.max_vcpus, self.max_memory_mib = self.vcpus, self.memory_mib
         if self.hotplug:
-            self.max_vcpus = max(self.vcpus, min(hv.default_maxvcpus or host_cpus(), host_cpus()))
-            self.max_memory_mib = max(self.memory_mib, hv.default_maxmemory or host_memory_mib())
+            self.max_vcpus = max(self.vcpus, min(hv.default_maxvcpus or host_cpus, host_cpus))
+            # by default the host's memory, at most the largest VM (256G)
+            host_mib = min(hostinfo.memory_total(), resources.MAX_MEMORY) // sizing.MiB
+            self.max_memory_mib = max(self.memory_mib, hv.default_maxmemory or host_mib)
         spec = opts.sandbox_spec or {}
         if opts.sandbox_spec is not None:
             resources.check_namespaces(spec, self.id, hostinfo.is_host_namespace)
@@ -352,9 +340,10 @@ class Sandbox:
                 log.warning("sandbox %s: %s", self.id, w)
 
     async def _place_vcpus(self) -> None:
-        """A fractional CPU amount caps the vCPU threads' host CPU time: they move to
-        the sandbox cgroup's ``vcpus`` child, limited to that many CPUs. Hot-added vCPUs
-        join them; the cap follows the pod's CPUs (never below the boot amount)."""
+        """Place the vCPU threads (again after hotplug). Legacy (sandbox_cgroup_only =
+        false): all of them in the pod cgroup. Otherwise only for a fractional CPU
+        amount, which caps their host CPU time: they move to the sandbox cgroup's
+        ``vcpus`` child, limited to the pod's CPUs (never below the boot amount)."""
         if self.vm is None or self.cgroup is None:
             return
         if self.pod_cgroup is not None:
