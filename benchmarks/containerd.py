@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +63,7 @@ from tests.integration.containerd.rig import (  # noqa: E402
     RUNC,
     ContainerdRig,
     RigError,
+    pod_config,
 )
 
 #: The benchmark's own containerd: not the test rigs' directories, bridge or subnet
@@ -299,24 +299,6 @@ def measure_ctr_run(rig: ContainerdRig, runtime: str, cid: str) -> float:
 # -- 4. CRI pods --------------------------------------------------------------------------
 
 
-def pod_config(name: str, log_dir: str, label: str) -> api.PodSandboxConfig:
-    return api.PodSandboxConfig(
-        metadata=api.PodSandboxMetadata(
-            name=name, uid=uuid.uuid4().hex, namespace="carapace-bench", attempt=0
-        ),
-        hostname=name,
-        log_directory=log_dir,
-        labels={"carapace-bench": label},
-        linux=api.LinuxPodSandboxConfig(
-            security_context=api.LinuxSandboxSecurityContext(
-                namespace_options=api.NamespaceOption(
-                    network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER
-                )
-            )
-        ),
-    )
-
-
 @dataclass
 class PodRun:
     name: str
@@ -329,7 +311,7 @@ class PodRun:
 def start_pod(rt: Any, pod: PodRun, log_dir: str, label: str, go: threading.Event) -> None:
     """RunPodSandbox, CreateContainer, StartContainer, then ContainerStatus until the
     container is running; ``pod`` gets the ids as they come (for the cleanup)."""
-    config = pod_config(pod.name, log_dir, label)
+    config = pod_config(pod.name, log_dir, "carapace-bench", {"carapace-bench": label})
     go.wait()
     t0 = time.perf_counter()
     try:

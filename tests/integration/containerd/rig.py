@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,37 @@ def host_dirs_containerd_may_create() -> list[Path]:
             if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"):
                 dirs += [Path(_unescape_mount_path(fields[1])) / ns for ns in NAMESPACES]
     return [*dirs, Path("/var/lib/cni/results"), Path("/var/lib/cni"), Path("/run/netns")]
+
+
+def pod_config(
+    name: str, log_dir: str, namespace: str = "carapace-tests", labels: dict[str, str] | None = None
+) -> Any:
+    """A CRI PodSandboxConfig (pod network, private pid namespace), labelled ``test=name``
+    unless ``labels`` are given."""
+    from cri_api import (
+        LinuxPodSandboxConfig,
+        LinuxSandboxSecurityContext,
+        NamespaceMode,
+        NamespaceOption,
+        PodSandboxConfig,
+        PodSandboxMetadata,
+    )
+
+    return PodSandboxConfig(
+        metadata=PodSandboxMetadata(
+            name=name, uid=uuid.uuid4().hex, namespace=namespace, attempt=0
+        ),
+        hostname=name,
+        log_directory=log_dir,
+        labels={"test": name} if labels is None else labels,
+        linux=LinuxPodSandboxConfig(
+            security_context=LinuxSandboxSecurityContext(
+                namespace_options=NamespaceOption(
+                    network=NamespaceMode.POD, pid=NamespaceMode.CONTAINER
+                )
+            )
+        ),
+    )
 
 
 def netns_names() -> set[str]:

@@ -19,8 +19,7 @@ from carapace.shim.params import socket_path
 from ..conftest import RUN_ROOT, host_kernel
 from ..procs import processes, qemu_of
 from .conftest import CtrFn
-from .rig import BUSYBOX_IMAGE, CARAPACE, ContainerdRig, CriClient
-from .test_runc import pod_config
+from .rig import BUSYBOX_IMAGE, CARAPACE, ContainerdRig, CriClient, pod_config
 
 BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
 

@@ -10,7 +10,16 @@ from pathlib import Path
 import cri_api as api
 
 from .conftest import CtrFn
-from .rig import BUSYBOX_IMAGE, NAMESPACES, PAUSE_IMAGE, POD_SUBNET, RUNC, ContainerdRig, CriClient
+from .rig import (
+    BUSYBOX_IMAGE,
+    NAMESPACES,
+    PAUSE_IMAGE,
+    POD_SUBNET,
+    RUNC,
+    ContainerdRig,
+    CriClient,
+    pod_config,
+)
 
 
 def test_images_imported(containerd: ContainerdRig, ctr: CtrFn, cri: CriClient) -> None:
@@ -30,24 +39,6 @@ def test_ctr_run_runc(ctr: CtrFn) -> None:
     r = ctr("run", "--rm", "--runtime", RUNC, BUSYBOX_IMAGE, cid, "echo", "hello", timeout=60)
     assert r.stdout == "hello\n"
     assert r.stderr == ""
-
-
-def pod_config(name: str, log_dir: str) -> api.PodSandboxConfig:
-    return api.PodSandboxConfig(
-        metadata=api.PodSandboxMetadata(
-            name=name, uid=uuid.uuid4().hex, namespace="carapace-tests", attempt=0
-        ),
-        hostname=name,
-        log_directory=log_dir,
-        labels={"test": name},
-        linux=api.LinuxPodSandboxConfig(
-            security_context=api.LinuxSandboxSecurityContext(
-                namespace_options=api.NamespaceOption(
-                    network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER
-                )
-            )
-        ),
-    )
 
 
 def test_cri_pod_with_runc(cri: CriClient, tmp_path: Path) -> None:
