@@ -171,10 +171,17 @@ class Sandbox:
         self._owner_cgroup: CgroupHandle | None = None
         #: sandbox_cgroup_only = false: the pod cgroup that holds the vCPU threads
         self.pod_cgroup: CgroupHandle | None = None
-        # the pod cgroup is the parent of the sandbox container's (checked here, used
-        # when the VM starts)
-        self.cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
-        sandbox_cgroup_path(self.cgroups_path, self.id, config.runtime.sandbox_cgroup_prefix)
+        # where the host cgroups go (worked out here, so a bad cgroupsPath is refused
+        # before anything exists): the pod cgroup is the parent of the sandbox
+        # container's; legacy mode puts QEMU in carapace/<id>
+        rt = config.runtime
+        cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
+        self.cgroup_path = sandbox_cgroup_path(
+            cgroups_path if rt.sandbox_cgroup_only else None, self.id, rt.sandbox_cgroup_prefix
+        )
+        self.pod_cgroup_path = (
+            None if rt.sandbox_cgroup_only else pod_cgroup_path(cgroups_path, self.id)
+        )
         self._resize_lock = asyncio.Lock()
         #: the vCPUs the pod's containers last needed (hotplug follows its changes)
         self._pod_vcpus = self.vcpus
@@ -295,30 +302,25 @@ class Sandbox:
         one, <pod>/carapace-sandbox-<id>, for QEMU, its threads and the owner (shim).
         Otherwise (legacy): QEMU in carapace/<id>, its vCPU threads later in the pod
         cgroup, the owner in the sandbox container's <pod>/carapace_<id>."""
-        rt = self.config.runtime
         drv = driver()
-        if rt.sandbox_cgroup_only:
-            path = sandbox_cgroup_path(self.cgroups_path, self.id, rt.sandbox_cgroup_prefix)
-        else:
-            if drv.version != "v1":
-                raise HostError(
-                    "sandbox_cgroup_only = false places single vCPU threads in the pod "
-                    "cgroup, which needs cgroup v1; this host has cgroup v2"
-                )
-            path = sandbox_cgroup_path(None, self.id)
+        pod = self.pod_cgroup_path
+        if pod is not None and drv.version != "v1":
+            raise HostError(
+                "sandbox_cgroup_only = false places single vCPU threads in the pod "
+                "cgroup, which needs cgroup v1; this host has cgroup v2"
+            )
+        path = self.cgroup_path
         self.cgroup = drv.create(path, HOST_CGROUP_CONTROLLERS, own_parents(path))
         self.record.cgroup = self.cgroup.to_record()
         self.record.save()
         owner_cgroup = self.cgroup
-        if not rt.sandbox_cgroup_only:
-            pod = pod_cgroup_path(self.cgroups_path, self.id)
+        if pod is not None:
             self.pod_cgroup = drv.create(pod, POD_CGROUP_CONTROLLERS, own_parents(pod))
             self.record.more_cgroups.insert(0, self.pod_cgroup.to_record())
             self.record.save()
             if self.join_owner:
-                owner_cgroup = drv.create(
-                    f"{pod}/{rt.container_cgroup_prefix}{self.id}", HOST_CGROUP_CONTROLLERS
-                )
+                prefix = self.config.runtime.container_cgroup_prefix
+                owner_cgroup = drv.create(f"{pod}/{prefix}{self.id}", HOST_CGROUP_CONTROLLERS)
                 self.record.more_cgroups.insert(0, owner_cgroup.to_record())
                 self.record.save()
         if self.join_owner:
