@@ -225,6 +225,16 @@ class Sandbox:
     def shared_dir(self) -> Path:
         return self.run_dir / "shared"
 
+    @property
+    def vm_pid(self) -> int:
+        """The VM process's pid on the host (0 before start)."""
+        return self.record.qemu_pid
+
+    async def wait_vm(self) -> int:
+        """Wait until the VM process exits; returns its exit status."""
+        assert self.vm is not None
+        return await self.vm.wait()
+
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:

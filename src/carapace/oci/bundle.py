@@ -1,0 +1,256 @@
+"""The OCI spec at the edge: ``Bundle.load`` reads a bundle's ``config.json`` once and
+validates what carapace reads from it; ``Spec`` is the typed, frozen view everything
+past the edge uses (the shim, the sandbox, the CLI).
+
+The whole document travels on to the guest (``Spec.to_dict``): the agent hands it to
+crun, so a field carapace does not read is not lost on the way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from carapace.errors import InvalidArgument, NotFound
+from carapace.protocols import contract
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """One entry of linux.namespaces: a type, and the path of one to join (or '')."""
+
+    type: str
+    path: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "path": self.path} if self.path else {"type": self.type}
+
+
+def _field(where: str, name: str, value: object, expected: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: {name} is {value!r}; accepted: {expected}")
+
+
+def _object(data: Mapping[str, Any], key: str, where: str, name: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _field(where, name, value, "a JSON object")
+    return value
+
+
+def _string(data: Mapping[str, Any], key: str, where: str, name: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _field(where, name, value, "a string")
+    return value
+
+
+def _annotations(data: Mapping[str, Any], where: str) -> dict[str, str]:
+    raw = _object(data, "annotations", where, "annotations")
+    for k, v in raw.items():
+        if not isinstance(v, str):
+            raise _field(where, f"annotations[{k!r}]", v, "a string")
+    return dict(raw)
+
+
+def _namespaces(linux: Mapping[str, Any], where: str) -> tuple[Namespace, ...]:
+    raw = linux.get("namespaces")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise _field(where, "linux.namespaces", raw, "a list of {type, path} objects")
+    out = []
+    for i, ns in enumerate(raw):
+        name = f"linux.namespaces[{i}]"
+        if not isinstance(ns, dict):
+            raise _field(where, name, ns, "an object with a type and an optional path")
+        kind = _string(ns, "type", where, f"{name}.type")
+        if not kind:
+            raise _field(where, f"{name}.type", ns.get("type"), "a namespace type such as pid")
+        out.append(Namespace(kind, _string(ns, "path", where, f"{name}.path")))
+    return tuple(out)
+
+
+def _files_limit(resources: Mapping[str, Any], where: str) -> int | None:
+    files = resources.get("files")
+    if files is None:
+        return None
+    name = "linux.resources.files.limit (--files-limit)"
+    if not isinstance(files, dict):
+        raise _field(where, "linux.resources.files", files, "an object with a limit")
+    raw = files.get("limit")
+    if raw is None:
+        return None
+    try:
+        n = int(str(raw).strip()) if not isinstance(raw, bool) else -1
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise _field(
+            where, name, raw, "0 (fs.file-max / 400) or a positive number of open files"
+        )
+    return n
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated OCI runtime spec. Typed fields for what carapace reads; ``to_dict``
+    gives the whole document (a copy) for the guest."""
+
+    _data: Mapping[str, Any] = field(repr=False)
+    annotations: Mapping[str, str]
+    hostname: str
+    root_path: str
+    terminal: bool
+    cgroups_path: str
+    namespaces: tuple[Namespace, ...]
+    #: linux.resources as the spec gives them (parsed by ``carapace.resources``).
+    resources: Mapping[str, Any] | None
+    #: linux.resources.files.limit (openEuler's ``--files-limit``), checked.
+    files_limit: int | None
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "spec") -> Spec:
+        """Validate ``data`` (a parsed config.json); wrong types raise InvalidArgument
+        naming the field, the value and what is accepted."""
+        if not isinstance(data, dict):
+            raise _field(where, "the document", type(data).__name__, "a JSON object")
+        process = data.get("process")
+        if not isinstance(process, dict):
+            raise _field(where, "process", process, "an object (the container's process)")
+        terminal = process.get("terminal", False)
+        if not isinstance(terminal, bool):
+            raise _field(where, "process.terminal", terminal, "true or false")
+        root = _object(data, "root", where, "root")
+        linux = _object(data, "linux", where, "linux")
+        resources = linux.get("resources")
+        if resources is not None and not isinstance(resources, dict):
+            raise _field(where, "linux.resources", resources, "a JSON object")
+        data = copy.deepcopy(data)
+        return cls(
+            _data=data,
+            annotations=_annotations(data, where),
+            hostname=_string(data, "hostname", where, "hostname"),
+            root_path=_string(root, "path", where, "root.path") or "rootfs",
+            terminal=terminal,
+            cgroups_path=_string(linux, "cgroupsPath", where, "linux.cgroupsPath"),
+            namespaces=_namespaces(linux, where),
+            resources=copy.deepcopy(resources),
+            files_limit=_files_limit(resources or {}, where),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole document (a deep copy), as the guest gets it."""
+        return copy.deepcopy(dict(self._data))
+
+    @property
+    def process(self) -> dict[str, Any]:
+        """A copy of the spec's process object."""
+        return copy.deepcopy(dict(self._data["process"]))
+
+    # -- derived specs -------------------------------------------------------------------
+
+    def with_terminal(self, terminal: bool) -> Spec:
+        data = self.to_dict()
+        data["process"]["terminal"] = terminal
+        return replace(self, _data=data, terminal=terminal)
+
+    def with_namespaces(self, namespaces: tuple[Namespace, ...]) -> Spec:
+        data = self.to_dict()
+        data.setdefault("linux", {})["namespaces"] = [ns.to_dict() for ns in namespaces]
+        return replace(self, _data=data, namespaces=namespaces)
+
+    # -- the pod a container belongs to (containerd CRI, CRI-O's spelling, dockershim) --
+
+    @property
+    def container_type(self) -> str:
+        """'sandbox' (the pod's pause container), 'container' (a pod member) or ''
+        (no type annotation: a container that is its own pod)."""
+        a = self.annotations
+        if contract.CRI_CONTAINER_TYPE in a:
+            return "sandbox" if a[contract.CRI_CONTAINER_TYPE] == "sandbox" else "container"
+        if contract.DOCKER_CONTAINER_TYPE in a:
+            kind = a[contract.DOCKER_CONTAINER_TYPE]
+            return "sandbox" if kind == "podsandbox" else "container"
+        return ""
+
+    def pod_id(self, container_id: str) -> str:
+        """The pod (shim group) the container belongs to: the sandbox-id annotation, or
+        the container itself when it is not part of a pod."""
+        a = self.annotations
+        if a.get(contract.DOCKER_CONTAINER_TYPE) == "podsandbox":
+            return container_id
+        return a.get(contract.CRI_SANDBOX_ID) or a.get(contract.DOCKER_SANDBOX_ID) or container_id
+
+    def is_pod_sandbox(self, container_id: str) -> bool:
+        """Whether this container makes the pod (CRI's pause container, or a container
+        that is its own pod)."""
+        kind = self.container_type
+        if kind:
+            return kind == "sandbox"
+        return self.pod_id(container_id) == container_id
+
+    @property
+    def is_pause(self) -> bool:
+        """Whether the engine marks this spec as a pod's pause container: a placeholder
+        that stands for the pod, running nothing of the user's."""
+        return self.container_type == "sandbox"
+
+
+def _read_config(path: Path) -> object:
+    """The one place a config.json is read and parsed."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise NotFound(f"bundle {path.parent}: no {CONFIG_FILE}; an OCI bundle needs one") from None
+    except OSError as e:
+        raise InvalidArgument(f"bundle {path.parent}: cannot read {CONFIG_FILE}: {e}") from e
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"bundle {path.parent}: {CONFIG_FILE} is not valid JSON: {e}") from e
+
+
+def resolve_root(bundle: Path, root_path: str) -> Path:
+    """The rootfs of a bundle: ``root.path`` relative to the bundle, which it may not
+    leave (``..``); an absolute path (as Podman writes) is taken as it is."""
+    p = Path(root_path)
+    if p.is_absolute():
+        return Path(os.path.normpath(p))
+    resolved = Path(os.path.normpath(bundle / p))
+    if os.path.commonpath([resolved, os.path.normpath(bundle)]) != os.path.normpath(bundle):
+        raise InvalidArgument(
+            f"bundle {bundle}: root.path {root_path!r} leaves the bundle; accepted: a path "
+            "inside the bundle or an absolute path"
+        )
+    return resolved
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An OCI bundle: its directory, its spec and its rootfs (resolved once)."""
+
+    path: Path
+    spec: Spec
+    rootfs: Path
+
+    @classmethod
+    def load(cls, path: Path | str, *, check_rootfs: bool = True) -> Bundle:
+        """Read ``config.json`` once and validate it. ``check_rootfs``: the rootfs must
+        be a directory now (not so for a shim, which mounts it later)."""
+        bundle = Path(path).absolute()
+        spec = Spec.from_dict(_read_config(bundle / CONFIG_FILE), f"bundle {bundle}")
+        rootfs = resolve_root(bundle, spec.root_path)
+        if check_rootfs and not rootfs.is_dir():
+            raise NotFound(f"bundle {bundle}: rootfs {rootfs} is not a directory")
+        return cls(bundle, spec, rootfs)

@@ -1,0 +1,80 @@
+"""The contract constants shared by the host and the guest: one home for each.
+
+Stdlib only (it is shipped into the guest, see ``SHIPPED``). A name that two sides must
+spell the same way lives here and nowhere else; everything else imports it.
+"""
+
+from __future__ import annotations
+
+# -- the agent channel and API ------------------------------------------------------
+
+#: The ttrpc service the guest agent serves.
+AGENT_SERVICE = "carapace.agent.v1.Agent"
+#: The virtio-serial port name of the agent channel (QEMU ``virtserialport name=``;
+#: the guest finds the port under /sys/class/virtio-ports by it).
+AGENT_PORT_NAME = "carapace.agent"
+
+# -- the pod's shared filesystem ------------------------------------------------------
+
+#: The mount tag of the pod's shared directory (9p ``mount_tag``).
+SHARE_TAG = "carapace"
+#: Where the agent mounts the pod's shared directory in the guest.
+GUEST_SHARED_DIR = "/run/carapace/shared"
+#: The agent's own state in the guest.
+GUEST_STATE_DIR = "/run/carapace"
+
+
+def guest_rootfs_path(container_id: str) -> str:
+    """Where a container's rootfs (shared by the host) is in the guest."""
+    return f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
+
+
+# -- namespaces -------------------------------------------------------------------------
+
+#: A namespace path in a spec handed to the agent that names a guest namespace (of the
+#: pod's sandbox container): ``guest:/proc/<pid>/ns/<type>``.
+GUEST_NS_PREFIX = "guest:"
+
+
+def guest_namespace_path(guest_pid: int, kind: str) -> str:
+    return f"{GUEST_NS_PREFIX}/proc/{guest_pid}/ns/{kind}"
+
+
+# -- the VM process on the host -------------------------------------------------------
+
+#: QEMU's ``-name`` of a pod VM is ``carapace-<sandbox id>``; `gc` and release find a
+#: sandbox's QEMU by it in /proc/<pid>/cmdline.
+VM_NAME_PREFIX = "carapace-"
+
+
+def vm_name(sandbox_id: str) -> str:
+    return f"{VM_NAME_PREFIX}{sandbox_id}"
+
+
+# -- host cgroups ---------------------------------------------------------------------
+
+#: The kernel's default CFS period (µs): CPU amounts become quota/period with it.
+CFS_PERIOD_US = 100_000
+#: The child of a sandbox's host cgroup that holds its vCPU threads.
+VCPU_CGROUP = "vcpus"
+
+# -- annotations ------------------------------------------------------------------------
+
+#: openEuler's (virtcontainers') sandbox annotations.
+SANDBOX_CPU = "com.github.containers.virtcontainers.sandbox_cpu"
+SANDBOX_MEM = "com.github.containers.virtcontainers.sandbox_mem"
+BLKIO_CGROUP = "com.github.containers.virtcontainers.blkio_cgroup"
+FILES_LIMIT = "com.github.containers.virtcontainers.files_limit"
+#: Kata's hypervisor annotations.
+KATA_VCPUS = "io.katacontainers.config.hypervisor.default_vcpus"
+KATA_MEMORY = "io.katacontainers.config.hypervisor.default_memory"  # MiB, as in Kata
+#: containerd CRI's pod sizing annotations (the sum of the pod's containers' limits).
+CRI_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+CRI_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+CRI_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
+CRI_MEMORY = "io.kubernetes.cri.sandbox-memory"
+#: Pod grouping: containerd CRI, then dockershim (which openEuler's examples use).
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "container"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+DOCKER_CONTAINER_TYPE = "io.kubernetes.docker.type"  # "podsandbox" or "container"
+DOCKER_SANDBOX_ID = "io.kubernetes.sandbox.id"
