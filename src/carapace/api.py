@@ -71,7 +71,7 @@ class Sandbox:
 
     @property
     def qemu_pid(self) -> int:
-        return self._sandbox.record.qemu_pid
+        return self._sandbox.vm_pid
 
     @property
     def run_dir(self) -> Path:

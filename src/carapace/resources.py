@@ -32,23 +32,43 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carapace.errors import InvalidArgument
+from carapace.hypervisor.base import MEMORY_BLOCK_MIB
+from carapace.protocols.contract import (
+    BLKIO_CGROUP,
+    CFS_PERIOD_US,
+    CRI_CPU_PERIOD,
+    CRI_CPU_QUOTA,
+    CRI_CPU_SHARES,
+    CRI_MEMORY,
+    FILES_LIMIT,
+    KATA_MEMORY,
+    KATA_VCPUS,
+    SANDBOX_CPU,
+    SANDBOX_MEM,
+)
 from carapace.sizing import GiB, MiB, format_size, parse_size
 
-# -- annotations -------------------------------------------------------------------
+if TYPE_CHECKING:
+    from carapace.oci.bundle import Namespace
 
-SANDBOX_CPU = "com.github.containers.virtcontainers.sandbox_cpu"
-SANDBOX_MEM = "com.github.containers.virtcontainers.sandbox_mem"
-BLKIO_CGROUP = "com.github.containers.virtcontainers.blkio_cgroup"
-FILES_LIMIT = "com.github.containers.virtcontainers.files_limit"
-KATA_VCPUS = "io.katacontainers.config.hypervisor.default_vcpus"
-KATA_MEMORY = "io.katacontainers.config.hypervisor.default_memory"  # MiB, as in Kata
-CRI_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
-CRI_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
-CRI_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
-CRI_MEMORY = "io.kubernetes.cri.sandbox-memory"
+__all__ = [
+    "BLKIO_CGROUP",
+    "CRI_CPU_PERIOD",
+    "CRI_CPU_QUOTA",
+    "CRI_CPU_SHARES",
+    "CRI_MEMORY",
+    "FILES_LIMIT",
+    "KATA_MEMORY",
+    "KATA_VCPUS",
+    "SANDBOX_CPU",
+    "SANDBOX_MEM",
+]
+
+# -- annotations (their names are contract constants) --------------------------------
+
 #: Annotations that describe the pod VM, so only its sandbox (pause) container sets them.
 SANDBOX_ONLY = (SANDBOX_CPU, SANDBOX_MEM, BLKIO_CGROUP, FILES_LIMIT)
 
@@ -58,8 +78,8 @@ MIN_CPUS = 0.5
 MIN_MEMORY = 1 * GiB
 MAX_MEMORY = 256 * GiB
 DEFAULT_MEMORY = 1 * GiB
-#: Hot-added memory comes in whole guest memory blocks (128 MiB on x86).
-MEMORY_BLOCK = 128 * MiB
+#: Hot-added memory comes in whole guest memory blocks (the hypervisor's block size).
+MEMORY_BLOCK = MEMORY_BLOCK_MIB * MiB
 #: Below this, a files limit is raised to it.
 MIN_FILES_LIMIT = 1024
 #: files_limit = 0 means fs.file-max divided by this.
@@ -67,7 +87,7 @@ FILES_LIMIT_DIVISOR = 400
 #: Namespaces a container may not share with the host (the VM has its own kernel).
 HOST_NAMESPACES_REFUSED = ("network", "ipc", "pid", "uts")
 _NS_FLAG = {"network": "--net", "ipc": "--ipc", "pid": "--pid", "uts": "--uts"}
-DEFAULT_CPU_PERIOD = 100_000  # µs, the kernel's default CFS period
+DEFAULT_CPU_PERIOD = CFS_PERIOD_US
 
 
 @dataclass(frozen=True)
@@ -253,23 +273,22 @@ def check_sandbox_only(
 
 
 def check_namespaces(
-    spec: Mapping[str, Any],
+    namespaces: Iterable[Namespace],
     container_id: str,
     is_host_namespace: Callable[[str, str], bool] = lambda ns_type, path: False,
 ) -> None:
     """Refuse a spec that would share the host's net, ipc, pid or uts namespace: in OCI
     a namespace type missing from linux.namespaces means the host's, and so does a path
     to the host's own namespace (``is_host_namespace(type, path)`` tells)."""
-    linux = spec.get("linux") or {}
-    entries = [ns for ns in linux.get("namespaces") or [] if isinstance(ns, dict)]
-    have = {ns.get("type") for ns in entries}
+    entries = list(namespaces)
+    have = {ns.type for ns in entries}
     missing = [t for t in HOST_NAMESPACES_REFUSED if t not in have]
     missing += [
-        str(ns["type"])
+        ns.type
         for ns in entries
-        if ns.get("type") in HOST_NAMESPACES_REFUSED
-        and ns.get("path")
-        and is_host_namespace(str(ns["type"]), str(ns["path"]))
+        if ns.type in HOST_NAMESPACES_REFUSED
+        and ns.path
+        and is_host_namespace(ns.type, ns.path)
     ]
     if missing:
         flags = ", ".join(f"{_NS_FLAG[t]} host" for t in missing)
@@ -397,12 +416,17 @@ def pod_vcpus(boot_vcpus: int, containers: Iterable[ContainerResources]) -> int:
     return max(boot_vcpus, vcpus_for(total) if total > 0 else 0)
 
 
-def pod_memory(boot_memory: int, current: int, containers: Iterable[ContainerResources]) -> int:
+def pod_memory(
+    boot_memory: int,
+    current: int,
+    containers: Iterable[ContainerResources],
+    block: int = MEMORY_BLOCK,
+) -> int:
     """Bytes of memory the VM should have: max(boot memory, sum of the containers'
     limits), rounded up to whole memory blocks, never less than it has (memory is only
     ever hot-added): 1G + a 4G container → 4G, not 5G."""
     total = sum(r.memory for r in containers if r.memory is not None)
-    want = max(boot_memory, math.ceil(total / MEMORY_BLOCK) * MEMORY_BLOCK)
+    want = max(boot_memory, math.ceil(total / block) * block)
     return max(current, want)
 
 
@@ -419,16 +443,15 @@ def pod_limits(containers: Iterable[ContainerResources]) -> tuple[float | None, 
 # -- the hypervisor's open files -------------------------------------------------------------
 
 
-def files_limit_value(spec: Mapping[str, Any], annotations: Mapping[str, str]) -> int | None:
-    """The files limit asked for: the spec's ``linux.resources.files.limit`` (as
-    openEuler's ``--files-limit`` carries it) or the files_limit annotation."""
-    files = ((spec.get("linux") or {}).get("resources") or {}).get("files") or {}
-    raw: object = files.get("limit") if isinstance(files, dict) else None
-    what = "linux.resources.files.limit (--files-limit)"
-    if raw is None and FILES_LIMIT in annotations:
-        raw, what = annotations[FILES_LIMIT], f"annotation {FILES_LIMIT}"
-    if raw is None:
+def files_limit_value(asked: int | None, annotations: Mapping[str, str]) -> int | None:
+    """The files limit asked for: ``asked`` (the spec's ``linux.resources.files.limit``,
+    as openEuler's ``--files-limit`` carries it, checked by the OCI edge) or the
+    files_limit annotation."""
+    if asked is not None:
+        return asked
+    if FILES_LIMIT not in annotations:
         return None
+    raw, what = annotations[FILES_LIMIT], f"annotation {FILES_LIMIT}"
     try:
         n = int(str(raw).strip())
     except ValueError:

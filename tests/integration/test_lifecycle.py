@@ -11,6 +11,7 @@ import pytest
 
 from carapace.config import load_config
 from carapace.errors import HypervisorError, InvalidArgument
+from carapace.oci.bundle import Spec
 from carapace.oci.spec import default_spec, process_spec
 from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
 
@@ -23,7 +24,7 @@ async def _lifecycle() -> None:
     try:
         rootfs = sb.image().rootfs
         # a long-running container, killed with SIGKILL from the host: 137
-        await sb.create_container("sleeper", default_spec(["sleep", "300"]), rootfs)
+        await sb.create_container("sleeper", Spec.from_dict(default_spec(["sleep", "300"])), rootfs)
         await sb.start_container("sleeper")
         # exec into it while it runs
         out: list[bytes] = []

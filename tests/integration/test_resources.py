@@ -21,6 +21,7 @@ import carapace
 from carapace import resources as r
 from carapace.config import Config, load_config
 from carapace.errors import InvalidArgument
+from carapace.oci.bundle import Spec
 from carapace.oci.spec import default_spec
 from carapace.sandbox import Sandbox as AsyncSandbox
 from carapace.sandbox import SandboxOptions
@@ -136,7 +137,9 @@ def test_seed_host_network_refused_nothing_created() -> None:
         ns for ns in spec["linux"]["namespaces"] if ns["type"] != "network"
     ]
     with pytest.raises(InvalidArgument, match=r"host's network namespace \(--net host\)"):
-        AsyncSandbox(load_config(), SandboxOptions(sandbox_id="hostnet", sandbox_spec=spec))
+        AsyncSandbox(
+            load_config(), SandboxOptions(sandbox_id="hostnet", sandbox_spec=Spec.from_dict(spec))
+        )
     nothing_of("hostnet")
 
 
@@ -145,7 +148,9 @@ def test_host_pid_container_refused_in_a_running_pod(shared_sandbox: carapace.Sa
     spec = default_spec(["true"])
     spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "pid"]
     with pytest.raises(InvalidArgument, match=r"host's pid namespace \(--pid host\)"):
-        call(shared_sandbox, sb.create_container("hostpid", spec, sb.image().rootfs))
+        call(
+            shared_sandbox, sb.create_container("hostpid", Spec.from_dict(spec), sb.image().rootfs)
+        )
     assert "hostpid" not in sb.containers
     assert not (sb.shared_dir / "hostpid").exists()
     assert shared_sandbox.run(["true"]).exit_code == 0  # the pod lives on
@@ -171,7 +176,10 @@ def run_spec(sb: carapace.Sandbox, spec: dict[str, Any], cid: str) -> tuple[int,
     out: list[bytes] = []
     from carapace.sandbox import ProcessIO
 
-    status = call(sb, inner(sb).run(spec=spec, container_id=cid, io=ProcessIO(stdout=out.append)))
+    status = call(
+        sb,
+        inner(sb).run(spec=Spec.from_dict(spec), container_id=cid, io=ProcessIO(stdout=out.append)),
+    )
     return status, b"".join(out)
 
 
@@ -210,7 +218,10 @@ def test_seed_oom_inside_the_vm_kills_only_the_container(
     the VM and its other containers live on."""
     sb = inner(shared_sandbox)
     rootfs = sb.image().rootfs
-    call(shared_sandbox, sb.create_container("bystander", default_spec(["sleep", "60"]), rootfs))
+    call(
+        shared_sandbox,
+        sb.create_container("bystander", Spec.from_dict(default_spec(["sleep", "60"])), rootfs),
+    )
     try:
         call(shared_sandbox, sb.start_container("bystander"))
         hog = spec_with(
@@ -321,7 +332,12 @@ def pod() -> Iterator[carapace.Sandbox]:
     """A pod with hotplug on: the 1 vCPU / 1G default, a pause container."""
     with carapace.Sandbox(config=hotplug_config()) as sb:
         s = inner(sb)
-        call(sb, s.create_container("pause", default_spec(["sleep", "3600"]), s.image().rootfs))
+        call(
+            sb,
+            s.create_container(
+                "pause", Spec.from_dict(default_spec(["sleep", "3600"])), s.image().rootfs
+            ),
+        )
         call(sb, s.start_container("pause"))
         yield sb
         call(sb, s.kill("pause", 9))
@@ -345,7 +361,7 @@ def test_seed_cpu_and_memory_hotplug_follow_the_pods_containers(pod: carapace.Sa
     spec = spec_with(
         ["sleep", "3600"], cpu={"quota": want * 100000, "period": 100000}, memory=4 * GiB
     )
-    call(pod, sb.create_container("big", spec, sb.image().rootfs))
+    call(pod, sb.create_container("big", Spec.from_dict(spec), sb.image().rootfs))
     try:
         call(pod, sb.start_container("big"))
         nproc, online, mem = probe(pod)
@@ -367,7 +383,7 @@ def test_hotplug_beyond_the_host_refused(pod: carapace.Sandbox) -> None:
     too_many = len(os.sched_getaffinity(0)) + 1
     spec = spec_with(["true"], cpu={"quota": too_many * 100000, "period": 100000})
     with pytest.raises(InvalidArgument, match=f"need {too_many} vCPUs"):
-        call(pod, sb.create_container("toomany", spec, sb.image().rootfs))
+        call(pod, sb.create_container("toomany", Spec.from_dict(spec), sb.image().rootfs))
     assert "toomany" not in sb.containers
     assert probe(pod)[0] == "1"
 
@@ -378,7 +394,12 @@ def test_update_grows_the_pod(pod: carapace.Sandbox) -> None:
     sb = inner(pod)
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 host CPUs")
-    call(pod, sb.create_container("upd", default_spec(["sleep", "3600"]), sb.image().rootfs))
+    call(
+        pod,
+        sb.create_container(
+            "upd", Spec.from_dict(default_spec(["sleep", "3600"])), sb.image().rootfs
+        ),
+    )
     try:
         call(pod, sb.start_container("upd"))
         call(pod, sb.update("upd", {"cpu": {"quota": 200000, "period": 100000}}))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from carapace.errors import HypervisorError, InvalidArgument
+from carapace.hypervisor.base import align_up, memory_headroom_mib
 from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.hotplug import (
     CpuSlot,
     Dimm,
-    align_up,
     cpu_device_add_args,
     cpu_device_id,
-    memory_headroom_mib,
     next_memory_index,
     parse_hotpluggable_cpus,
     parse_memory_devices,
@@ -181,7 +180,7 @@ def test_memory_devices_and_next_index() -> None:
 
 
 def test_memory_add_plan_and_its_qmp_arguments() -> None:
-    add = plan_memory_add(3000, parse_memory_devices(MEMORY_DEVICES), 1024, 8192)
+    add = plan_memory_add(3000, parse_memory_devices(MEMORY_DEVICES), 1024, 8192 - 1024)
     assert (add.index, add.size_mib) == (1, 3072)
     assert add.object_add_args() == {
         "qom-type": "memory-backend-ram",
@@ -194,9 +193,9 @@ def test_memory_add_plan_and_its_qmp_arguments() -> None:
 def test_memory_add_above_maxmem_is_refused() -> None:
     dimms = [Dimm("dimm0", 6144, 0)]
     # 1024 boot + 6144 plugged: 1024 left of 8192
-    assert plan_memory_add(1024, dimms, 1024, 8192).size_mib == 1024
+    assert plan_memory_add(1024, dimms, 1024, 8192 - 1024).size_mib == 1024
     with pytest.raises(InvalidArgument) as exc:
-        plan_memory_add(1025, dimms, 1024, 8192)
+        plan_memory_add(1025, dimms, 1024, 8192 - 1024)
     msg = str(exc.value)
     assert "1152 MiB (1025 MiB aligned up to 128 MiB blocks)" in msg
     assert "1024 MiB left; the VM has 7168 MiB and can grow to 8192 MiB" in msg
@@ -207,9 +206,9 @@ def test_memory_add_without_headroom_or_slots_is_refused() -> None:
         plan_memory_add(128, [], 1024, 0)
     full = [Dimm(f"dimm{i}", 128, i) for i in range(hotplug.MEMORY_SLOTS)]
     with pytest.raises(InvalidArgument, match="all 16 DIMM slots are in use"):
-        plan_memory_add(128, full, 1024, 65536)
+        plan_memory_add(128, full, 1024, 65536 - 1024)
     with pytest.raises(InvalidArgument, match="accepted: a positive size"):
-        plan_memory_add(0, [], 1024, 8192)
+        plan_memory_add(0, [], 1024, 8192 - 1024)
 
 
 def test_cpu_slot_order_defaults() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from carapace import resources as r
 from carapace.errors import InvalidArgument
+from carapace.oci.bundle import Namespace, Spec
 from carapace.resources import ContainerResources as CR
 from carapace.sizing import GiB, MiB
 
@@ -187,8 +188,8 @@ def test_sandbox_only_annotation_copied_from_the_pod_is_accepted() -> None:
 # -- "--net host, --ipc host, --pid host, and --uts host are not supported" -------------------
 
 
-def spec_with(*types: str) -> dict[str, object]:
-    return {"linux": {"namespaces": [{"type": t} for t in types]}}
+def spec_with(*types: str) -> tuple[Namespace, ...]:
+    return tuple(Namespace(t) for t in types)
 
 
 @pytest.mark.parametrize(
@@ -207,22 +208,18 @@ def test_seed_host_namespaces_refused(missing: str, flag: str) -> None:
 
 
 def test_host_namespaces_all_named() -> None:
-    msg = bad(r.check_namespaces, {"linux": {}}, "c1")
+    msg = bad(r.check_namespaces, (), "c1")
     assert "network and ipc and pid and uts namespaces" in msg
 
 
 def test_private_or_pod_namespaces_accepted() -> None:
     r.check_namespaces(spec_with("network", "ipc", "pid", "uts", "mount"), "c1")
-    joined = {
-        "linux": {
-            "namespaces": [
-                {"type": "network", "path": "/var/run/netns/cni-1"},
-                {"type": "ipc", "path": "guest:/proc/1/ns/ipc"},
-                {"type": "pid"},
-                {"type": "uts", "path": "guest:/proc/1/ns/uts"},
-            ]
-        }
-    }
+    joined = (
+        Namespace("network", "/var/run/netns/cni-1"),
+        Namespace("ipc", "guest:/proc/1/ns/ipc"),
+        Namespace("pid"),
+        Namespace("uts", "guest:/proc/1/ns/uts"),
+    )
     r.check_namespaces(joined, "c1")
 
 
@@ -353,15 +350,15 @@ def test_files_limit_capped_at_the_hosts_limit_with_a_warning() -> None:
 
 
 def test_files_limit_from_spec_or_annotation() -> None:
-    spec = {"linux": {"resources": {"files": {"limit": 100}}}}
-    assert r.files_limit_value(spec, {}) == 100
-    assert r.files_limit_value({}, {r.FILES_LIMIT: "0"}) == 0
-    assert r.files_limit_value(spec, {r.FILES_LIMIT: "5"}) == 100  # the spec wins
-    assert r.files_limit_value({}, {}) is None
-    msg = bad(r.files_limit_value, {}, {r.FILES_LIMIT: "-3"})
+    spec = Spec.from_dict({"process": {}, "linux": {"resources": {"files": {"limit": 100}}}})
+    assert r.files_limit_value(spec.files_limit, {}) == 100
+    assert r.files_limit_value(None, {r.FILES_LIMIT: "0"}) == 0
+    assert r.files_limit_value(spec.files_limit, {r.FILES_LIMIT: "5"}) == 100  # the spec wins
+    assert r.files_limit_value(None, {}) is None
+    msg = bad(r.files_limit_value, None, {r.FILES_LIMIT: "-3"})
     assert r.FILES_LIMIT in msg and "'-3'" in msg
     assert "--files-limit" in bad(
-        r.files_limit_value, {"linux": {"resources": {"files": {"limit": "x"}}}}, {}
+        Spec.from_dict, {"process": {}, "linux": {"resources": {"files": {"limit": "x"}}}}
     )
 
 
@@ -374,16 +371,7 @@ def test_update_keeps_what_it_leaves_out() -> None:
 
 
 def test_a_path_to_the_hosts_namespace_is_refused() -> None:
-    spec = {
-        "linux": {
-            "namespaces": [
-                {"type": "network", "path": "/proc/1/ns/net"},
-                {"type": "ipc"},
-                {"type": "pid"},
-                {"type": "uts"},
-            ]
-        }
-    }
+    spec = (Namespace("network", "/proc/1/ns/net"), *spec_with("ipc", "pid", "uts"))
     msg = bad(r.check_namespaces, spec, "c1", lambda t, p: p == "/proc/1/ns/net")
     assert "host's network namespace (--net host)" in msg
     r.check_namespaces(spec, "c1", lambda t, p: False)

@@ -15,6 +15,7 @@ import pytest
 
 from carapace.sandbox.state import (
     STATE_FILE,
+    Runstate,
     SandboxRecord,
     pid_alive,
     release,
@@ -59,7 +60,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_defaults() -> None:
     before = time.time()
     rec = SandboxRecord(id="x", run_dir="/run/carapace/x")
-    assert rec.state == "creating"
+    assert rec.state is Runstate.CREATED
     assert rec.owner_pid == os.getpid()
     assert before <= rec.created_at <= time.time()
     assert rec.path == Path("/run/carapace/x") / STATE_FILE

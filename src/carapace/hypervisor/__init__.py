@@ -1,53 +1,48 @@
-"""The hypervisor interface: what a Sandbox needs from a VM, independent of QEMU."""
+"""The hypervisor: the VM interface a sandbox needs (``base``) and the way to get one.
+
+``new_vm`` and ``choose_accelerator`` are the only doors to the implementation
+(``carapace.hypervisor.qemu``), so nothing outside this package imports QEMU modules.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Kernel parameters every guest boots with (quiet, fast, trusted CPU RNG for Python).
-BASE_KERNEL_PARAMS = (
-    "console=ttyS0 quiet panic=-1 random.trust_cpu=on 8250.nr_uarts=1 tsc=reliable "
-    "no_timer_check rcupdate.rcu_expedited=1 i8042.noaux i8042.nomux i8042.nopnp "
-    "i8042.dumbkbd cryptomgr.notests"
+from carapace.hypervisor.base import (
+    BASE_KERNEL_PARAMS,
+    MEMORY_BLOCK_MIB,
+    VM,
+    AccelChoice,
+    VMSpec,
+    memory_headroom_mib,
+    tail,
 )
 
+__all__ = [
+    "BASE_KERNEL_PARAMS",
+    "MEMORY_BLOCK_MIB",
+    "VM",
+    "AccelChoice",
+    "VMSpec",
+    "choose_accelerator",
+    "memory_headroom_mib",
+    "new_vm",
+    "tail",
+]
 
-@dataclass(frozen=True)
-class VMSpec:
-    """Everything needed to start one pod VM."""
 
-    name: str
-    run_dir: Path
-    kernel: Path
-    initrd: Path
-    vcpus: int
-    memory_mib: int
-    accel: str  # "kvm" or "tcg"
-    shared_dir: Path
-    kernel_params: str = ""
-    #: Hotplug headroom: the most vCPUs / MiB of memory the VM can grow to while it
-    #: runs. At most ``vcpus`` / ``memory_mib`` (the default 0 included): no headroom.
-    max_vcpus: int = 0
-    max_memory_mib: int = 0
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
+def new_vm(binary: str, spec: VMSpec, die_with_owner: bool = True) -> VM:
+    """A VM (not started yet) for ``spec``, run by the hypervisor binary ``binary``."""
+    from carapace.hypervisor.qemu.vm import QemuVM
 
-    @property
-    def agent_socket(self) -> Path:
-        return self.run_dir / "agent.sock"
+    return QemuVM(binary, spec, die_with_owner=die_with_owner)
 
-    @property
-    def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
 
-    @property
-    def console_log(self) -> Path:
-        return self.run_dir / "console.log"
+def choose_accelerator(
+    setting: str, binary: str, kernel: Path, initrd: Path, cache: Path
+) -> AccelChoice:
+    """The accelerator to run VMs under: by configuration, or by probing (KVM only
+    where a guest really boots under it), cached in ``cache``."""
+    from carapace.hypervisor.qemu import accel
 
-    @property
-    def qemu_log(self) -> Path:
-        return self.run_dir / "qemu.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run_dir / "qemu.pid"
+    return accel.choose_accelerator(setting, binary, kernel, initrd, cache)

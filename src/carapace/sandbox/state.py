@@ -7,27 +7,100 @@ gc`, a shim's delete) can find and release it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from carapace import linux
-from carapace.errors import CarapaceError
+from carapace.errors import CarapaceError, StateError
 from carapace.hostcgroup import CgroupHandle
+from carapace.protocols.contract import VM_NAME_PREFIX
 
 STATE_FILE = "state.json"
+
+
+class Runstate(StrEnum):
+    """Where a sandbox is in its life."""
+
+    CREATED = "created"  # planned; its run dir, cgroups and VM are being made
+    RUNNING = "running"  # the VM is up and its agent answered
+    STOPPED = "stopped"  # the VM is gone; what it held is being released
+    DELETED = "deleted"  # everything released
+
+
+#: The moves a sandbox may make; any other is a bug.
+TRANSITIONS: dict[Runstate, frozenset[Runstate]] = {
+    Runstate.CREATED: frozenset({Runstate.RUNNING, Runstate.STOPPED, Runstate.DELETED}),
+    Runstate.RUNNING: frozenset({Runstate.STOPPED, Runstate.DELETED}),
+    Runstate.STOPPED: frozenset({Runstate.DELETED}),
+    Runstate.DELETED: frozenset(),
+}
+
+
+def check_transition(current: Runstate, new: Runstate, what: str) -> None:
+    if new not in TRANSITIONS[current]:
+        raise StateError(
+            f"{what}: cannot go from state {current.value} to {new.value}; from "
+            f"{current.value}: {', '.join(s.value for s in TRANSITIONS[current]) or 'none'}"
+        )
+
+
+class Guarded(Protocol):
+    def require(self, what: str, *states: Runstate) -> None:
+        """Raise StateError unless in one of ``states``."""
+
+
+G = TypeVar("G", bound=Guarded)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def requires(
+    *states: Runstate,
+) -> Callable[
+    [Callable[Concatenate[G, P], Coroutine[Any, Any, T]]],
+    Callable[Concatenate[G, P], Coroutine[Any, Any, T]],
+]:
+    """Refuse a call unless the object is in one of ``states`` (a StateError naming
+    the state it is in and the ones the call needs)."""
+
+    def wrap(
+        fn: Callable[Concatenate[G, P], Coroutine[Any, Any, T]],
+    ) -> Callable[Concatenate[G, P], Coroutine[Any, Any, T]]:
+        async def guarded(self: G, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            self.require(fn.__name__, *states)
+            return await fn(self, *args, **kwargs)
+
+        functools.update_wrapper(guarded, fn)
+        return guarded
+
+    return wrap
+
+
+def _runstate(value: object) -> Runstate:
+    if value == "creating":  # records written before the states had names
+        return Runstate.CREATED
+    try:
+        return Runstate(str(value))
+    except ValueError:
+        raise ValueError(
+            f"state {value!r}; accepted: {', '.join(s.value for s in Runstate)}"
+        ) from None
 
 
 @dataclass
 class SandboxRecord:
     id: str
     run_dir: str
-    state: str = "creating"  # creating -> running -> stopped -> deleted
+    state: Runstate = Runstate.CREATED
     owner_pid: int = field(default_factory=os.getpid)
     created_at: float = field(default_factory=time.time)
     qemu_pid: int = 0
@@ -54,6 +127,8 @@ class SandboxRecord:
     def load(cls, run_dir: Path) -> SandboxRecord:
         data = json.loads((run_dir / STATE_FILE).read_text())
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "state" in known:
+            known["state"] = _runstate(known["state"])
         return cls(**known)
 
 
@@ -79,7 +154,7 @@ def _is_our_qemu(pid: int, sandbox_id: str) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return any(a.startswith(f"carapace-{sandbox_id},".encode()) for a in argv)
+    return any(a.startswith(f"{VM_NAME_PREFIX}{sandbox_id},".encode()) for a in argv)
 
 
 def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:

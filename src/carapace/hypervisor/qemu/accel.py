@@ -14,20 +14,13 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from carapace.hypervisor import BASE_KERNEL_PARAMS
+from carapace.hypervisor.base import BASE_KERNEL_PARAMS, AccelChoice
 
 PROBE_MARKER = "CARAPACE-PROBE-OK"
 PROBE_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class AccelChoice:
-    accel: str  # "kvm" or "tcg"
-    reason: str
-    cached: bool = False
 
 
 def kvm_precheck(dev: str = "/dev/kvm", sysmodule: str = "/sys/module") -> str | None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from carapace.hypervisor import BASE_KERNEL_PARAMS, VMSpec
-from carapace.hypervisor.qemu.hotplug import MEMORY_SLOTS, memory_headroom_mib
-
-AGENT_PORT_NAME = "carapace.agent"
-SHARE_TAG = "carapace"
-
+from carapace.hypervisor.base import BASE_KERNEL_PARAMS, VMSpec
+from carapace.hypervisor.qemu.hotplug import MEMORY_SLOTS
+from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG
 
 #: Kernel parameter given when memory can be hot-added: the guest kernel onlines a new
 #: memory block itself as ACPI adds it (the agent's OnlineCPUMem is the safety net).
@@ -25,7 +22,7 @@ def smp_arg(spec: VMSpec) -> str:
 
 def memory_arg(spec: VMSpec) -> str:
     """``-m``: the boot memory, and with headroom DIMM slots and the most memory."""
-    headroom = memory_headroom_mib(spec.memory_mib, spec.max_memory_mib)
+    headroom = spec.memory_headroom_mib
     if headroom == 0:
         return f"{spec.memory_mib}M"
     return f"size={spec.memory_mib}M,slots={MEMORY_SLOTS},maxmem={spec.memory_mib + headroom}M"
@@ -33,7 +30,7 @@ def memory_arg(spec: VMSpec) -> str:
 
 def kernel_params(spec: VMSpec) -> str:
     params = BASE_KERNEL_PARAMS
-    if memory_headroom_mib(spec.memory_mib, spec.max_memory_mib):
+    if spec.memory_headroom_mib:
         params += " " + MEMORY_HOTPLUG_PARAM
     if spec.kernel_params:
         params += " " + spec.kernel_params
@@ -46,7 +43,7 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
     return [
         binary,
         "-name",
-        f"carapace-{spec.name},debug-threads=on",
+        f"{spec.vm_name},debug-threads=on",
         "-machine",
         f"q35,accel={spec.accel}",
         "-cpu",

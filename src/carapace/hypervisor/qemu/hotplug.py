@@ -14,31 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from carapace.errors import HypervisorError, InvalidArgument
+from carapace.hypervisor.base import MEMORY_BLOCK_MIB, align_up
 
-#: The guest's memory block size on x86_64: the unit it onlines hot-added memory in.
-MEMORY_BLOCK_MIB = 128
 #: DIMM slots a VM with memory headroom gets (each hot-add takes one).
 MEMORY_SLOTS = 16
 #: ``device_add`` ids of the vCPUs we hot-add start with this; QEMU puts devices with
 #: an id under /machine/peripheral/<id>.
 CPU_ID_PREFIX = "cpu-"
 PERIPHERAL = "/machine/peripheral/"
-
-
-def align_up(mib: int, block: int = MEMORY_BLOCK_MIB) -> int:
-    return -(-mib // block) * block
-
-
-def align_down(mib: int, block: int = MEMORY_BLOCK_MIB) -> int:
-    return mib // block * block
-
-
-def memory_headroom_mib(memory_mib: int, max_memory_mib: int) -> int:
-    """The memory that can be hot-added above the boot memory: whole guest memory
-    blocks up to ``max_memory_mib`` (0 when there is no whole block of room)."""
-    if max_memory_mib <= memory_mib:
-        return 0
-    return align_down(max_memory_mib - memory_mib)
 
 
 # -- vCPUs ------------------------------------------------------------------------
@@ -201,18 +184,17 @@ class MemoryAdd:
 
 
 def plan_memory_add(
-    mib: int, dimms: list[Dimm], boot_mib: int, max_memory_mib: int, slots: int = MEMORY_SLOTS
+    mib: int, dimms: list[Dimm], boot_mib: int, headroom: int, slots: int = MEMORY_SLOTS
 ) -> MemoryAdd:
     """The hot-add of ``mib`` MiB (aligned up to the guest's memory block size) as one
-    DIMM, checked against the free DIMM slots and the VM's maxmem."""
+    DIMM, checked against the free DIMM slots and the VM's ``headroom`` (MiB that can
+    be hot-added above ``boot_mib``, see ``VMSpec.memory_headroom_mib``)."""
     if mib <= 0:
         raise InvalidArgument(f"memory to hot-add: {mib} MiB; accepted: a positive size")
     size = align_up(mib)
-    headroom = memory_headroom_mib(boot_mib, max_memory_mib)
     if headroom == 0:
         raise InvalidArgument(
-            f"memory hotplug: the VM was started without memory headroom ({boot_mib} MiB, "
-            f"maxmem {max_memory_mib or boot_mib} MiB)"
+            f"memory hotplug: the VM was started without memory headroom ({boot_mib} MiB)"
         )
     if len(dimms) >= slots:
         raise InvalidArgument(

@@ -15,7 +15,7 @@ from pathlib import Path
 from qemu.qmp import ExecuteError, QMPClient
 
 from carapace.errors import HypervisorError
-from carapace.hypervisor import VMSpec
+from carapace.hypervisor.base import VMSpec, tail
 from carapace.hypervisor.qemu import hotplug
 from carapace.hypervisor.qemu.cmdline import qemu_argv
 
@@ -27,17 +27,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    """The last lines of a log file, for error messages."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 class QemuVM:
-    """One QEMU process running one pod VM."""
+    """One QEMU process running one pod VM (a ``carapace.hypervisor.VM``)."""
 
     def __init__(self, binary: str, spec: VMSpec, die_with_owner: bool = True) -> None:
         self.binary = binary
@@ -69,6 +60,13 @@ class QemuVM:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    def console_tail(self, lines: int = 15) -> str:
+        return tail(self.spec.console_log, lines)
 
     async def start(self) -> int:
         """Start QEMU; returns its pid once the agent socket exists."""
@@ -111,7 +109,7 @@ class QemuVM:
 
     async def qmp_connect(self) -> QMPClient:
         if self.qmp is None:
-            qmp = QMPClient(f"carapace-{self.spec.name}")
+            qmp = QMPClient(self.spec.vm_name)
             await qmp.connect(str(self.spec.qmp_socket))
             self.qmp = qmp
         return self.qmp
@@ -128,6 +126,12 @@ class QemuVM:
 
     async def cpu_slots(self) -> list[hotplug.CpuSlot]:
         return hotplug.parse_hotpluggable_cpus(await self.qmp_execute("query-hotpluggable-cpus"))
+
+    async def plugged_vcpus(self) -> int:
+        return sum(slot.plugged for slot in await self.cpu_slots())
+
+    async def check_vcpus(self, n: int) -> None:
+        await self.vcpu_plan(n)
 
     async def vcpu_plan(self, n: int) -> hotplug.CpuPlan:
         """What ``set_vcpus(n)`` would plug and unplug; raises when it cannot be done."""
@@ -180,7 +184,7 @@ class QemuVM:
         """Hot-add ``mib`` MiB (aligned up to the guest's memory block size) as one
         pc-dimm backed by a memory-backend-ram; returns the MiB added. Never removed."""
         add = hotplug.plan_memory_add(
-            mib, await self.memory_dimms(), self.spec.memory_mib, self.spec.max_memory_mib
+            mib, await self.memory_dimms(), self.spec.memory_mib, self.spec.memory_headroom_mib
         )
         log.info("VM %s: hot-adding %d MiB as %s", self.spec.name, add.size_mib, add.dimm_id)
         await self._qmp_or_error("object-add", add.object_add_args())

@@ -1,0 +1,172 @@
+"""The hypervisor interface: what a Sandbox needs from a VM, independent of QEMU.
+
+``VMSpec`` says what to start; a ``VM`` is one running pod VM. The hypervisor owns the
+guest memory block size and the hotplug headroom (``memory_headroom_mib``): every other
+part asks it, none recomputes them. ``carapace.hypervisor.qemu`` is the only
+implementation; nothing outside ``carapace.hypervisor`` imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from carapace.protocols import contract
+
+#: Kernel parameters every guest boots with (quiet, fast, trusted CPU RNG for Python).
+BASE_KERNEL_PARAMS = (
+    "console=ttyS0 quiet panic=-1 random.trust_cpu=on 8250.nr_uarts=1 tsc=reliable "
+    "no_timer_check rcupdate.rcu_expedited=1 i8042.noaux i8042.nomux i8042.nopnp "
+    "i8042.dumbkbd cryptomgr.notests"
+)
+
+#: The guest's memory block size on x86_64: the unit it onlines hot-added memory in.
+MEMORY_BLOCK_MIB = 128
+
+
+def align_up(mib: int, block: int = MEMORY_BLOCK_MIB) -> int:
+    return -(-mib // block) * block
+
+
+def align_down(mib: int, block: int = MEMORY_BLOCK_MIB) -> int:
+    return mib // block * block
+
+
+def memory_headroom_mib(memory_mib: int, max_memory_mib: int) -> int:
+    """The memory that can be hot-added above the boot memory: whole guest memory
+    blocks up to ``max_memory_mib`` (0 when there is no whole block of room)."""
+    if max_memory_mib <= memory_mib:
+        return 0
+    return align_down(max_memory_mib - memory_mib)
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator a VM runs under, and why it was chosen."""
+
+    accel: str  # "kvm" or "tcg"
+    reason: str
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything needed to start one pod VM."""
+
+    name: str  # the sandbox id
+    run_dir: Path
+    kernel: Path
+    initrd: Path
+    vcpus: int
+    memory_mib: int
+    accel: str  # "kvm" or "tcg"
+    shared_dir: Path
+    kernel_params: str = ""
+    #: Hotplug headroom: the most vCPUs / MiB of memory the VM can grow to while it
+    #: runs. At most ``vcpus`` / ``memory_mib`` (the default 0 included): no headroom.
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def memory_headroom_mib(self) -> int:
+        """Memory that can be hot-added: whole blocks up to ``max_memory_mib``."""
+        return memory_headroom_mib(self.memory_mib, self.max_memory_mib)
+
+    @property
+    def memory_limit_mib(self) -> int:
+        """The most memory the VM can have: the boot memory and its headroom."""
+        return self.memory_mib + self.memory_headroom_mib
+
+    @property
+    def vm_name(self) -> str:
+        return contract.vm_name(self.name)
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+
+class VM(Protocol):
+    """One pod VM, as a Sandbox uses it."""
+
+    spec: VMSpec
+    #: Run in the child between fork and exec (join cgroups, set limits), in order.
+    pre_exec: list[Callable[[], None]]
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The VM process's exit status once it exited, else None."""
+        ...
+
+    @property
+    def can_unplug_vcpus(self) -> bool:
+        """Whether vCPUs may be hot-removed (else surplus ones stay plugged and the
+        guest takes them offline)."""
+        ...
+
+    async def start(self) -> int:
+        """Start the VM process; returns its pid once the agent channel exists."""
+        ...
+
+    def exited(self) -> bool: ...
+
+    async def wait(self) -> int: ...
+
+    async def stop(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the guest to power off, then stop it by force."""
+        ...
+
+    def kill(self) -> None: ...
+
+    def console_tail(self, lines: int = 15) -> str:
+        """The last lines the guest printed on its console."""
+        ...
+
+    async def vcpu_threads(self) -> dict[int, int]:
+        """cpu-index -> host thread id of every vCPU."""
+        ...
+
+    async def plugged_vcpus(self) -> int: ...
+
+    async def check_vcpus(self, n: int) -> None:
+        """Raise when ``set_vcpus(n)`` cannot be done, before anything changes."""
+        ...
+
+    async def set_vcpus(self, n: int) -> None:
+        """Hot-add or hot-remove vCPUs until the VM has exactly ``n`` plugged."""
+        ...
+
+    async def add_memory(self, mib: int) -> int:
+        """Hot-add at least ``mib`` MiB (whole memory blocks); returns the MiB added."""
+        ...
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])

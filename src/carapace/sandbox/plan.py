@@ -1,0 +1,229 @@
+"""The sandbox plan (pure): everything about a pod VM that is decided once, before
+anything exists, from the configuration, the caller's options and the host's facts.
+
+A bad option is refused here (``InvalidArgument`` naming it), so a sandbox that cannot
+be made never leaves a run dir, a cgroup or a process behind.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carapace import hostinfo, resources, sizing
+from carapace.config import Config
+from carapace.errors import InvalidArgument
+from carapace.hostcgroup import (
+    BlkioItem,
+    ResolvedBlkioItem,
+    parse_blkio_cgroup,
+    resolve_devices,
+)
+from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
+from carapace.hypervisor import memory_headroom_mib
+from carapace.oci.bundle import Spec
+from carapace.resources import ContainerResources
+
+#: containerd's identifiers are at most 76 characters; so are ours.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
+
+
+def check_id(value: str, what: str) -> str:
+    if not ID_RE.match(value):
+        raise InvalidArgument(
+            f"{what} {value!r} is not valid; accepted: 1-76 characters of letters, digits, "
+            "'_', '.', '-', starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass
+class SandboxOptions:
+    """What the caller asked for; checked by ``plan_sandbox`` before anything exists."""
+
+    cpus: float | str | None = None
+    memory: str | int | None = None  # docker-style size; None: the configured default
+    sandbox_id: str | None = None
+    hostname: str = "carapace"
+    #: The pod's annotations when there is no ``sandbox_spec`` (the CLI, the Python API);
+    #: with one, its annotations are the pod's.
+    annotations: dict[str, str] = field(default_factory=dict)
+    #: The pod's sandbox container's OCI spec: checked before anything is made (host
+    #: namespaces, its resources); its annotations and files limit size the sandbox.
+    sandbox_spec: Spec | None = None
+    #: The hypervisor's open files limit asked for (``--files-limit``).
+    files_limit: int | None = None
+    #: The owner process (the shim daemon serving the pod) joins the sandbox's host
+    #: cgroup too, and leaves it for where it was before the cgroup is removed.
+    join_owner: bool = False
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the plan needs to know of the host (``probe`` reads the real one)."""
+
+    usable_cpus: int
+    memory_total: int  # bytes
+    file_max: int
+    nofile_cap: int
+    is_host_namespace: Callable[[str, str], bool] = lambda kind, path: False
+
+    @classmethod
+    def probe(cls) -> HostFacts:
+        return cls(
+            usable_cpus=hostinfo.usable_cpus(),
+            memory_total=hostinfo.memory_total(),
+            file_max=hostinfo.file_max(),
+            nofile_cap=hostinfo.nofile_cap(),
+            is_host_namespace=hostinfo.is_host_namespace,
+        )
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """A pod VM as decided: its size and headroom, host cgroup paths, limits."""
+
+    id: str
+    hostname: str
+    annotations: Mapping[str, str]
+    run_dir: Path
+    size: resources.SandboxSize
+    #: CPU and memory hotplug: the VM can grow to ``max_vcpus`` / ``max_memory_mib``.
+    hotplug: bool
+    max_vcpus: int
+    #: The boot memory and whole memory blocks of headroom (what the VM can reach).
+    max_memory_mib: int
+    files_limit: int | None
+    blkio: tuple[ResolvedBlkioItem, ...]
+    #: The sandbox's host cgroup, and (legacy mode) the pod cgroup for the vCPU threads.
+    cgroup_path: str
+    pod_cgroup_path: str | None
+    #: The sandbox container's own resources (part of the pod's).
+    sandbox_resources: ContainerResources
+    join_owner: bool
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def vcpus(self) -> int:
+        """vCPUs to boot."""
+        return self.size.vcpus
+
+    @property
+    def memory_mib(self) -> int:
+        """Memory to boot with."""
+        return self.size.memory_mib
+
+    def check_fit(
+        self,
+        container_id: str,
+        res: ContainerResources,
+        others: Iterable[ContainerResources],
+        current: tuple[int, int],
+    ) -> tuple[int, int]:
+        """Check a container's resources against the VM (whose ``current`` size is
+        (vCPUs, MiB)); returns the vCPUs and MiB the VM must have for the pod with it
+        (its current size without hotplug)."""
+        vcpus_now, memory_now = current
+        if not self.hotplug:
+            resources.check_container(
+                res,
+                container_id,
+                vm_vcpus=vcpus_now,
+                vm_memory=memory_now * sizing.MiB,
+                hotplug=False,
+            )
+            return vcpus_now, memory_now
+        pod = [*others, res]
+        vcpus = resources.pod_vcpus(self.size.vcpus, pod)
+        if vcpus > self.max_vcpus:
+            raise InvalidArgument(
+                f"container {container_id}: the pod's containers need {vcpus} vCPUs "
+                f"(--cpus {res.cpus or 0:g} for this one); the pod VM can grow to at most "
+                f"{self.max_vcpus} (default_maxvcpus, the host's usable CPUs)"
+            )
+        limit = self.max_memory_mib * sizing.MiB
+        resources.check_container(res, container_id, vm_vcpus=vcpus, vm_memory=limit, hotplug=True)
+        memory = resources.pod_memory(self.size.memory, memory_now * sizing.MiB, pod)
+        if memory > limit:
+            raise InvalidArgument(
+                f"container {container_id}: the pod's containers need "
+                f"{sizing.format_size(memory)} of memory; the pod VM can grow to at most "
+                f"{sizing.format_size(limit)} (default_maxmemory)"
+            )
+        return vcpus, memory // sizing.MiB
+
+
+def plan_sandbox(
+    config: Config,
+    options: SandboxOptions,
+    host: HostFacts,
+    resolve_blkio: Callable[[list[BlkioItem]], list[ResolvedBlkioItem]] = resolve_devices,
+) -> SandboxPlan:
+    """Decide the sandbox; raises InvalidArgument for anything that cannot be."""
+    hv, rt = config.hypervisor, config.runtime
+    sandbox_id = check_id(options.sandbox_id or secrets.token_hex(6), "sandbox id")
+    spec = options.sandbox_spec
+    annotations = dict(spec.annotations if spec is not None else options.annotations)
+    size = resources.sandbox_size(
+        annotations,
+        default_cpus=hv.default_vcpus,
+        default_memory_mib=hv.default_memory,
+        host_cpus=host.usable_cpus,
+        cpus=options.cpus,
+        memory=options.memory,
+    )
+    max_vcpus, max_memory_mib = size.vcpus, size.memory_mib
+    if hv.enable_cpu_memory_hotplug:
+        max_vcpus = max(size.vcpus, min(hv.default_maxvcpus or host.usable_cpus, host.usable_cpus))
+        # by default the host's memory, at most the largest VM (256G)
+        host_mib = min(host.memory_total, resources.MAX_MEMORY) // sizing.MiB
+        wanted = max(size.memory_mib, hv.default_maxmemory or host_mib)
+        max_memory_mib = size.memory_mib + memory_headroom_mib(size.memory_mib, wanted)
+    warnings: list[str] = []
+    asked = options.files_limit
+    if asked is None and spec is not None:
+        asked = spec.files_limit
+    files_limit, warning = resources.files_limit(
+        resources.files_limit_value(asked, annotations), host.file_max, host.nofile_cap
+    )
+    if warning:
+        warnings.append(warning)
+    blkio: tuple[ResolvedBlkioItem, ...] = ()
+    if resources.BLKIO_CGROUP in annotations:
+        items = parse_blkio_cgroup(annotations[resources.BLKIO_CGROUP])
+        blkio = tuple(resolve_blkio(items))
+    # where the host cgroups go (worked out here, so a bad cgroupsPath is refused before
+    # anything exists): the pod cgroup is the parent of the sandbox container's; legacy
+    # mode puts QEMU in carapace/<id>
+    cgroups_path = spec.cgroups_path if spec is not None else ""
+    cgroup_path = sandbox_cgroup_path(
+        cgroups_path if rt.sandbox_cgroup_only else None, sandbox_id, rt.sandbox_cgroup_prefix
+    )
+    pod_path = None if rt.sandbox_cgroup_only else pod_cgroup_path(cgroups_path, sandbox_id)
+    sandbox_resources = ContainerResources()
+    if spec is not None:
+        resources.check_namespaces(spec.namespaces, sandbox_id, host.is_host_namespace)
+        sandbox_resources = resources.container_resources(spec.resources, sandbox_id)
+    plan = SandboxPlan(
+        id=sandbox_id,
+        hostname=options.hostname,
+        annotations=annotations,
+        run_dir=Path(rt.run_dir) / sandbox_id,
+        size=size,
+        hotplug=hv.enable_cpu_memory_hotplug,
+        max_vcpus=max_vcpus,
+        max_memory_mib=max_memory_mib,
+        files_limit=files_limit,
+        blkio=blkio,
+        cgroup_path=cgroup_path,
+        pod_cgroup_path=pod_path,
+        sandbox_resources=sandbox_resources,
+        join_owner=options.join_owner,
+        warnings=tuple(warnings),
+    )
+    if spec is not None:
+        plan.check_fit(sandbox_id, sandbox_resources, [], (plan.vcpus, plan.memory_mib))
+    return plan
