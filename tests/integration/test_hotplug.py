@@ -70,7 +70,7 @@ def hotplug_sandbox() -> Iterator[carapace.Sandbox]:
 
 def test_vm_boots_with_headroom(hotplug_sandbox: carapace.Sandbox) -> None:
     sb = inner(hotplug_sandbox)
-    assert (sb.max_vcpus, sb.max_memory_mib) == (MAX_VCPUS, MAX_MEMORY_MIB)
+    assert (sb.plan.max_vcpus, sb.plan.max_memory_mib) == (MAX_VCPUS, MAX_MEMORY_MIB)
     cmdline = Path(f"/proc/{hotplug_sandbox.qemu_pid}/cmdline").read_bytes().split(b"\0")
     assert b"cpus=1,maxcpus=2,sockets=2,cores=1,threads=1" in cmdline
     assert b"size=1024M,slots=16,maxmem=8192M" in cmdline
@@ -193,7 +193,7 @@ def test_vcpu_hot_remove_mechanism() -> None:
 def test_hotplug_disabled_is_refused() -> None:
     with carapace.Sandbox(cpus=1, memory="1G", config=hotplug_config(False)) as box:
         sb = inner(box)
-        assert (sb.max_vcpus, sb.max_memory_mib) == (1, 1024)
+        assert (sb.plan.max_vcpus, sb.plan.max_memory_mib) == (1, 1024)
         cmdline = Path(f"/proc/{box.qemu_pid}/cmdline").read_bytes().split(b"\0")
         assert b"maxcpus" not in b" ".join(cmdline) and b"maxmem" not in b" ".join(cmdline)
         with pytest.raises(InvalidArgument, match="hotplug is disabled"):
