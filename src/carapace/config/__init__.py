@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from carapace.errors import InvalidArgument
-from carapace.hostcgroup.cgroupspath import SANDBOX_CGROUP_PREFIXES
+from carapace.protocols.contract import SANDBOX_CGROUP_PREFIXES
 
 DEFAULT_CONFIG_PATH = Path("/etc/carapace/configuration.toml")
 ACCELERATORS = ("auto", "kvm", "tcg")

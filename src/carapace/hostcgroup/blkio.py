@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carapace.errors import InvalidArgument
+from carapace.protocols.contract import BLKIO_CGROUP
 
 from .files import Version
 
-BLKIO_CGROUP_ANNOTATION = "com.github.containers.virtcontainers.blkio_cgroup"
+BLKIO_CGROUP_ANNOTATION = BLKIO_CGROUP
 
 THROTTLE_TYPES = (
     "throttle_read_bps",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from carapace.errors import InvalidArgument
+from carapace.protocols import contract
 
 SLICE_SUFFIX = ".slice"
 #: runc's slice when the systemd form leaves it empty (rootful).
@@ -133,7 +134,7 @@ def parse_cgroups_path(value: str) -> CgroupsPath:
 
 #: Names the sandbox cgroup may take below the pod cgroup (ours, and Kata's for tools
 #: that look for it).
-SANDBOX_CGROUP_PREFIXES = ("carapace-sandbox-", "kata-sandbox-")
+SANDBOX_CGROUP_PREFIXES = contract.SANDBOX_CGROUP_PREFIXES
 #: Where a sandbox's cgroup goes when its sandbox container names no cgroupsPath.
 DEFAULT_SANDBOX_PARENT = "carapace"
 

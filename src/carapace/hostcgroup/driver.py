@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from carapace.errors import HostError, InvalidArgument
+from carapace.protocols.contract import VCPU_CGROUP
 
 from . import files
 from .blkio import BlkioResult, ResolvedBlkioItem, active_schedulers, blkio_writes
@@ -32,7 +33,7 @@ from .files import Version
 from .fs import CgroupFs
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
-DEFAULT_THREAD_CHILD = "vcpus"
+DEFAULT_THREAD_CHILD = VCPU_CGROUP
 _POLL_S = 0.01
 #: Attempts at creating a path whose shared parent another owner may be removing.
 _CREATE_ATTEMPTS = 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from carapace.errors import InvalidArgument
+from carapace.protocols.contract import CFS_PERIOD_US
 
 Version = Literal["v1", "v2"]
 
@@ -17,7 +18,7 @@ MIN_CFS_PERIOD_US = 1_000
 MAX_CFS_PERIOD_US = 1_000_000
 #: The smallest quota the kernel accepts (min_cfs_quota_period = 1 ms).
 MIN_CFS_QUOTA_US = 1_000
-DEFAULT_CFS_PERIOD_US = 100_000
+DEFAULT_CFS_PERIOD_US = CFS_PERIOD_US
 
 #: Controller names callers may use, translated to each version's own.
 _V2_NAMES = {"blkio": "io", "io": "io", "cpu": "cpu", "cpuacct": "cpu", "cpuset": "cpuset",

@@ -57,6 +57,9 @@ def vm_name(sandbox_id: str) -> str:
 CFS_PERIOD_US = 100_000
 #: The child of a sandbox's host cgroup that holds its vCPU threads.
 VCPU_CGROUP = "vcpus"
+#: A sandbox's host cgroup is <pod cgroup>/<prefix><sandbox id>: carapace's own, or
+#: Kata's for tools that look for that name.
+SANDBOX_CGROUP_PREFIXES = ("carapace-sandbox-", "kata-sandbox-")
 
 # -- annotations ------------------------------------------------------------------------
 
