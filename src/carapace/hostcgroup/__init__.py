@@ -18,13 +18,13 @@ from .driver import (
     CgroupDriver,
     CgroupHandle,
     CgroupStats,
-    CgroupV1,
-    CgroupV2,
     detect,
     driver,
 )
 from .files import Version
 from .fs import CgroupFs
+from .v1 import CgroupV1
+from .v2 import CgroupV2
 
 __all__ = [
     "BLKIO_CGROUP_ANNOTATION",

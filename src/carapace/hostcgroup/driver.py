@@ -62,9 +62,7 @@ def detect(root: str = DEFAULT_ROOT) -> Version:
 def driver(root: str | None = None, fs: CgroupFs | None = None) -> CgroupDriver:
     """The driver for the hierarchy at ``root`` (default /sys/fs/cgroup)."""
     root = root or DEFAULT_ROOT
-    if detect(root) == "v2":
-        return CgroupV2(root, fs)
-    return CgroupV1(root, fs)
+    return CgroupDriver.for_version(detect(root), root, fs)
 
 
 def check_relative_path(path: str, what: str = "cgroup path") -> str:
@@ -376,7 +374,7 @@ class CgroupHandle:
             isinstance(c, str) and _is_under(root, c) for c in created
         ):
             raise bad(f"'created' must list directories below {root}")
-        drv: CgroupDriver = CgroupV1(root, fs) if version == "v1" else CgroupV2(root, fs)
+        drv = CgroupDriver.for_version(version, root, fs)
         return CgroupHandle(drv, path, dirs_map, list(created), children_map)
 
 
@@ -389,6 +387,15 @@ class CgroupDriver(ABC):
     def __init__(self, root: str = DEFAULT_ROOT, fs: CgroupFs | None = None) -> None:
         self.root = root.rstrip("/") or "/"
         self.fs = fs or CgroupFs()
+
+    @staticmethod
+    def for_version(version: Version, root: str, fs: CgroupFs | None = None) -> CgroupDriver:
+        """The driver of ``version`` (its class is in ``v1``/``v2``, which the package
+        imports, so that this module needs neither)."""
+        for cls in CgroupDriver.__subclasses__():
+            if getattr(cls, "version", None) == version:
+                return cls(root, fs)
+        raise HostError(f"no cgroup driver for version {version!r}; accepted: v1, v2")
 
     @abstractmethod
     def create(self, path: str, controllers: Iterable[str], own_parents: int = 0) -> CgroupHandle:
@@ -458,156 +465,3 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
         for name in parts[1].split(","):
             out[name] = parts[2]
     return out
-
-
-class CgroupV1(CgroupDriver):
-    """cgroup v1: <root>/<controller>/<path>; controllers co-mounted ('cpu,cpuacct')
-    share one directory."""
-
-    version: Version = "v1"
-
-    def hierarchy(self, controller: str) -> str:
-        """The mount directory of ``controller`` (``<root>/<controller>`` or a co-mount
-        such as ``<root>/cpu,cpuacct``)."""
-        direct = os.path.join(self.root, controller)
-        if self.fs.isdir(direct):
-            return direct
-        for name in sorted(self.fs.listdir(self.root)):
-            if controller in name.split(",") and self.fs.isdir(os.path.join(self.root, name)):
-                return os.path.join(self.root, name)
-        raise HostError(
-            f"no cgroup v1 hierarchy for the {controller} controller under {self.root} "
-            f"(found: {', '.join(sorted(self.fs.listdir(self.root))) or 'nothing'})"
-        )
-
-    def member_dirs(self, where: dict[str, str], controllers: Iterable[str]) -> list[str]:
-        # co-mounted controllers (cpu and cpuacct behind symlinks) are one directory
-        dirs = {
-            os.path.realpath(os.path.join(self.hierarchy(c), where[c].lstrip("/")))
-            for c in controllers
-            if c in where
-        }
-        return sorted(dirs)
-
-    def create(self, path: str, controllers: Iterable[str], own_parents: int = 0) -> CgroupHandle:
-        rel = check_relative_path(path)
-        names: list[str] = []
-        for c in controllers:
-            n = files.controller_name("v1", c)
-            if n not in names:
-                names.append(n)
-        if "cpu" in names and "cpuacct" not in names:
-            try:
-                self.hierarchy("cpuacct")
-                names.append("cpuacct")
-            except HostError:
-                pass
-        by_mount: dict[str, list[str]] = {}
-        for n in names:
-            by_mount.setdefault(os.path.realpath(self.hierarchy(n)), []).append(n)
-        created: list[str] = []
-        dirs: dict[str, str] = {}
-        try:
-            for n in names:
-                if n in dirs:
-                    continue
-                top = self.hierarchy(n)
-                leaf = self._mkdirs(top, rel, created, own_parents)[-1]
-                for same in by_mount[os.path.realpath(top)]:
-                    dirs[same] = leaf
-        except BaseException:
-            self._undo(created)
-            raise
-        return CgroupHandle(self, rel, dirs, created)
-
-    def _after_mkdir(self, directory: str) -> None:
-        # A new cpuset cgroup starts with no CPUs and no memory nodes: nothing could
-        # join it. Inherit the parent's, as runc does.
-        parent = os.path.dirname(directory)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            mine = os.path.join(directory, name)
-            if self.fs.exists(mine) and not self.fs.read(mine).strip():
-                self.fs.write(mine, self.fs.read(os.path.join(parent, name)).strip())
-
-    def add_threads(self, handle: CgroupHandle, tids: list[int], child: str) -> None:
-        targets = {c: d for c, d in handle.dirs.items() if c in files.THREADED_CONTROLLERS_V1}
-        if not targets:
-            raise HostError(
-                f"cgroup {handle.path} has none of the controllers that place single "
-                f"threads ({', '.join(sorted(files.THREADED_CONTROLLERS_V1))})"
-            )
-        child_dirs = handle.children.setdefault(child, {})
-        for c, d in sorted(targets.items()):
-            if c not in child_dirs:
-                child_dirs[c] = self._mkdirs(d, child, handle.created)[-1]
-        for d in sorted(set(child_dirs.values())):
-            for tid in tids:
-                self.fs.write(os.path.join(d, files.threads_file("v1")), str(tid))
-
-
-class CgroupV2(CgroupDriver):
-    """cgroup v2: <root>/<path>; the controllers needed are enabled in each ancestor's
-    cgroup.subtree_control on the way down."""
-
-    version: Version = "v2"
-
-    def __init__(self, root: str = DEFAULT_ROOT, fs: CgroupFs | None = None) -> None:
-        super().__init__(root, fs)
-        self._enable: set[str] = set()
-
-    def member_dirs(self, where: dict[str, str], controllers: Iterable[str]) -> list[str]:
-        if "" not in where:
-            return []
-        return [os.path.normpath(os.path.join(self.root, where[""].lstrip("/")))]
-
-    def create(self, path: str, controllers: Iterable[str], own_parents: int = 0) -> CgroupHandle:
-        rel = check_relative_path(path)
-        names = {files.controller_name("v2", c) for c in controllers}
-        created: list[str] = []
-        self._enable = names
-        try:
-            leaf = self._mkdirs(self.root, rel, created, own_parents)[-1]
-        except BaseException:
-            self._undo(created)
-            raise
-        finally:
-            self._enable = set()
-        return CgroupHandle(self, rel, {n: leaf for n in sorted(names)} or {"": leaf}, created)
-
-    def _before_mkdir(self, parent: str) -> None:
-        self.enable_controllers(parent, self._enable)
-
-    def enable_controllers(self, directory: str, names: set[str]) -> None:
-        """Make ``names`` available to ``directory``'s children."""
-        if not names:
-            return
-        available = files.parse_controllers(
-            self.fs.read(os.path.join(directory, "cgroup.controllers"))
-        )
-        if names - available:
-            raise HostError(
-                f"cgroup v2 controller(s) {', '.join(sorted(names - available))} not available "
-                f"in {directory} (cgroup.controllers: {' '.join(sorted(available)) or 'none'})"
-            )
-        control = os.path.join(directory, "cgroup.subtree_control")
-        missing = names - files.parse_controllers(self.fs.read(control))
-        if missing:
-            self.fs.write(control, files.subtree_control_write(missing))
-
-    def add_threads(self, handle: CgroupHandle, tids: list[int], child: str) -> None:
-        leaf = handle.leaves()[0]
-        child_dirs = handle.children.get(child)
-        if child_dirs is None:
-            child_dir = self._mkdirs(leaf, child, handle.created)[-1]
-            type_file = os.path.join(child_dir, "cgroup.type")
-            if self.fs.read(type_file).strip() != "threaded":
-                self.fs.write(type_file, "threaded")
-            threaded = {c for c in handle.dirs if c in files.THREADED_CONTROLLERS_V2}
-            # The parent is now "domain threaded": threaded controllers may be enabled
-            # for its children although it holds processes.
-            self.enable_controllers(leaf, threaded)
-            child_dirs = {c: child_dir for c in sorted(threaded)} or {"": child_dir}
-            handle.children[child] = child_dirs
-        directory = next(iter(child_dirs.values()))
-        for tid in tids:
-            self.fs.write(os.path.join(directory, files.threads_file("v2")), str(tid))
