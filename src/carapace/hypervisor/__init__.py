@@ -25,6 +25,7 @@ __all__ = [
     "AccelChoice",
     "VMSpec",
     "choose_accelerator",
+    "kvm_precheck",
     "memory_headroom_mib",
     "new_vm",
     "tail",
@@ -46,3 +47,11 @@ def choose_accelerator(
     from carapace.hypervisor.qemu import accel
 
     return accel.choose_accelerator(setting, binary, kernel, initrd, cache)
+
+
+def kvm_precheck() -> str | None:
+    """Why KVM cannot be used on this host, judged without booting anything (None:
+    it may be; ``choose_accelerator`` then boots a probe guest to be sure)."""
+    from carapace.hypervisor.qemu import accel
+
+    return accel.kvm_precheck()
