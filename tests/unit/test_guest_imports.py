@@ -17,14 +17,33 @@ import google.protobuf
 import pytest
 
 import carapace
+from carapace.guest import SHIPPED
+from carapace.image.builder import shipped_files
 
 PKG = Path(carapace.__file__).parent
 SRC = PKG.parent
 GUEST_PYTHON = "/usr/bin/python3.11"
 
-#: carapace modules (and packages, with everything under them) the guest may import.
-ALLOWED_PACKAGES = ("carapace.guest", "carapace.ttrpc", "carapace.protocols")
-ALLOWED_MODULES = {"carapace", "carapace.linux", "carapace.errors", *ALLOWED_PACKAGES}
+
+def shipped_names(shipped: tuple[str, ...] = SHIPPED) -> tuple[set[str], tuple[str, ...]]:
+    """(modules, packages) named by ``SHIPPED``: ``guest/`` is the package carapace.guest
+    with everything under it, ``linux.py`` the module carapace.linux."""
+    modules: set[str] = set()
+    packages: list[str] = []
+    for rel in shipped:
+        parts = ["carapace", *Path(rel).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        name = ".".join(parts)
+        modules.add(name)
+        if rel.endswith("/"):
+            packages.append(name)
+    return modules, tuple(packages)
+
+
+#: carapace modules (and packages, with everything under them) the guest may import:
+#: what goes into the guest image (carapace.guest.SHIPPED), nothing else.
+ALLOWED_MODULES, ALLOWED_PACKAGES = shipped_names()
 #: Host-only modules; also checked at run time.
 FORBIDDEN = (
     "qemu",
@@ -41,10 +60,8 @@ FORBIDDEN = (
 
 
 def guest_files() -> list[Path]:
-    files = [PKG / "__init__.py", PKG / "errors.py", PKG / "linux.py"]
-    for sub in ("guest", "ttrpc", "protocols"):
-        files += sorted((PKG / sub).rglob("*.py"))
-    return files
+    """The carapace files the image builder puts into the guest."""
+    return list(shipped_files().values())
 
 
 def module_name(path: Path) -> str:
@@ -113,8 +130,29 @@ def allowed(module: str) -> bool:
 
 def test_guest_file_list_is_complete() -> None:
     names = {module_name(p) for p in guest_files()}
-    assert {"carapace", "carapace.guest.agent", "carapace.guest.reaper", "carapace.ttrpc.server",
-            "carapace.protocols.agent_pb2", "carapace.linux"} <= names  # fmt: skip
+    assert {"carapace", "carapace.guest.agent", "carapace.guest.server", "carapace.guest.reaper",
+            "carapace.ttrpc.server", "carapace.protocols.agent_pb2",
+            "carapace.protocols.contract", "carapace.linux"} <= names  # fmt: skip
+
+
+def test_allowed_modules_come_from_shipped() -> None:
+    assert {
+        "carapace", "carapace.errors", "carapace.linux",
+        "carapace.guest", "carapace.ttrpc", "carapace.protocols",
+    } == ALLOWED_MODULES  # fmt: skip
+    assert ALLOWED_PACKAGES == ("carapace.guest", "carapace.ttrpc", "carapace.protocols")
+    assert shipped_names(("linux.py", "guest/")) == (
+        {"carapace.linux", "carapace.guest"},
+        ("carapace.guest",),
+    )
+
+
+def test_the_boundary_is_what_the_builder_ships() -> None:
+    # every file the image builder puts into the guest is checked, and lies inside
+    # the allowed set; every allowed module is in the image
+    names = {module_name(p) for p in guest_files()}
+    assert all(allowed(n) for n in names)
+    assert names >= ALLOWED_MODULES
 
 
 def test_checker_catches_host_imports(tmp_path: Path) -> None:
@@ -143,10 +181,11 @@ def test_guest_code_imports_only_stdlib_protobuf_and_guest_modules(path: Path) -
 
 
 def test_imports_sees_relative_and_from_imports() -> None:
-    found = {m for _, m, _ in imports(PKG / "guest" / "agent.py")}
+    found = {m for _, m, _ in imports(PKG / "guest" / "containers.py")}
     assert "carapace.linux" in found
-    assert "carapace.guest.reaper" in found
+    assert "carapace.guest.pod" in found
     assert "carapace.protocols.agent_pb2" in found
+    assert "carapace.guest.server" in {m for _, m, _ in imports(PKG / "guest" / "agent.py")}
 
 
 def test_imports_finds_host_imports(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The pure parts of the guest image builder (carapace.image.builder)."""
+"""The pure parts of the guest image builder (carapace.image.builder and .sources)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 
+import carapace
 from carapace.errors import ImageError
+from carapace.guest import SHIPPED
 from carapace.image.builder import (
+    PACKAGE_DIR,
+    ImageBuilder,
     InitramfsTree,
     build_busybox_rootfs,
-    extract_vmlinux,
-    module_closure,
-    package_version,
+    shipped_files,
 )
 from carapace.image.cpio import decode_archive, encode_archive
+from carapace.image.sources import extract_vmlinux, module_closure, package_version
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 FAKE_ELF = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 64
@@ -263,3 +266,46 @@ def test_package_version_of_missing_package() -> None:
 def test_package_version_of_installed_package() -> None:
     version = package_version("dpkg")
     assert version and version[0].isdigit()
+
+
+# -- what of carapace goes into the guest ------------------------------------------------
+
+
+def test_the_package_dir_is_carapace_s() -> None:
+    assert Path(carapace.__file__).parent == PACKAGE_DIR
+
+
+def test_shipped_files_follow_the_shipped_list(tmp_path: Path) -> None:
+    pkg = tmp_path / "carapace"
+    for rel in ("__init__.py", "linux.py", "api.py", "guest/__init__.py", "guest/agent.py",
+                "guest/sub/x.py", "guest/notes.txt", "sandbox/sandbox.py"):  # fmt: skip
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text("")
+    files = shipped_files(pkg, ("__init__.py", "linux.py", "guest/"))
+    assert files == {
+        "carapace/__init__.py": pkg / "__init__.py",
+        "carapace/linux.py": pkg / "linux.py",
+        "carapace/guest/__init__.py": pkg / "guest" / "__init__.py",
+        "carapace/guest/agent.py": pkg / "guest" / "agent.py",
+        "carapace/guest/sub/x.py": pkg / "guest" / "sub" / "x.py",
+    }
+
+
+def test_names_the_builder_used_to_define_still_import() -> None:
+    from carapace.image import builder, sources, store
+
+    assert builder.GuestImage is store.GuestImage
+    assert builder.extract_vmlinux is sources.extract_vmlinux
+    assert builder.package_version is sources.package_version
+
+
+def test_the_builder_ships_what_shipped_names(tmp_path: Path) -> None:
+    sources = ImageBuilder(tmp_path)._agent_sources()
+    assert sources == shipped_files(PACKAGE_DIR, SHIPPED)
+    for rel in SHIPPED:  # every entry brings something, and nothing else comes
+        assert any(name == f"carapace/{rel}" or name.startswith(f"carapace/{rel}")
+                   for name in sources), rel  # fmt: skip
+    assert all(name.startswith(tuple(f"carapace/{rel}" for rel in SHIPPED)) for name in sources)
+    assert "carapace/guest/agent.py" in sources
+    assert "carapace/protocols/contract.py" in sources
+    assert not any(n.startswith(("carapace/sandbox/", "carapace/image/")) for n in sources)

@@ -1,4 +1,4 @@
-"""OCI image-layout archives written by carapace.image.oci."""
+"""OCI image-layout archives written by tests/tooling/oci_archive.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from carapace.errors import ImageError, InvalidArgument
-from carapace.image.oci import (
+from tests.tooling.oci_archive import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
     MEDIA_CONFIG,

@@ -11,9 +11,9 @@ from google.protobuf.message import Message
 
 from carapace.errors import AgentError
 from carapace.protocols import agent_pb2 as pb
+from carapace.protocols.contract import AGENT_SERVICE as SERVICE
 from carapace.ttrpc import Client, TtrpcError
 
-SERVICE = "carapace.agent.v1.Agent"
 M = TypeVar("M", bound=Message)
 DEFAULT_TIMEOUT = 60.0
 

@@ -8,9 +8,11 @@ import os
 from collections.abc import Sequence
 
 from carapace.guest.reaper import Reaper
+from carapace.protocols.contract import GUEST_STATE_DIR
 
 CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"
+CRUN_LOGS = f"{GUEST_STATE_DIR}/crun-logs"
 
 
 class CrunError(Exception):
@@ -36,7 +38,7 @@ def _log_message(log_path: str) -> str:
 class Crun:
     """Runs crun commands as children reaped by the agent's Reaper."""
 
-    def __init__(self, reaper: Reaper, log_dir: str = "/run/carapace/crun-logs") -> None:
+    def __init__(self, reaper: Reaper, log_dir: str = CRUN_LOGS) -> None:
         self.reaper = reaper
         self.log_dir = log_dir
         self._version: str | None = None

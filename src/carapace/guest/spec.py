@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from carapace.guest.cgroup import cgroups_path
+from carapace.protocols.contract import GUEST_NS_PREFIX, GUEST_STATE_DIR
 
 #: crun 1.8 rejects specs whose ociVersion is 1.2.0 or newer; this is what it accepts.
 GUEST_OCI_VERSION = "1.0.2"
@@ -15,12 +16,11 @@ GUEST_MOUNT_TYPES = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cg
 #: Namespaces the containers share with the VM (the pod's network lives in the VM).
 SHARED_NAMESPACES = {"network"}
 #: How the host names a namespace of a guest process (the pod's sandbox container's,
-#: for containers that share it): ``guest:/proc/<pid>/ns/<type>``. Any other path is
-#: the host's and means nothing in the guest: that entry is dropped.
-GUEST_NS_PREFIX = "guest:"
+#: for containers that share it): ``GUEST_NS_PREFIX`` + ``/proc/<pid>/ns/<type>``. Any
+#: other path is the host's and means nothing in the guest: that entry is dropped.
 GUEST_NS_PATH = re.compile(r"^/proc/[0-9]+/ns/[a-z]+$")
 #: Bind sources that exist in the guest.
-GUEST_BIND_SOURCES = ("/run/carapace/", "/dev/")
+GUEST_BIND_SOURCES = (f"{GUEST_STATE_DIR}/", "/dev/")
 
 
 def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 import os
 import shutil
 import stat
@@ -21,17 +20,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from carapace.errors import ImageError
+from carapace.guest import SHIPPED
 from carapace.image.cpio import Entry, encode_archive
+from carapace.image.sources import (
+    extract_vmlinux,
+    kernel_package,
+    module_closure,
+    package_version,
+    run_tool,
+    shared_libraries,
+)
+from carapace.image.store import MANIFEST, GuestImage, current_image
 
 BUILDER_VERSION = "1"
 GUEST_PYTHON = "/usr/bin/python3.11"
 GUEST_LIB = "/opt/carapace/lib"  # where the agent package and protobuf live in the guest
-AGENT_PORT_NAME = "carapace.agent"
-SHARE_TAG = "carapace"
+#: The carapace package directory (found from this file: importing ``carapace`` here
+#: would import the package's API, which imports the sandbox, which reads images).
+PACKAGE_DIR = Path(__file__).parent.parent
 MODULE_LIST = "lib/modules/carapace.load"
 
 #: Debian packages the image is made of (the kernel package is found at build time).
@@ -61,116 +70,19 @@ EXTRA_STDLIB = (
 ProgressFn = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class GuestImage:
-    """A built guest image: what the hypervisor boots."""
-
-    kernel: Path
-    initrd: Path
-    rootfs: Path  # default container rootfs (busybox)
-    manifest: dict[str, object]
-
-    @property
-    def kernel_release(self) -> str:
-        return str(self.manifest["kernel_release"])
-
-
-def _run(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    except FileNotFoundError as e:
-        raise ImageError(f"command {argv[0]!r} not found; is it installed?") from e
-    except subprocess.CalledProcessError as e:
-        raise ImageError(f"{' '.join(argv)} failed ({e.returncode}): {e.stderr.strip()}") from e
-
-
-def package_version(name: str) -> str:
-    """Installed version of a Debian package, or an ImageError naming it."""
-    r = subprocess.run(
-        ["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", name],
-        capture_output=True,
-        text=True,
-    )
-    status, _, version = r.stdout.partition(" ")
-    if r.returncode != 0 or status != "installed":
-        raise ImageError(
-            f"Debian package {name!r} is not installed; the guest image needs it "
-            f"(apt-get install {name})"
-        )
-    return version
-
-
-def kernel_package() -> tuple[str, str]:
-    """(package, kernel release) of the kernel linux-image-amd64 depends on."""
-    package_version("linux-image-amd64")
-    deps = _run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"])
-    for dep in deps.split(","):
-        name = dep.strip().split(" ")[0]
-        if name.startswith("linux-image-") and name != "linux-image-amd64":
-            return name, name.removeprefix("linux-image-")
-    raise ImageError(f"cannot find the kernel package in linux-image-amd64's Depends: {deps!r}")
-
-
-def extract_vmlinux(bzimage: bytes) -> bytes:
-    """Decompress the ELF vmlinux from a bzImage's XZ payload (Debian's compression)."""
-    start = bzimage.find(b"\xfd7zXZ\x00")
-    if start < 0:
-        raise ImageError("no XZ payload found in the kernel image; cannot extract vmlinux")
-    out = lzma.LZMADecompressor().decompress(bzimage[start:])
-    if out[:4] != b"\x7fELF":
-        raise ImageError("the kernel's XZ payload is not an ELF vmlinux")
+def shipped_files(
+    package_dir: Path = PACKAGE_DIR, shipped: Iterable[str] = SHIPPED
+) -> dict[str, Path]:
+    """Files of the carapace package that go into the guest (``carapace.guest.SHIPPED``),
+    by guest-relative name (``carapace/guest/agent.py``)."""
+    out: dict[str, Path] = {}
+    for rel in shipped:
+        if rel.endswith("/"):
+            for f in sorted((package_dir / rel).rglob("*.py")):
+                out[f"carapace/{f.relative_to(package_dir).as_posix()}"] = f
+        else:
+            out[f"carapace/{rel}"] = package_dir / rel
     return out
-
-
-def module_closure(modules_dep: str, wanted: Iterable[str]) -> list[str]:
-    """Paths (relative to /lib/modules/<release>) of ``wanted`` modules and their
-    dependencies, in an order where each module comes after what it depends on."""
-    deps: dict[str, list[str]] = {}
-    by_name: dict[str, str] = {}
-    for line in modules_dep.splitlines():
-        if ":" not in line:
-            continue
-        path, _, rest = line.partition(":")
-        deps[path] = rest.split()
-        base = path.rsplit("/", 1)[-1]
-        for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
-            if base.endswith(suffix):
-                base = base[: -len(suffix)]
-                break
-        by_name[base.replace("-", "_")] = path
-    order: list[str] = []
-
-    def visit(path: str, stack: tuple[str, ...]) -> None:
-        if path in order:
-            return
-        if path in stack:
-            raise ImageError(f"module dependency cycle through {path}")
-        for dep in deps.get(path, []):
-            visit(dep, (*stack, path))
-        order.append(path)
-
-    for name in wanted:
-        key = name.replace("-", "_")
-        if key not in by_name:
-            raise ImageError(f"kernel module {name!r} not found in modules.dep")
-        visit(by_name[key], ())
-    return order
-
-
-def shared_libraries(paths: Iterable[str]) -> set[str]:
-    """Every shared library (and the loader) the ELF files at ``paths`` need."""
-    libs: set[str] = set()
-    for path in paths:
-        out = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            line = line.strip()
-            if "=>" in line:
-                target = line.split("=>", 1)[1].strip().split(" ")[0]
-            else:
-                target = line.split(" ")[0]
-            if target.startswith("/"):
-                libs.add(target)
-    return libs
 
 
 _CAPTURE = r"""
@@ -210,18 +122,7 @@ class ImageBuilder:
 
     def _agent_sources(self) -> dict[str, Path]:
         """Files of the carapace package that go into the guest, by guest-relative name."""
-        import carapace
-
-        pkg = Path(carapace.__file__).parent
-        out: dict[str, Path] = {
-            "carapace/__init__.py": pkg / "__init__.py",
-            "carapace/errors.py": pkg / "errors.py",
-            "carapace/linux.py": pkg / "linux.py",
-        }
-        for sub in ("guest", "ttrpc", "protocols"):
-            for f in sorted((pkg / sub).rglob("*.py")):
-                out[f"carapace/{f.relative_to(pkg)}"] = f
-        return out
+        return shipped_files()
 
     def inputs(self) -> dict[str, object]:
         """What the image is made of: package versions and hashes of our own files."""
@@ -236,7 +137,8 @@ class ImageBuilder:
             h.update(name.encode() + b"\0" + path.read_bytes())
         # the builder itself: a change in how the image is made is a change of input
         builder = hashlib.sha256(Path(__file__).read_bytes())
-        builder.update((Path(__file__).parent / "cpio.py").read_bytes())
+        for part in ("cpio.py", "sources.py"):
+            builder.update((Path(__file__).parent / part).read_bytes())
         return {
             "builder_version": BUILDER_VERSION,
             "kernel_release": release,
@@ -251,28 +153,12 @@ class ImageBuilder:
 
     @property
     def manifest_path(self) -> Path:
-        return self.out_dir / "manifest.json"
+        return self.out_dir / MANIFEST
 
     def current(self) -> GuestImage | None:
-        """The image on disk, if it is complete and its files match the manifest."""
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return None
-        outputs = manifest.get("outputs", {})
-        for name in ("vmlinux", "initrd.img"):
-            path = self.out_dir / name
-            meta = outputs.get(name)
-            if not meta or not path.exists() or path.stat().st_size != meta.get("size"):
-                return None
-        if not (self.out_dir / "rootfs" / "bin" / "busybox").exists():
-            return None
-        return GuestImage(
-            kernel=self.out_dir / "vmlinux",
-            initrd=self.out_dir / "initrd.img",
-            rootfs=self.out_dir / "rootfs",
-            manifest=manifest,
-        )
+        """The image on disk, if it is complete and its files match the manifest
+        (``carapace.image.store.current_image``)."""
+        return current_image(self.out_dir)
 
     def up_to_date(self, inputs: dict[str, object] | None = None) -> GuestImage | None:
         img = self.current()
@@ -543,7 +429,7 @@ def build_busybox_rootfs(root: Path) -> None:
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
     shutil.copy2(busybox, root / "bin" / "busybox")
-    applets = _run([str(busybox), "--list-full"]).split()
+    applets = run_tool([str(busybox), "--list-full"]).split()
     for applet in applets:
         link = root / applet
         if applet == "bin/busybox" or link.exists():

@@ -11,7 +11,8 @@ The output is deterministic: entries are sorted, owned by root, dated ``mtime``
 (the epoch by default), gzip is written without a file name or time stamp and JSON
 with sorted keys, so the same rootfs always gives the same bytes and digests.
 
-Pure: reads the rootfs, writes the archive; runs nothing.
+Pure: reads the rootfs, writes the archive; runs nothing. Test tooling, no part of
+carapace: scripts/build-test-images and tests/unit/test_oci_archive.py use it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,196 @@
+"""The container verbs: CreateContainer, StartContainer, RemoveContainer,
+PauseContainer, ResumeContainer, UpdateContainer, StatsContainer and GetOOMEvent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+
+from carapace import linux
+from carapace.guest import cgroup
+from carapace.guest.crun import CrunError
+from carapace.guest.pod import CONTAINERS_DIR, Container, Pod, Process
+from carapace.guest.spec import guest_spec
+from carapace.guest.stdio import close_process_streams, spawn
+from carapace.protocols import agent_pb2 as pb
+from carapace.ttrpc import Code, TtrpcError
+
+log = logging.getLogger("carapace.agent")
+
+
+def mount_storage(st: pb.Storage) -> None:
+    """Mount a storage the host describes (the pod's shared directory, a volume)."""
+    if not st.mount_point.startswith("/"):
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"storage mount point must be absolute, got {st.mount_point!r}",
+        )
+    fstype = st.fstype or st.driver
+    flags = 0
+    data = [o for o in st.options if o not in ("ro", "rw")]
+    if "ro" in st.options:
+        flags |= linux.MS_RDONLY
+    try:
+        linux.mount(st.source, st.mount_point, fstype, flags, ",".join(data))
+    except OSError as e:
+        raise TtrpcError(Code.INTERNAL, str(e)) from e
+
+
+class ContainerService:
+    def __init__(self, pod: Pod) -> None:
+        self.pod = pod
+
+    async def create_container(self, req: pb.CreateContainerRequest) -> pb.Empty:
+        pod = self.pod
+        cid = req.container_id
+        if not cid or "/" in cid or cid.startswith("."):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid container id {cid!r}")
+        if cid in pod.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid!r} exists already")
+        try:
+            spec = json.loads(req.oci_spec)
+        except ValueError as e:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"OCI spec is not JSON: {e}") from e
+        if not os.path.isdir(req.rootfs):
+            raise TtrpcError(
+                Code.NOT_FOUND, f"container rootfs {req.rootfs!r} does not exist in the guest"
+            )
+        bundle = os.path.join(CONTAINERS_DIR, cid)
+        os.makedirs(bundle)
+        mounts: list[str] = []
+        try:
+            rootfs = req.rootfs
+            if req.rootfs_overlay:
+                for d in ("upper", "work", "rootfs"):
+                    os.makedirs(os.path.join(bundle, d))
+                merged = os.path.join(bundle, "rootfs")
+                linux.mount(
+                    "overlay",
+                    merged,
+                    "overlay",
+                    0,
+                    f"lowerdir={req.rootfs},upperdir={bundle}/upper,workdir={bundle}/work",
+                )
+                mounts.append(merged)
+                rootfs = merged
+            for st in req.storages:
+                mount_storage(st)
+                mounts.append(st.mount_point)
+            config = guest_spec(spec, cid, rootfs)
+            with open(os.path.join(bundle, "config.json"), "w") as f:
+                json.dump(config, f)
+            terminal = bool(config.get("process", {}).get("terminal"))
+            proc = Process(container_id=cid, exec_id="", terminal=terminal)
+            container = Container(id=cid, bundle=bundle, rootfs=rootfs, mounts=mounts, init=proc)
+            await spawn(
+                proc,
+                bundle,
+                lambda stdio, sock: pod.crun.create(
+                    cid, bundle, os.path.join(bundle, "init.pid"), stdio, sock
+                ),
+                pod.reaper,
+            )
+        except BaseException:
+            for m in reversed(mounts):
+                with contextlib.suppress(OSError):
+                    linux.umount(m, lazy=True)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        pod.containers[cid] = container
+        watch = pod.oom.watch(cid, cgroup.container_cgroup(cid))
+        if proc.exit is not None:
+            # a kill just before init's exit is counted already: read it once more
+            proc.exit.add_done_callback(lambda _: pod.oom.forget(cid, watch))
+        log.info("container %s created (pid %d)", cid, proc.pid)
+        return pb.Empty()
+
+    async def start_container(self, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
+        c = self.pod.container(req.container_id)
+        if c.started:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id!r} is already started")
+        await self.pod.crun.start(c.id)
+        c.started = True
+        return pb.StartContainerResponse(pid=c.init.pid)
+
+    async def remove_container(self, req: pb.RemoveContainerRequest) -> pb.Empty:
+        self.pod.container(req.container_id)
+        await self.remove(req.container_id, req.timeout_seconds or 10)
+        return pb.Empty()
+
+    async def remove(self, cid: str, timeout: float) -> None:
+        """Kill the container's processes, wait up to ``timeout`` seconds for each, then
+        delete it with crun and undo its mounts and bundle."""
+        pod = self.pod
+        c = pod.containers[cid]
+        procs = [c.init, *c.execs.values()]
+        for p in procs:
+            if p.exit is not None and not p.exit.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            if p.exit is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(p.exit), timeout)
+        pod.oom.forget(cid)
+        try:
+            await pod.crun.delete(cid)
+        except CrunError as e:
+            log.warning("%s", e)
+        for p in procs:
+            close_process_streams(p)
+        for m in reversed(c.mounts):
+            with contextlib.suppress(OSError):
+                linux.umount(m, lazy=True)
+        shutil.rmtree(c.bundle, ignore_errors=True)
+        del pod.containers[cid]
+        log.info("container %s removed", cid)
+
+    async def pause_container(self, req: pb.PauseContainerRequest) -> pb.Empty:
+        c = self.pod.running(req.container_id)
+        await self.pod.crun.pause(c.id)
+        log.info("container %s paused", c.id)
+        return pb.Empty()
+
+    async def resume_container(self, req: pb.ResumeContainerRequest) -> pb.Empty:
+        c = self.pod.running(req.container_id)
+        await self.pod.crun.resume(c.id)
+        log.info("container %s resumed", c.id)
+        return pb.Empty()
+
+    async def update_container(self, req: pb.UpdateContainerRequest) -> pb.Empty:
+        c = self.pod.container(req.container_id)
+        try:
+            resources = json.loads(req.resources)
+        except ValueError as e:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT, f"resources of container {c.id!r} are not JSON: {e}"
+            ) from e
+        if not isinstance(resources, dict):
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"resources of container {c.id!r} must be an OCI LinuxResources object, "
+                f"got {type(resources).__name__}",
+            )
+        fd, path = tempfile.mkstemp(prefix="resources-", suffix=".json", dir=c.bundle)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(resources, f)
+            await self.pod.crun.update(c.id, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        log.info("container %s updated: %s", c.id, json.dumps(resources))
+        return pb.Empty()
+
+    async def stats_container(self, req: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
+        c = self.pod.container(req.container_id)
+        return cgroup.read_stats(cgroup.container_cgroup(c.id))
+
+    async def get_oom_event(self, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
+        return pb.OOMEvent(container_id=await self.pod.oom.next_event())

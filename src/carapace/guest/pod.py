@@ -1,0 +1,96 @@
+"""What the agent knows of its pod: the containers, their processes, and the lookups
+every verb starts with (which answer NOT_FOUND or FAILED_PRECONDITION)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from carapace.guest.crun import Crun
+from carapace.guest.oom import OOMWatcher
+from carapace.guest.reaper import Reaper
+from carapace.protocols.contract import GUEST_STATE_DIR
+from carapace.ttrpc import Code, TtrpcError
+
+#: A container's bundle (config.json, pid files, console sockets, overlay dirs).
+CONTAINERS_DIR = f"{GUEST_STATE_DIR}/containers"
+
+
+@dataclass
+class Process:
+    """A process the agent started: a container's init or an exec."""
+
+    container_id: str
+    exec_id: str
+    terminal: bool
+    pid: int = 0
+    stdin: asyncio.StreamWriter | None = None
+    stdout: asyncio.StreamReader | None = None
+    stderr: asyncio.StreamReader | None = None
+    master_fd: int = -1
+    exit: asyncio.Future[int] | None = None
+    fds_to_close: list[int] = field(default_factory=list)
+
+    def close_child_ends(self) -> None:
+        for fd in self.fds_to_close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds_to_close.clear()
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    rootfs: str
+    mounts: list[str]  # guest mount points to undo on removal, innermost last
+    init: Process
+    execs: dict[str, Process] = field(default_factory=dict)
+    started: bool = False
+
+
+class Pod:
+    """The agent's state: one per VM, shared by the services of every verb."""
+
+    def __init__(self) -> None:
+        self.reaper = Reaper()
+        self.oom = OOMWatcher()
+        self.containers: dict[str, Container] = {}
+        self.sandbox_id = ""
+        self.sandbox_mounts: list[str] = []
+        self._crun: Crun | None = None
+
+    @property
+    def crun(self) -> Crun:
+        """crun, made on first use (it creates its log directory)."""
+        if self._crun is None:
+            self._crun = Crun(self.reaper)
+        return self._crun
+
+    def container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise TtrpcError(Code.NOT_FOUND, f"container {cid!r} not found in the sandbox")
+        return c
+
+    def process(self, cid: str, exec_id: str) -> Process:
+        """The init (no ``exec_id``) or an exec of a container."""
+        c = self.container(cid)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise TtrpcError(Code.NOT_FOUND, f"exec {exec_id!r} not found in container {cid!r}")
+        return p
+
+    def running(self, cid: str) -> Container:
+        """A container that was started and whose init has not exited."""
+        c = self.container(cid)
+        if not c.started or c.init.exit is None or c.init.exit.done():
+            state = "exited" if c.init.exit is not None and c.init.exit.done() else "not started"
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"container {cid!r} is not running ({state})"
+            )
+        return c

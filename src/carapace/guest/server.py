@@ -1,0 +1,120 @@
+"""The agent's ttrpc service: every verb registered through one error guard, served
+on the virtio-serial port the host connects to."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf.message import Message
+
+from carapace.guest import sysinit
+from carapace.guest.containers import ContainerService
+from carapace.guest.crun import CrunError
+from carapace.guest.pod import CONTAINERS_DIR, Pod
+from carapace.guest.processes import ProcessService
+from carapace.guest.sandbox import AGENT_VERSION, SandboxService
+from carapace.guest.stdio import StdioService, read_pipe, write_pipe
+from carapace.protocols import agent_pb2 as pb
+from carapace.protocols.contract import AGENT_PORT_NAME, AGENT_SERVICE
+from carapace.ttrpc import Code, Server, TtrpcError
+
+log = logging.getLogger("carapace.agent")
+
+Handler = Callable[[Any], Awaitable[Message]]
+
+#: Expected failures of a request and the status each is answered with. Anything else
+#: a handler raises is a bug of the agent: logged with its traceback, answered UNKNOWN.
+EXPECTED_ERRORS: tuple[tuple[type[Exception], Code], ...] = ((CrunError, Code.INTERNAL),)
+
+
+def guard(method: str, handler: Handler) -> Handler:
+    """``handler`` answering every failure as a TtrpcError: its own as they are, the
+    expected ones with their code and message, anything else as UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def run(req: Any) -> Message:
+        try:
+            return await handler(req)
+        except TtrpcError:
+            raise
+        except Exception as e:
+            for cls, code in EXPECTED_ERRORS:
+                if isinstance(e, cls):
+                    log.warning("%s failed: %s", method, e)
+                    raise TtrpcError(code, str(e)) from e
+            log.exception("%s failed", method)
+            raise TtrpcError(Code.UNKNOWN, str(e) or type(e).__name__) from e
+
+    return run
+
+
+class Agent:
+    """The agent of one pod VM: its state, the services of its verbs and their server."""
+
+    def __init__(self) -> None:
+        self.pod = Pod()
+        containers = ContainerService(self.pod)
+        processes = ProcessService(self.pod)
+        stdio = StdioService(self.pod)
+        sandbox = SandboxService(self.pod, containers)
+        self.server = Server()
+        #: (method, request type, handler) of every verb of the agent API
+        self.methods: tuple[tuple[str, type[Message], Handler], ...] = (
+            ("CreateSandbox", pb.CreateSandboxRequest, sandbox.create_sandbox),
+            ("DestroySandbox", pb.DestroySandboxRequest, sandbox.destroy_sandbox),
+            ("CreateContainer", pb.CreateContainerRequest, containers.create_container),
+            ("StartContainer", pb.StartContainerRequest, containers.start_container),
+            ("RemoveContainer", pb.RemoveContainerRequest, containers.remove_container),
+            ("ExecProcess", pb.ExecProcessRequest, processes.exec_process),
+            ("RemoveProcess", pb.RemoveProcessRequest, processes.remove_process),
+            ("SignalProcess", pb.SignalProcessRequest, processes.signal_process),
+            ("WaitProcess", pb.WaitProcessRequest, processes.wait_process),
+            ("WriteStdin", pb.WriteStreamRequest, stdio.write_stdin),
+            ("ReadStdout", pb.ReadStreamRequest, stdio.read_stdout),
+            ("ReadStderr", pb.ReadStreamRequest, stdio.read_stderr),
+            ("CloseStdin", pb.CloseStdinRequest, stdio.close_stdin),
+            ("TtyWinResize", pb.TtyWinResizeRequest, stdio.tty_win_resize),
+            ("PauseContainer", pb.PauseContainerRequest, containers.pause_container),
+            ("ResumeContainer", pb.ResumeContainerRequest, containers.resume_container),
+            ("StatsContainer", pb.StatsContainerRequest, containers.stats_container),
+            ("ListProcesses", pb.ListProcessesRequest, processes.list_processes),
+            ("UpdateContainer", pb.UpdateContainerRequest, containers.update_container),
+            ("GetOOMEvent", pb.GetOOMEventRequest, containers.get_oom_event),
+            ("GetGuestDetails", pb.GuestDetailsRequest, sandbox.get_guest_details),
+            ("OnlineCPUMem", pb.OnlineCPUMemRequest, sandbox.online_cpu_mem),
+            ("Check", pb.CheckRequest, sandbox.check),
+            ("Version", pb.CheckRequest, sandbox.version),
+        )
+        for name, req, handler in self.methods:
+            self.server.register_typed(AGENT_SERVICE, name, req, guard(name, handler))
+
+    async def serve(self) -> None:
+        """Serve the host on the agent port, reopening it whenever the host goes away."""
+        self.pod.reaper.install()
+        os.makedirs(CONTAINERS_DIR, exist_ok=True)
+        log.info("agent %s serving on virtio port %s", AGENT_VERSION, AGENT_PORT_NAME)
+        while True:
+            path = sysinit.find_virtio_port(AGENT_PORT_NAME)
+            if path is None:
+                await asyncio.sleep(0.01)
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                reader = await read_pipe(fd)
+                writer = await write_pipe(os.dup(fd))
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                await self.server.serve_connection(reader, writer)
+            except Exception:
+                log.exception("agent connection failed")
+            finally:
+                writer.close()
+            # the host closed its end (or was not connected yet): reopen shortly
+            await asyncio.sleep(0.01)

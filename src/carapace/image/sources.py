@@ -1,0 +1,112 @@
+"""Where the guest image's parts come from on the host: installed Debian packages, the
+distribution kernel and its modules, the shared libraries of the binaries shipped.
+
+Read-only: asks dpkg-query and ldd, reads files; builds nothing.
+"""
+
+from __future__ import annotations
+
+import lzma
+import subprocess
+from collections.abc import Iterable
+
+from carapace.errors import ImageError
+
+
+def run_tool(argv: list[str]) -> str:
+    """The output of a command, or an ImageError saying why it failed."""
+    try:
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    except FileNotFoundError as e:
+        raise ImageError(f"command {argv[0]!r} not found; is it installed?") from e
+    except subprocess.CalledProcessError as e:
+        raise ImageError(f"{' '.join(argv)} failed ({e.returncode}): {e.stderr.strip()}") from e
+
+
+def package_version(name: str) -> str:
+    """Installed version of a Debian package, or an ImageError naming it."""
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", name],
+        capture_output=True,
+        text=True,
+    )
+    status, _, version = r.stdout.partition(" ")
+    if r.returncode != 0 or status != "installed":
+        raise ImageError(
+            f"Debian package {name!r} is not installed; the guest image needs it "
+            f"(apt-get install {name})"
+        )
+    return version
+
+
+def kernel_package() -> tuple[str, str]:
+    """(package, kernel release) of the kernel linux-image-amd64 depends on."""
+    package_version("linux-image-amd64")
+    deps = run_tool(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"])
+    for dep in deps.split(","):
+        name = dep.strip().split(" ")[0]
+        if name.startswith("linux-image-") and name != "linux-image-amd64":
+            return name, name.removeprefix("linux-image-")
+    raise ImageError(f"cannot find the kernel package in linux-image-amd64's Depends: {deps!r}")
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """Decompress the ELF vmlinux from a bzImage's XZ payload (Debian's compression)."""
+    start = bzimage.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        raise ImageError("no XZ payload found in the kernel image; cannot extract vmlinux")
+    out = lzma.LZMADecompressor().decompress(bzimage[start:])
+    if out[:4] != b"\x7fELF":
+        raise ImageError("the kernel's XZ payload is not an ELF vmlinux")
+    return out
+
+
+def module_closure(modules_dep: str, wanted: Iterable[str]) -> list[str]:
+    """Paths (relative to /lib/modules/<release>) of ``wanted`` modules and their
+    dependencies, in an order where each module comes after what it depends on."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in modules_dep.splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        base = path.rsplit("/", 1)[-1]
+        for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        by_name[base.replace("-", "_")] = path
+    order: list[str] = []
+
+    def visit(path: str, stack: tuple[str, ...]) -> None:
+        if path in order:
+            return
+        if path in stack:
+            raise ImageError(f"module dependency cycle through {path}")
+        for dep in deps.get(path, []):
+            visit(dep, (*stack, path))
+        order.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise ImageError(f"kernel module {name!r} not found in modules.dep")
+        visit(by_name[key], ())
+    return order
+
+
+def shared_libraries(paths: Iterable[str]) -> set[str]:
+    """Every shared library (and the loader) the ELF files at ``paths`` need."""
+    libs: set[str] = set()
+    for path in paths:
+        out = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            line = line.strip()
+            if "=>" in line:
+                target = line.split("=>", 1)[1].strip().split(" ")[0]
+            else:
+                target = line.split(" ")[0]
+            if target.startswith("/"):
+                libs.add(target)
+    return libs
