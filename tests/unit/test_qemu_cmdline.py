@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from carapace.hypervisor import BASE_KERNEL_PARAMS, VMSpec
-from carapace.hypervisor.qemu.cmdline import AGENT_PORT_NAME, SHARE_TAG, qemu_argv
+from carapace.hypervisor.qemu.cmdline import qemu_argv
+from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 
