@@ -286,9 +286,7 @@ def check_namespaces(
     missing += [
         ns.type
         for ns in entries
-        if ns.type in HOST_NAMESPACES_REFUSED
-        and ns.path
-        and is_host_namespace(ns.type, ns.path)
+        if ns.type in HOST_NAMESPACES_REFUSED and ns.path and is_host_namespace(ns.type, ns.path)
     ]
     if missing:
         flags = ", ".join(f"{_NS_FLAG[t]} host" for t in missing)

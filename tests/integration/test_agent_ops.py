@@ -13,12 +13,13 @@ import pytest
 
 import carapace
 from carapace.agent.client import AgentClient
-from carapace.agent.metrics import V1_UNLIMITED, to_v1_metrics
 from carapace.errors import AgentError
+from carapace.oci.bundle import Spec
 from carapace.oci.spec import default_spec
 from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox import ProcessIO
 from carapace.sandbox import Sandbox as AsyncSandbox
+from carapace.shim.metrics import V1_UNLIMITED, to_v1_metrics
 
 MiB = 1 << 20
 # busybox dd allocates its whole block before reading: 64 MiB against a 32 MiB limit
@@ -50,7 +51,7 @@ def container(
     if resources:
         spec["linux"]["resources"] = resources
     spec["mounts"] += mounts or []
-    sb.call_async(lambda s: s.create_container(cid, spec, s.image().rootfs))
+    sb.call_async(lambda s: s.create_container(cid, Spec.from_dict(spec), s.image().rootfs))
     try:
         yield sb.call_async(lambda s: s.start_container(cid)) if start else 0
     finally:

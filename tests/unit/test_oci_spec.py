@@ -1,18 +1,16 @@
-"""The default OCI spec and bundle loading (carapace.oci.spec)."""
+"""The default OCI spec (carapace.oci.spec); bundle loading is in test_oci_bundle.py."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from carapace.errors import InvalidArgument, NotFound
+from carapace.errors import InvalidArgument
 from carapace.oci.spec import (
     DEFAULT_CAPABILITIES,
     DEFAULT_PATH,
     default_spec,
-    load_bundle,
     parse_env,
     process_spec,
 )
@@ -107,82 +105,3 @@ def test_default_spec_capability_lists_are_independent() -> None:
     caps["bounding"].append("CAP_SYS_ADMIN")
     assert "CAP_SYS_ADMIN" not in DEFAULT_CAPABILITIES
     assert "CAP_SYS_ADMIN" not in default_spec(["sh"])["process"]["capabilities"]["bounding"]
-
-
-def make_bundle(tmp_path: Path, spec: object, rootfs: str | None = "rootfs") -> Path:
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps(spec))
-    if rootfs is not None:
-        (bundle / rootfs).mkdir()
-    return bundle
-
-
-def test_load_bundle(tmp_path: Path) -> None:
-    spec = default_spec(["sh"])
-    bundle = make_bundle(tmp_path, spec)
-    loaded, rootfs = load_bundle(bundle)
-    assert loaded == spec
-    assert rootfs == bundle / "rootfs"
-
-
-def test_load_bundle_relative_root_path(tmp_path: Path) -> None:
-    spec = default_spec(["sh"])
-    spec["root"]["path"] = "my-root"
-    bundle = make_bundle(tmp_path, spec, rootfs="my-root")
-    _, rootfs = load_bundle(bundle)
-    assert rootfs == bundle / "my-root"
-
-
-def test_load_bundle_absolute_root_path(tmp_path: Path) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    spec = default_spec(["sh"])
-    spec["root"]["path"] = str(elsewhere)
-    bundle = make_bundle(tmp_path, spec, rootfs=None)
-    _, rootfs = load_bundle(bundle)
-    assert rootfs == elsewhere
-
-
-def test_load_bundle_without_root_uses_rootfs(tmp_path: Path) -> None:
-    spec = default_spec(["sh"])
-    del spec["root"]
-    bundle = make_bundle(tmp_path, spec)
-    _, rootfs = load_bundle(bundle)
-    assert rootfs == bundle / "rootfs"
-
-
-def test_load_bundle_missing_config(tmp_path: Path) -> None:
-    with pytest.raises(NotFound) as exc:
-        load_bundle(tmp_path)
-    assert str(tmp_path) in str(exc.value)
-    assert "no config.json" in str(exc.value)
-
-
-def test_load_bundle_invalid_json(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{not json")
-    (tmp_path / "rootfs").mkdir()
-    with pytest.raises(InvalidArgument, match=r"config\.json is not valid JSON"):
-        load_bundle(tmp_path)
-
-
-@pytest.mark.parametrize("spec", [{"ociVersion": "1.0.2"}, {"process": "sh"}, ["process"], 3])
-def test_load_bundle_without_process(tmp_path: Path, spec: object) -> None:
-    bundle = make_bundle(tmp_path, spec)
-    with pytest.raises(InvalidArgument, match="no process object"):
-        load_bundle(bundle)
-
-
-def test_load_bundle_missing_rootfs(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path, default_spec(["sh"]), rootfs=None)
-    with pytest.raises(NotFound) as exc:
-        load_bundle(bundle)
-    assert str(bundle / "rootfs") in str(exc.value)
-    assert "not a directory" in str(exc.value)
-
-
-def test_load_bundle_rootfs_is_a_file(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path, default_spec(["sh"]), rootfs=None)
-    (bundle / "rootfs").write_text("")
-    with pytest.raises(NotFound, match="not a directory"):
-        load_bundle(bundle)

@@ -26,10 +26,11 @@ from carapace.errors import (
 )
 from carapace.protocols.containerd import runtimeoptions_pb2
 from carapace.protocols.containerd import shim_pb2 as api
-from carapace.sandbox.state import STATE_FILE, SandboxRecord
+from carapace.protocols.contract import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID
+from carapace.sandbox.state import STATE_FILE, Runstate, SandboxRecord
 from carapace.shim import main as shim_main
 from carapace.shim.main import SHIM_FILE, cmd_delete, config_path_from_options
-from carapace.shim.params import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, ShimArgs
+from carapace.shim.params import ShimArgs
 from carapace.shim.service import to_ttrpc_error
 from carapace.ttrpc import Code
 
@@ -106,7 +107,11 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def make_bundle(tmp_path: Path, annotations: dict[str, str] | None = None) -> Path:
     bundle = tmp_path / "bundle"
     (bundle / "rootfs").mkdir(parents=True)
-    spec: dict[str, Any] = {"ociVersion": "1.1.0", "root": {"path": "rootfs"}}
+    spec: dict[str, Any] = {
+        "ociVersion": "1.1.0",
+        "process": {"args": ["sh"]},
+        "root": {"path": "rootfs"},
+    }
     if annotations is not None:
         spec["annotations"] = annotations
     (bundle / "config.json").write_text(json.dumps(spec))
@@ -116,7 +121,7 @@ def make_bundle(tmp_path: Path, annotations: dict[str, str] | None = None) -> Pa
 def make_sandbox(run: Path, pod: str, owner_pid: int) -> Path:
     d = run / pod
     d.mkdir()
-    SandboxRecord(id=pod, run_dir=str(d), state="running", owner_pid=owner_pid).save()
+    SandboxRecord(id=pod, run_dir=str(d), state=Runstate.RUNNING, owner_pid=owner_pid).save()
     (d / "console.log").write_text("left behind\n")
     return d
 

@@ -1,9 +1,9 @@
 """The shim's pure contract (carapace.shim.params): its Go-style command line, socket
-address, pod grouping, rootfs mount options and pod namespace joining."""
+address, rootfs mount options and pod namespace joining. (Pod grouping is the spec's:
+test_oci_bundle.py.)"""
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
@@ -11,20 +11,16 @@ import pytest
 
 from carapace import linux
 from carapace.errors import InvalidArgument
-from carapace.guest.spec import GUEST_NS_PREFIX as GUEST
 from carapace.guest.spec import guest_spec
+from carapace.oci import Namespace, Spec
+from carapace.protocols.contract import GUEST_NS_PREFIX as GUEST
 from carapace.shim.params import (
-    CRI_CONTAINER_TYPE,
-    CRI_SANDBOX_ID,
     SOCKET_DIR,
     ShimArgs,
-    is_pause,
-    is_pod_sandbox,
     is_type,
     join_pod_namespaces,
     mount_options,
     parse_args,
-    pod_of,
     socket_path,
     strip_unix,
 )
@@ -212,46 +208,6 @@ def test_strip_unix() -> None:
     assert strip_unix(ADDRESS) == ADDRESS
 
 
-# --- pod_of / is_pod_sandbox -------------------------------------------------------------
-
-
-def cri_spec(kind: str, sandbox: str) -> dict[str, Any]:
-    return {"annotations": {CRI_CONTAINER_TYPE: kind, CRI_SANDBOX_ID: sandbox}}
-
-
-def test_cri_sandbox_container_makes_its_pod() -> None:
-    spec = cri_spec("sandbox", "pod1")
-    assert pod_of("pod1", spec) == "pod1"
-    assert is_pod_sandbox("pod1", spec) is True
-
-
-def test_cri_container_joins_its_sandbox() -> None:
-    spec = cri_spec("container", "pod1")
-    assert pod_of("c1", spec) == "pod1"
-    assert is_pod_sandbox("c1", spec) is False
-
-
-def test_dockershim_annotations_as_in_openeulers_examples() -> None:
-    """``--annotation io.kubernetes.docker.type=podsandbox`` makes a pod;
-    ``io.kubernetes.docker.type=container`` + ``io.kubernetes.sandbox.id=<pod>`` joins it."""
-    pause = {"annotations": {"io.kubernetes.docker.type": "podsandbox"}}
-    assert (pod_of("p1", pause), is_pod_sandbox("p1", pause)) == ("p1", True)
-    c = {
-        "annotations": {"io.kubernetes.docker.type": "container", "io.kubernetes.sandbox.id": "p1"}
-    }
-    assert (pod_of("c1", c), is_pod_sandbox("c1", c)) == ("p1", False)
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [{}, {"annotations": None}, {"annotations": {}}, {"annotations": {"org.example": "x"}}],
-)
-def test_plain_container_is_its_own_pod(spec: dict[str, Any]) -> None:
-    """``ctr run``: no CRI annotations, the container is a pod of one."""
-    assert pod_of("c1", spec) == "c1"
-    assert is_pod_sandbox("c1", spec) is True
-
-
 # --- mount_options --------------------------------------------------------------------------
 
 
@@ -295,30 +251,32 @@ def test_flags_and_data_mixed() -> None:
 # --- join_pod_namespaces ---------------------------------------------------------------------
 
 
-def cri_container_spec(sandbox_host_pid: int = 4242) -> dict[str, Any]:
+def cri_container_spec(sandbox_host_pid: int = 4242) -> Spec:
     """A CRI container asking to share the sandbox's namespaces (paths on the host)."""
     ns = f"/proc/{sandbox_host_pid}/ns"
-    return {
-        "ociVersion": "1.1.0",
-        "process": {"args": ["sh"]},
-        "linux": {
-            "namespaces": [
-                {"type": "pid", "path": f"{ns}/pid"},
-                {"type": "ipc", "path": f"{ns}/ipc"},
-                {"type": "uts", "path": f"{ns}/uts"},
-                {"type": "network", "path": f"{ns}/net"},  # the pod task's: the VM's
-                {"type": "mount"},
-                {"type": "user", "path": f"{ns}/user"},
-                {"type": "cgroup", "path": f"{ns}/cgroup"},
-            ],
-            "resources": {"memory": {"limit": 1 << 28}},
-        },
-    }
+    return Spec.from_dict(
+        {
+            "ociVersion": "1.1.0",
+            "process": {"args": ["sh"]},
+            "linux": {
+                "namespaces": [
+                    {"type": "pid", "path": f"{ns}/pid"},
+                    {"type": "ipc", "path": f"{ns}/ipc"},
+                    {"type": "uts", "path": f"{ns}/uts"},
+                    {"type": "network", "path": f"{ns}/net"},  # the pod task's: the VM's
+                    {"type": "mount"},
+                    {"type": "user", "path": f"{ns}/user"},
+                    {"type": "cgroup", "path": f"{ns}/cgroup"},
+                ],
+                "resources": {"memory": {"limit": 1 << 28}},
+            },
+        }
+    )
 
 
 def test_shared_namespaces_point_at_the_guest_sandbox() -> None:
     out = join_pod_namespaces(cri_container_spec(), 17)
-    assert out["linux"]["namespaces"] == [
+    expected = [
         {"type": "pid", "path": f"{GUEST}/proc/17/ns/pid"},
         {"type": "ipc", "path": f"{GUEST}/proc/17/ns/ipc"},
         {"type": "uts", "path": f"{GUEST}/proc/17/ns/uts"},
@@ -327,16 +285,18 @@ def test_shared_namespaces_point_at_the_guest_sandbox() -> None:
         {"type": "user"},
         {"type": "cgroup"},
     ]
+    assert out.to_dict()["linux"]["namespaces"] == expected
+    assert out.namespaces[0] == Namespace("pid", f"{GUEST}/proc/17/ns/pid")
     # the rest of the spec is untouched
-    assert out["process"] == {"args": ["sh"]}
-    assert out["linux"]["resources"] == {"memory": {"limit": 1 << 28}}
+    assert out.process == {"args": ["sh"]}
+    assert out.to_dict()["linux"]["resources"] == {"memory": {"limit": 1 << 28}}
 
 
 def test_the_guest_spec_keeps_the_joined_namespaces() -> None:
     """The agent's spec (carapace.guest.spec) understands what join_pod_namespaces makes:
     the sandbox's guest namespaces joined, no network namespace, the others new."""
     joined = join_pod_namespaces(cri_container_spec(), 17)
-    out = guest_spec(joined, "c1", "/run/carapace/c1/rootfs")
+    out = guest_spec(joined.to_dict(), "c1", "/run/carapace/c1/rootfs")
     by_type = {ns["type"]: ns for ns in out["linux"]["namespaces"]}
     assert by_type["pid"] == {"type": "pid", "path": "/proc/17/ns/pid"}
     assert by_type["ipc"] == {"type": "ipc", "path": "/proc/17/ns/ipc"}
@@ -349,7 +309,7 @@ def test_the_guest_spec_keeps_the_joined_namespaces() -> None:
 @pytest.mark.parametrize("pid", [0, -1])
 def test_without_a_sandbox_pid_paths_are_dropped(pid: int) -> None:
     out = join_pod_namespaces(cri_container_spec(), pid)
-    assert out["linux"]["namespaces"] == [
+    assert out.to_dict()["linux"]["namespaces"] == [
         {"type": "pid"},
         {"type": "ipc"},
         {"type": "uts"},
@@ -361,26 +321,26 @@ def test_without_a_sandbox_pid_paths_are_dropped(pid: int) -> None:
 
 
 def test_namespaces_without_paths_stay_new() -> None:
-    spec = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}]}}
+    namespaces: list[dict[str, Any]] = [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}]
+    spec = Spec.from_dict({"process": {}, "linux": {"namespaces": namespaces}})
     out = join_pod_namespaces(spec, 17)
-    assert out["linux"]["namespaces"] == spec["linux"]["namespaces"]
+    assert out.to_dict()["linux"]["namespaces"] == namespaces
 
 
 def test_spec_without_linux_section() -> None:
-    out = join_pod_namespaces({"process": {"args": ["true"]}}, 17)
-    assert out["linux"]["namespaces"] == []
-    assert out["process"] == {"args": ["true"]}
+    out = join_pod_namespaces(Spec.from_dict({"process": {"args": ["true"]}}), 17)
+    assert out.to_dict()["linux"]["namespaces"] == []
+    assert out.namespaces == ()
+    assert out.process == {"args": ["true"]}
 
 
 def test_input_is_not_mutated() -> None:
     spec = cri_container_spec()
-    before = copy.deepcopy(spec)
+    before = spec.to_dict()
     out = join_pod_namespaces(spec, 17)
-    assert spec == before
+    assert spec.to_dict() == before
+    assert spec.namespaces[0].path == "/proc/4242/ns/pid"
     assert out is not spec
-    assert out["linux"] is not spec["linux"]
-    out["linux"]["namespaces"][0]["path"] = "changed"
-    assert spec == before
 
 
 @pytest.mark.parametrize("value", ["maybe", "yes", "2", ""])
@@ -410,10 +370,3 @@ def test_defaults_mount_option_means_nothing() -> None:
 )
 def test_is_type(url: str, expected: bool) -> None:
     assert is_type(url, "runtimeoptions.v1.Options") is expected
-
-
-def test_is_pause_only_for_marked_sandbox_containers() -> None:
-    assert is_pause(cri_spec("sandbox", "p1"))
-    assert is_pause({"annotations": {"io.kubernetes.docker.type": "podsandbox"}})
-    assert not is_pause(cri_spec("container", "p1"))
-    assert not is_pause({})  # ctr run: a pod of one, its own workload

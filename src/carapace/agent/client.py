@@ -194,7 +194,7 @@ class AgentClient:
         )
 
     async def stats_container(self, container_id: str) -> pb.StatsContainerResponse:
-        """The container's cgroup v2 numbers in the guest (see ``agent.metrics`` to turn
+        """The container's cgroup v2 numbers in the guest (see ``shim.metrics`` to turn
         them into containerd's metrics)."""
         return await self._call(
             "StatsContainer",

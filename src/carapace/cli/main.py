@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -149,19 +148,21 @@ def _annotations(items: list[str]) -> dict[str, str]:
 
 
 async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    from carapace.oci.spec import default_spec, load_bundle, parse_env
+    from carapace.oci import Bundle, Spec
+    from carapace.oci.spec import default_spec, parse_env
     from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     parse_env(args.env)
-    rootfs: Path | None = None
+    rootfs: Path | None = None  # None: the guest image's busybox
     if args.bundle:
-        spec, rootfs = load_bundle(Path(args.bundle))
+        bundle = Bundle.load(args.bundle)
+        spec, rootfs = bundle.spec, bundle.rootfs
         if cmd:
-            spec["process"]["args"] = cmd
-        spec["process"]["terminal"] = bool(args.tty)
+            spec = spec.with_args(cmd)
+        spec = spec.with_terminal(bool(args.tty))
     else:
         if args.rootfs:
             rootfs = Path(args.rootfs)
@@ -169,24 +170,21 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
                 raise NotFound(f"--rootfs {args.rootfs}: no such directory")
         if not cmd:
             raise InvalidArgument("run: no command given; usage: carapace run [OPTIONS] -- CMD")
-        spec = default_spec(cmd, env=args.env, cwd=args.workdir, terminal=args.tty)
-    annotations = {**(spec.get("annotations") or {}), **_annotations(args.annotation)}
-    if annotations:
-        spec["annotations"] = annotations
-    if args.files_limit is not None:
-        resources = spec.setdefault("linux", {}).setdefault("resources", {})
-        resources["files"] = {"limit": args.files_limit}
+        spec = Spec.from_dict(
+            default_spec(cmd, env=args.env, cwd=args.workdir, terminal=args.tty), "carapace run"
+        )
+    # the container is also the pod's sandbox container: its annotations are the pod's
+    spec = spec.with_annotations(_annotations(args.annotation))
     sandbox = Sandbox(
         cfg,
         SandboxOptions(
             cpus=args.cpus,
             memory=args.memory,
             sandbox_id=args.name,
-            annotations=annotations,
             sandbox_spec=spec,
+            files_limit=args.files_limit,
         ),
     )
-    rootfs = rootfs or sandbox.image().rootfs
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -200,13 +198,15 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         fut.add_done_callback(background.discard)
 
     async def forward(sig: signal.Signals) -> None:
-        with contextlib.suppress(CarapaceError):
+        try:
             await sandbox.kill(cid, sig)
+        except CarapaceError:  # no container (yet, or any more) to take it: abort
+            main_task.cancel()
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
-        if signals_seen == 1 and sandbox.containers.get(cid) is not None:
+        if signals_seen == 1:
             spawn(forward(sig))
         else:
             main_task.cancel()
@@ -245,103 +245,40 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 # -- check ----------------------------------------------------------------------------
 
 
-def cgroup_version(root: str = "/sys/fs/cgroup") -> str:
-    """v1, v2, or none, from what is mounted at ``root``."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[1] == root:
-                return "v2" if parts[2] == "cgroup2" else "v1"
-    return "none"
-
-
 def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
-    from carapace.hypervisor.qemu.accel import choose_accelerator
-    from carapace.image.builder import ImageBuilder
+    from carapace.hostcheck import host_checks, ready
 
-    rows: list[tuple[str, bool, str]] = []
-    hv = cfg.hypervisor
-    qemu_ok = Path(hv.path).exists()
-    if qemu_ok:
-        import subprocess
-
-        v = subprocess.run([hv.path, "--version"], capture_output=True, text=True)
-        rows.append(("qemu", True, f"{hv.path}: {v.stdout.splitlines()[0] if v.stdout else '?'}"))
-    else:
-        rows.append(("qemu", False, f"{hv.path} missing (apt-get install qemu-system-x86)"))
-    img = ImageBuilder(cfg.image_dir).current()
-    if img is None:
-        rows.append(("guest image", False, f"not built in {cfg.image_dir} (carapace guest build)"))
-    else:
-        size = img.initrd.stat().st_size / 2**20
-        rows.append(
-            (
-                "guest image",
-                True,
-                f"kernel {img.kernel_release}, initramfs {size:.1f} MiB in {cfg.image_dir}",
-            )
-        )
-        pkgs = img.manifest.get("inputs", {})
-        crun = pkgs.get("packages", {}).get("crun") if isinstance(pkgs, dict) else None
-        rows.append(("crun in image", bool(crun), f"crun {crun}" if crun else "missing"))
-    if qemu_ok and img is not None:
-        choice = choose_accelerator(
-            hv.accel, hv.path, img.kernel, img.initrd, Path(cfg.runtime.state_dir) / "accel.json"
-        )
-        rows.append(
-            (
-                "accelerator",
-                True,
-                f"{choice.accel}: {choice.reason}" + (" (cached probe)" if choice.cached else ""),
-            )
-        )
-    else:
-        from carapace.hypervisor.qemu.accel import kvm_precheck
-
-        why = kvm_precheck()
-        rows.append(
-            (
-                "accelerator",
-                True,
-                "kvm may work (not probed: no image)" if why is None else f"tcg: {why}",
-            )
-        )
-    rows.append(("cgroups", True, f"host cgroup {cgroup_version()}"))
-    tun = Path("/dev/net/tun").exists()
-    rows.append(("tun", tun, "/dev/net/tun present" if tun else "/dev/net/tun missing"))
-    ready = all(ok for name, ok, _ in rows if name in ("qemu", "guest image", "crun in image"))
+    results = host_checks(cfg)
+    verdict = ready(results)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "ready": ready,
-                    "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in rows],
-                },
-                indent=2,
-            )
-        )
+        checks = [r.to_dict() for r in results]
+        print(json.dumps({"ready": verdict, "checks": checks}, indent=2))
     else:
-        for name, ok, detail in rows:
-            print(f"{'ok ' if ok else 'NO '} {name:14} {detail}")
+        for r in results:
+            print(f"{'ok ' if r.ok else 'NO '} {r.name:14} {r.detail}")
         print(
-            "verdict: ready to run pods" if ready else "verdict: NOT ready (see the NO lines above)"
+            "verdict: ready to run pods"
+            if verdict
+            else "verdict: NOT ready (see the NO lines above)"
         )
-    return 0 if ready else 1
+    return 0 if verdict else 1
 
 
 # -- guest, gc ----------------------------------------------------------------------------
 
 
 def cmd_guest(cfg: Config, args: argparse.Namespace) -> int:
-    from carapace.image.builder import ImageBuilder
-
     if args.guest_command == "build":
+        from carapace.image.builder import ImageBuilder
+
         out = Path(args.dir) if args.dir else cfg.image_dir
         ImageBuilder(out, progress=lambda m: print(m, file=sys.stderr, flush=True)).build(
             force=args.force
         )
         return 0
-    img = ImageBuilder(cfg.image_dir).current()
+    from carapace.image.store import current_image
+
+    img = current_image(cfg.image_dir)
     if img is None:
         raise NotFound(f"no guest image in {cfg.image_dir}; run `carapace guest build`")
     print(json.dumps(img.manifest, indent=2))

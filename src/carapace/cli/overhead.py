@@ -110,7 +110,7 @@ async def measure(cfg: Config, idle_seconds: float, load_seconds: float) -> dict
     rss = own_rss()
     rec = recommend(idle, rss)
     return {
-        "vm": {"vcpus": sb.vcpus, "memory_mib": sb.memory_mib, "accel": sb.record.accel},
+        "vm": {"vcpus": sb.vcpus, "memory_mib": sb.memory_mib, "accel": sb.accel},
         "idle": asdict(idle),
         "load": {**asdict(loaded), "exit_status": status},
         "serving_process_rss_bytes": rss,

@@ -1,1 +1,7 @@
-"""OCI runtime-spec: building, loading and checking config.json."""
+"""The OCI runtime spec: ``Bundle.load`` reads a bundle's config.json once and checks it
+(``bundle``); ``Spec`` is the typed, frozen view past that edge; ``spec`` builds the
+default spec of `carapace run`."""
+
+from carapace.oci.bundle import Bundle, Namespace, Spec
+
+__all__ = ["Bundle", "Namespace", "Spec"]

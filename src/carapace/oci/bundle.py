@@ -96,9 +96,7 @@ def _files_limit(resources: Mapping[str, Any], where: str) -> int | None:
     except ValueError:
         n = -1
     if n < 0:
-        raise _field(
-            where, name, raw, "0 (fs.file-max / 400) or a positive number of open files"
-        )
+        raise _field(where, name, raw, "0 (fs.file-max / 400) or a positive number of open files")
     return n
 
 
@@ -128,7 +126,9 @@ class Spec:
         process = data.get("process")
         if not isinstance(process, dict):
             raise _field(where, "process", process, "an object (the container's process)")
-        terminal = process.get("terminal", False)
+        terminal = process.get("terminal")
+        if terminal is None:
+            terminal = False
         if not isinstance(terminal, bool):
             raise _field(where, "process.terminal", terminal, "true or false")
         root = _object(data, "root", where, "root")
@@ -165,9 +165,26 @@ class Spec:
         data["process"]["terminal"] = terminal
         return replace(self, _data=data, terminal=terminal)
 
+    def with_args(self, args: list[str]) -> Spec:
+        """The spec running ``args`` instead of its process's own."""
+        data = self.to_dict()
+        data["process"]["args"] = list(args)
+        return replace(self, _data=data)
+
+    def with_annotations(self, annotations: Mapping[str, str]) -> Spec:
+        """The spec with ``annotations`` added to its own (theirs win)."""
+        if not annotations:
+            return self
+        merged = {**self.annotations, **annotations}
+        data = self.to_dict()
+        data["annotations"] = dict(merged)
+        return replace(self, _data=data, annotations=merged)
+
     def with_namespaces(self, namespaces: tuple[Namespace, ...]) -> Spec:
         data = self.to_dict()
-        data.setdefault("linux", {})["namespaces"] = [ns.to_dict() for ns in namespaces]
+        linux = data.get("linux") or {}
+        linux["namespaces"] = [ns.to_dict() for ns in namespaces]
+        data["linux"] = linux
         return replace(self, _data=data, namespaces=namespaces)
 
     # -- the pod a container belongs to (containerd CRI, CRI-O's spelling, dockershim) --

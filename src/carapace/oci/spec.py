@@ -1,12 +1,11 @@
-"""OCI runtime specs: the default one `carapace run` builds, and bundle loading."""
+"""The default OCI runtime spec `carapace run` builds (a bundle is read by
+``carapace.oci.bundle.Bundle.load``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from carapace.errors import InvalidArgument, NotFound
+from carapace.errors import InvalidArgument
 
 DEFAULT_CAPABILITIES = [
     "CAP_CHOWN",
@@ -140,21 +139,3 @@ def default_spec(
             ],
         },
     }
-
-
-def load_bundle(bundle: Path) -> tuple[dict[str, Any], Path]:
-    """(spec, absolute rootfs path) of an OCI bundle directory."""
-    config = bundle / "config.json"
-    try:
-        spec = json.loads(config.read_text())
-    except FileNotFoundError:
-        raise NotFound(f"bundle {bundle}: no config.json; an OCI bundle needs one") from None
-    except ValueError as e:
-        raise InvalidArgument(f"bundle {bundle}: config.json is not valid JSON: {e}") from e
-    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
-        raise InvalidArgument(f"bundle {bundle}: config.json has no process object")
-    root = spec.get("root", {}).get("path", "rootfs")
-    rootfs = Path(root) if Path(root).is_absolute() else bundle / root
-    if not rootfs.is_dir():
-        raise NotFound(f"bundle {bundle}: rootfs {rootfs} is not a directory")
-    return spec, rootfs

@@ -25,7 +25,8 @@ from google.protobuf.message import DecodeError
 
 from carapace import __version__, linux
 from carapace.config import load_config
-from carapace.errors import CarapaceError, InvalidArgument
+from carapace.errors import CarapaceError, InvalidArgument, NotFound
+from carapace.oci import Bundle
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
 from carapace.shim.events import Publisher
@@ -34,8 +35,6 @@ from carapace.shim.params import (
     ShimArgs,
     config_path_of,
     parse_args,
-    pod_of,
-    rootfs_dir,
     socket_path,
 )
 from carapace.shim.service import TaskService
@@ -50,14 +49,13 @@ SHIM_FILE = "carapace-shim.json"
 DEAD_SHIM_STATUS = 128 + signal.SIGKILL
 
 
-def read_spec(bundle: Path) -> dict[str, Any]:
+def read_bundle(bundle: Path) -> Bundle | None:
+    """The bundle's spec and rootfs (not required to exist yet), or None when the
+    bundle has no config.json (then the container is its own pod)."""
     try:
-        spec = json.loads((bundle / "config.json").read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise InvalidArgument(f"cannot read {bundle}/config.json: {e}") from e
-    return spec if isinstance(spec, dict) else {}
+        return Bundle.load(bundle, check_rootfs=False)
+    except NotFound:
+        return None
 
 
 def config_path_from_options(data: bytes) -> str | None:
@@ -111,8 +109,8 @@ def _self() -> list[str]:
 
 def cmd_start(args: ShimArgs) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
-    spec = read_spec(bundle)
-    pod = pod_of(args.id, spec)
+    loaded = read_bundle(bundle)
+    pod = loaded.spec.pod_id(args.id) if loaded is not None else args.id
     config_path = config_path_from_options(_read_stdin()) or os.environ.get("CARAPACE_CONFIG")
     sock = socket_path(args.address, args.namespace, pod)
     if connectable(sock):  # the pod's shim runs already: this container joins it
@@ -159,9 +157,9 @@ def cmd_delete(args: ShimArgs) -> int:
     """Clean up what a dead shim left for this container: the rootfs mount in the
     bundle, and the pod's VM, mounts and run dir if the pod's shim is gone."""
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
-    spec = read_spec(bundle)
-    pod = pod_of(args.id, spec)
-    rootfs = rootfs_dir(bundle, spec)
+    loaded = read_bundle(bundle)
+    pod = loaded.spec.pod_id(args.id) if loaded is not None else args.id
+    rootfs = loaded.rootfs if loaded is not None else bundle / "rootfs"
     with contextlib.suppress(OSError):
         while linux.is_mountpoint(str(rootfs)):
             linux.umount(str(rootfs), lazy=True)

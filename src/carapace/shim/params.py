@@ -1,31 +1,25 @@
-"""Pure parts of the shim contract: its command line, socket address, pod grouping,
-rootfs mount options and containerd's ``Any`` type URLs."""
+"""Pure parts of the shim contract: its command line, socket address, the pod
+namespaces a container joins, rootfs mount options and containerd's ``Any`` type URLs.
+(Which pod a container belongs to is the spec's: ``carapace.oci.Spec.pod_id``.)"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.message import DecodeError
 
 from carapace import linux
 from carapace.errors import InvalidArgument
+from carapace.oci import Namespace, Spec
+from carapace.protocols import contract
 from carapace.protocols.containerd import runtimeoptions_pb2
 
 #: The runtime type containerd resolves to the binary ``containerd-shim-carapace-v2``.
 RUNTIME_TYPE = "io.containerd.carapace.v2"
 #: Where shim sockets live (one per pod).
 SOCKET_DIR = "/run/carapace-shim"
-
-#: Annotations the CRI plugin puts on every container of a pod.
-CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
-#: dockershim's spelling of the same, which openEuler's examples use with docker/ctr
-DOCKER_CONTAINER_TYPE = "io.kubernetes.docker.type"  # "podsandbox" or "container"
-DOCKER_SANDBOX_ID = "io.kubernetes.sandbox.id"
 
 #: containerd's type URLs for what travels in ``google.protobuf.Any``.
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
@@ -107,66 +101,26 @@ def socket_path(address: str, namespace: str, group: str, root: str = SOCKET_DIR
     return f"{root}/{digest}.sock"
 
 
-def pod_of(container_id: str, spec: dict[str, Any]) -> str:
-    """The pod (shim group) a container belongs to: CRI's sandbox-id annotation (or
-    dockershim's), or the container itself when it is not part of a pod."""
-    annotations = spec.get("annotations") or {}
-    if annotations.get(DOCKER_CONTAINER_TYPE) == "podsandbox":
-        return container_id
-    return str(
-        annotations.get(CRI_SANDBOX_ID) or annotations.get(DOCKER_SANDBOX_ID) or container_id
-    )
-
-
-def is_pod_sandbox(container_id: str, spec: dict[str, Any]) -> bool:
-    """Whether this container is the one that makes the pod (CRI's pause container, or a
-    stand-alone container)."""
-    annotations = spec.get("annotations") or {}
-    kind = annotations.get(CRI_CONTAINER_TYPE)
-    if kind is not None:
-        return bool(kind == "sandbox")
-    kind = annotations.get(DOCKER_CONTAINER_TYPE)
-    if kind is not None:
-        return bool(kind == "podsandbox")
-    return pod_of(container_id, spec) == container_id
-
-
-def is_pause(spec: dict[str, Any]) -> bool:
-    """Whether the spec is a pod's pause container as CRI (or dockershim) marks it: a
-    placeholder that stands for the pod, running nothing of the user's."""
-    annotations = spec.get("annotations") or {}
-    return bool(
-        annotations.get(CRI_CONTAINER_TYPE) == "sandbox"
-        or annotations.get(DOCKER_CONTAINER_TYPE) == "podsandbox"
-    )
-
-
 #: Namespaces a pod's containers may share with its sandbox container in the guest.
 POD_SHARED_NAMESPACES = ("pid", "ipc", "uts")
 
 
-def join_pod_namespaces(spec: dict[str, Any], sandbox_guest_pid: int) -> dict[str, Any]:
+def join_pod_namespaces(spec: Spec, sandbox_guest_pid: int) -> Spec:
     """Point the namespaces CRI asks a container to share with the pod (a path to the
     sandbox container's namespace on the host) at the sandbox container's namespaces in
-    the guest (``guest:/proc/<pid>/ns/<type>``, see ``carapace.guest.spec``). The pod's
-    network namespace (CRI names it by the pod task's pid, which is the VM's on the
-    host) is the VM's: the entry stays without its host path; other shared namespaces
-    become new ones."""
-    out = dict(spec)
-    linux = dict(out.get("linux") or {})
+    the guest (``contract.guest_namespace_path``, see ``carapace.guest.spec``). The
+    pod's network namespace (CRI names it by the pod task's pid, which is the VM's on
+    the host) is the VM's: the entry stays without its host path; other shared
+    namespaces become new ones."""
     namespaces = []
-    for ns in linux.get("namespaces") or []:
-        ns = dict(ns)
-        kind = ns.get("type")
-        if ns.get("path"):
-            if kind in POD_SHARED_NAMESPACES and sandbox_guest_pid > 0:
-                ns["path"] = f"guest:/proc/{sandbox_guest_pid}/ns/{kind}"
+    for ns in spec.namespaces:
+        if ns.path:
+            if ns.type in POD_SHARED_NAMESPACES and sandbox_guest_pid > 0:
+                ns = Namespace(ns.type, contract.guest_namespace_path(sandbox_guest_pid, ns.type))
             else:
-                del ns["path"]
+                ns = Namespace(ns.type)
         namespaces.append(ns)
-    linux["namespaces"] = namespaces
-    out["linux"] = linux
-    return out
+    return spec.with_namespaces(tuple(namespaces))
 
 
 _MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -224,11 +178,6 @@ def config_path_of(options: AnyPb) -> str | None:
     except DecodeError as e:
         raise InvalidArgument(f"cannot parse the {options.type_url} runtime options: {e}") from e
     return opts.config_path or None
-
-
-def rootfs_dir(bundle: Path, spec: dict[str, Any]) -> Path:
-    """Where a bundle's root filesystem is (``root.path``, relative to the bundle)."""
-    return bundle / str((spec.get("root") or {}).get("path") or "rootfs")
 
 
 def strip_unix(address: str) -> str:

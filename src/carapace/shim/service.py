@@ -1,5 +1,8 @@
 """containerd.task.v2.Task for one pod: the first container of the pod boots the VM,
-the others join it, and the VM is shut down when the last one is deleted."""
+the others join it, and the VM is shut down when the last one is deleted.
+
+The service uses a sandbox only through ``SandboxLike`` (what ``Sandbox`` offers), made
+by its ``sandbox_factory``: unit tests give it a fake."""
 
 from __future__ import annotations
 
@@ -11,17 +14,13 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from carapace import __version__, linux
-from carapace.agent.metrics import host_v1_metrics, to_v1_metrics
+from carapace import __version__
 from carapace.config import Config, load_config
 from carapace.errors import (
     AlreadyExists,
@@ -30,31 +29,22 @@ from carapace.errors import (
     NotFound,
     StateError,
 )
+from carapace.oci import Bundle, Spec
 from carapace.protocols.containerd import events_pb2 as ev
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.protocols.containerd import task_types_pb2 as tt
-from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
-from carapace.shim.events import Publisher, oneline
-from carapace.shim.params import (
-    METRICS_URL,
-    config_path_of,
-    is_pause,
-    is_pod_sandbox,
-    join_pod_namespaces,
-    mount_options,
-    pod_of,
-    rootfs_dir,
-)
+from carapace.sandbox import Runstate, Sandbox, SandboxOptions
+from carapace.shim.events import oneline
+from carapace.shim.interfaces import EventPublisher, SandboxFactory, SandboxLike
+from carapace.shim.metrics import host_v1_metrics, to_v1_metrics
+from carapace.shim.params import METRICS_URL, config_path_of, join_pod_namespaces
 from carapace.shim.stdio import ProcessStdio
+from carapace.shim.tasks import VM_LOST_STATUS, Container, Proc, now
 from carapace.ttrpc import Code, Server, TtrpcError
 
 log = logging.getLogger("carapace.shim")
 
 SERVICE = "containerd.task.v2.Task"
-#: Exit status reported for processes that were lost with their VM.
-VM_LOST_STATUS = 255
-
-M = TypeVar("M", bound=Message)
 
 _CODES: list[tuple[type[CarapaceError], Code]] = [
     (NotFound, Code.NOT_FOUND),
@@ -71,65 +61,21 @@ def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
     return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
 
 
-def _now() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-@dataclass
-class Proc:
-    """A container's init process (exec_id "") or one of its exec'd processes."""
-
-    container_id: str
-    exec_id: str
-    stdio: ProcessStdio
-    spec: dict[str, Any] | None = None  # the OCI process of an exec
-    status: int = tt.CREATED
-    pid: int = 0  # in the guest
-    exit_status: int = 0
-    exited_at: Timestamp | None = None
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    relay: asyncio.Task[None] | None = None
-    resize: Callable[[int, int], Awaitable[None]] | None = None
-
-    @property
-    def id(self) -> str:
-        return self.exec_id or self.container_id
-
-    def finish(self, status: int) -> bool:
-        if self.exited.is_set():
-            return False
-        self.status = tt.STOPPED
-        self.exit_status = status
-        self.exited_at = _now()
-        self.exited.set()
-        return True
-
-
-@dataclass
-class Container:
-    id: str
-    bundle: str
-    spec: dict[str, Any]
-    init: Proc
-    rootfs_mounts: list[str] = field(default_factory=list)
-    execs: dict[str, Proc] = field(default_factory=dict)
-
-
 class TaskService:
     def __init__(
         self,
         pod_id: str,
         namespace: str,
-        publisher: Publisher,
+        publisher: EventPublisher,
         config_path: str | None = None,
+        sandbox_factory: SandboxFactory = Sandbox,
     ) -> None:
         self.pod_id = pod_id
         self.namespace = namespace
         self.events = publisher
         self.config_path = config_path
-        self.sandbox: Sandbox | None = None
+        self.sandbox_factory = sandbox_factory
+        self.sandbox: SandboxLike | None = None
         self.containers: dict[str, Container] = {}
         self.shutdown_requested = asyncio.Event()
         self._create_lock = asyncio.Lock()
@@ -193,7 +139,7 @@ class TaskService:
             raise NotFound(f"process {exec_id} not found in container {cid}")
         return p
 
-    def _sandbox(self) -> Sandbox:
+    def _sandbox(self) -> SandboxLike:
         if self.sandbox is None:
             raise StateError(f"pod {self.pod_id} has no VM")
         return self.sandbox
@@ -201,14 +147,14 @@ class TaskService:
     def _sandbox_guest_pid(self) -> int:
         """The guest pid of the pod's sandbox container's init (0 if none runs)."""
         for c in self.containers.values():
-            if is_pod_sandbox(c.id, c.spec) and c.init.status in (tt.RUNNING, tt.PAUSED):
+            if c.spec.is_pod_sandbox(c.id) and c.init.status in (tt.RUNNING, tt.PAUSED):
                 return c.init.pid
         return 0
 
     @property
     def task_pid(self) -> int:
         """The pid containerd sees for every task of the pod: the VM's (as Kata does)."""
-        return self.sandbox.record.qemu_pid if self.sandbox is not None else 0
+        return self.sandbox.vm_pid if self.sandbox is not None else 0
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = asyncio.ensure_future(coro)
@@ -221,40 +167,37 @@ class TaskService:
 
     # -- the pod VM ---------------------------------------------------------------
 
-    async def _start_sandbox(self, spec: dict[str, Any], options: AnyPb | None) -> Sandbox:
+    async def _start_sandbox(self, spec: Spec, options: AnyPb | None) -> SandboxLike:
         config = self._load_config(options)
-        hostname = str(spec.get("hostname") or "carapace")
         # the sandbox container's spec sizes the VM (annotations, files limit) and is
         # checked (host namespaces, its own resources) before anything is made
-        sb = Sandbox(
+        sb = self.sandbox_factory(
             config,
             SandboxOptions(
                 sandbox_id=self.pod_id,
-                hostname=hostname,
-                annotations=dict(spec.get("annotations") or {}),
+                hostname=spec.hostname or "carapace",
                 sandbox_spec=spec,
                 join_owner=True,  # the shim daemon lives in the sandbox cgroup too
             ),
         )
         await sb.start()
-        log.info("pod %s: VM up, QEMU pid %d", self.pod_id, sb.record.qemu_pid)
+        log.info("pod %s: VM up, QEMU pid %d", self.pod_id, sb.vm_pid)
         self._spawn(self._watch_vm(sb))
         self._spawn(self._watch_oom(sb))
         return sb
 
-    async def _watch_vm(self, sb: Sandbox) -> None:
-        assert sb.vm is not None
-        await sb.vm.wait()
-        if self.sandbox is sb and sb.record.state == "running":
+    async def _watch_vm(self, sb: SandboxLike) -> None:
+        await sb.wait_vm()
+        if self.sandbox is sb and sb.state is Runstate.RUNNING:
             self._vm_lost = True
             log.error("pod %s: the VM exited unexpectedly", self.pod_id)
             for c in self.containers.values():
-                for p in [c.init, *c.execs.values()]:
+                for p in c.procs:
                     if p.relay is None:  # created, never started: nothing else will end it
                         self._exited(p, VM_LOST_STATUS)
 
-    async def _watch_oom(self, sb: Sandbox) -> None:
-        while sb.record.state == "running":
+    async def _watch_oom(self, sb: SandboxLike) -> None:
+        while sb.state is Runstate.RUNNING:
             try:
                 cid = await sb.oom_event()
             except CarapaceError as e:
@@ -268,30 +211,6 @@ class TaskService:
         if sb is not None:
             log.info("pod %s: shutting the VM down", self.pod_id)
             await sb.destroy()
-
-    # -- rootfs -------------------------------------------------------------------
-
-    def _mount_rootfs(self, c: Container, mounts: list[Any]) -> Path:
-        target = rootfs_dir(Path(c.bundle), c.spec)
-        for m in mounts:
-            flags, data = mount_options(list(m.options))
-            fstype = None if m.type in ("bind", "rbind") else m.type
-            try:
-                linux.mount(m.source, str(target), fstype, flags, data)
-            except OSError as e:
-                raise InvalidArgument(
-                    f"container {c.id}: cannot mount its rootfs ({m.type} {m.source}): {e}"
-                ) from e
-            c.rootfs_mounts.append(str(target))
-        if not target.is_dir():
-            raise NotFound(f"container {c.id}: rootfs {target} is not a directory")
-        return target
-
-    def _unmount_rootfs(self, c: Container) -> None:
-        for m in reversed(c.rootfs_mounts):
-            with contextlib.suppress(OSError):
-                linux.umount(m, lazy=True)
-        c.rootfs_mounts.clear()
 
     # -- processes --------------------------------------------------------------
 
@@ -309,46 +228,7 @@ class TaskService:
             )
 
     async def _launch(self, p: Proc, start: Awaitable[int]) -> int:
-        sb = self._sandbox()
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[int] = loop.create_future()
-
-        async def starter() -> int:
-            pid = await start
-            started.set_result(pid)
-            return pid
-
-        def on_started(resize: Callable[[int, int], Awaitable[None]]) -> None:
-            p.resize = resize
-
-        io = ProcessIO(
-            stdin=p.stdio.stdin.chunks() if p.stdio.stdin is not None else None,
-            stdout=p.stdio.stdout.write if p.stdio.stdout is not None else None,
-            stderr=p.stdio.stderr.write if p.stdio.stderr is not None else None,
-            on_started=on_started,
-        )
-
-        async def relay() -> None:
-            try:
-                status = await sb.relay(p.container_id, p.exec_id, io, starter())
-            except (CarapaceError, TtrpcError, OSError) as e:
-                if not started.done():
-                    raise
-                log.error("%s/%s: lost: %s", p.container_id, p.exec_id or "init", e)
-                status = VM_LOST_STATUS
-            finally:
-                p.stdio.close()
-            self._exited(p, status)
-
-        p.relay = asyncio.ensure_future(relay())
-        waiters: set[asyncio.Future[Any]] = {started, p.relay}
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            p.relay.result()  # raises why the start failed
-            raise StateError(f"{p.id}: did not start")
-        p.pid = started.result()
-        p.status = tt.RUNNING
-        return p.pid
+        return await p.launch(self._sandbox(), start, self._exited)
 
     # -- the task API -----------------------------------------------------------
 
@@ -357,39 +237,37 @@ class TaskService:
             raise TtrpcError(Code.UNIMPLEMENTED, "carapace cannot restore from a checkpoint")
         if req.id in self.containers:
             raise AlreadyExists(f"container {req.id} exists already in pod {self.pod_id}")
-        try:
-            spec = json.loads((Path(req.bundle) / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise InvalidArgument(f"cannot read {req.bundle}/config.json: {e}") from e
-        pod = pod_of(req.id, spec)
+        bundle = Bundle.load(req.bundle, check_rootfs=False)  # the rootfs is mounted below
+        spec = bundle.spec
+        pod = spec.pod_id(req.id)
         if pod != self.pod_id:
             raise InvalidArgument(
                 f"container {req.id} belongs to pod {pod}, but this shim serves pod {self.pod_id}"
             )
         stdio = ProcessStdio(req.stdin, req.stdout, req.stderr, req.terminal)
-        c = Container(req.id, req.bundle, spec, Proc(req.id, "", stdio))
+        c = Container(req.id, req.bundle, spec, bundle.rootfs, Proc(req.id, "", stdio))
         booted_here = False
         try:
-            rootfs = self._mount_rootfs(c, list(req.rootfs))
+            rootfs = c.mount_rootfs(req.rootfs)
             stdio.open()
             async with self._create_lock:
                 if self.sandbox is None:
-                    if not is_pod_sandbox(req.id, spec):
+                    if not spec.is_pod_sandbox(req.id):
                         raise StateError(
                             f"container {req.id}: pod {self.pod_id} has no sandbox container yet"
                         )
                     options = req.options if req.HasField("options") else None
                     self.sandbox = await self._start_sandbox(spec, options)
                     booted_here = True
-            if not is_pod_sandbox(req.id, spec):
+            if not spec.is_pod_sandbox(req.id):
                 spec = join_pod_namespaces(spec, self._sandbox_guest_pid())
-            spec.setdefault("process", {})["terminal"] = req.terminal
+            spec = spec.with_terminal(req.terminal)
             self.containers[req.id] = c
             await self._sandbox().create_container(req.id, spec, rootfs, overlay=False)
         except BaseException:
             self.containers.pop(req.id, None)
             stdio.close()
-            self._unmount_rootfs(c)
+            c.unmount_rootfs()
             if booted_here:
                 await self._stop_sandbox()
             raise
@@ -469,7 +347,7 @@ class TaskService:
             p.stdio.close()
             del c.execs[req.exec_id]
             return api.DeleteResponse(
-                pid=self.task_pid, exit_status=p.exit_status, exited_at=p.exited_at or _now()
+                pid=self.task_pid, exit_status=p.exit_status, exited_at=p.exited_at or now()
             )
         p = c.init
         if p.status in (tt.RUNNING, tt.PAUSED) and not p.exited.is_set():
@@ -487,7 +365,7 @@ class TaskService:
         for x in c.execs.values():
             x.stdio.close()
         p.stdio.close()
-        self._unmount_rootfs(c)
+        c.unmount_rootfs()
         del self.containers[req.id]
         if not self.containers:
             await self._stop_sandbox()
@@ -573,7 +451,7 @@ class TaskService:
     async def stats(self, req: api.StatsRequest) -> api.StatsResponse:
         c = self._container(req.id)
         sb = self._sandbox()
-        if is_pause(c.spec):
+        if c.spec.is_pause:
             # a pause container stands for the pod: its stats are the pod's host cost
             # (QEMU, its threads and the shim) from the sandbox's host cgroup
             host = sb.host_stats()
@@ -600,11 +478,11 @@ class TaskService:
     async def close(self) -> None:
         """Release everything: containers' processes and mounts, the VM."""
         for c in list(self.containers.values()):
-            for p in [c.init, *c.execs.values()]:
+            for p in c.procs:
                 p.stdio.close()
                 if p.relay is not None:
                     p.relay.cancel()
-            self._unmount_rootfs(c)
+            c.unmount_rootfs()
         with contextlib.suppress(CarapaceError):
             await self._stop_sandbox()
         for t in list(self._background):

@@ -1,10 +1,10 @@
-"""Guest cgroup v2 stats as containerd's cgroups v1 Metrics (carapace.agent.metrics)."""
+"""Guest cgroup v2 stats as containerd's cgroups v1 Metrics (carapace.shim.metrics)."""
 
 from __future__ import annotations
 
-from carapace.agent.metrics import V1_UNLIMITED, to_v1_metrics
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.containerd import metrics_pb2
+from carapace.shim.metrics import V1_UNLIMITED, to_v1_metrics
 
 # a busybox shell loop with two sleeps in a guest 6.1 kernel, as StatsContainer said
 CPU_STAT = {
