@@ -175,6 +175,10 @@ def plan_sandbox(
         cpus=options.cpus,
         memory=options.memory,
     )
+    sandbox_resources = ContainerResources()
+    if spec is not None:
+        resources.check_namespaces(spec.namespaces, sandbox_id, host.is_host_namespace)
+        sandbox_resources = resources.container_resources(spec.resources, sandbox_id)
     max_vcpus, max_memory_mib = size.vcpus, size.memory_mib
     if hv.enable_cpu_memory_hotplug:
         max_vcpus = max(size.vcpus, min(hv.default_maxvcpus or host.usable_cpus, host.usable_cpus))
@@ -203,10 +207,6 @@ def plan_sandbox(
         cgroups_path if rt.sandbox_cgroup_only else None, sandbox_id, rt.sandbox_cgroup_prefix
     )
     pod_path = None if rt.sandbox_cgroup_only else pod_cgroup_path(cgroups_path, sandbox_id)
-    sandbox_resources = ContainerResources()
-    if spec is not None:
-        resources.check_namespaces(spec.namespaces, sandbox_id, host.is_host_namespace)
-        sandbox_resources = resources.container_resources(spec.resources, sandbox_id)
     plan = SandboxPlan(
         id=sandbox_id,
         hostname=options.hostname,
