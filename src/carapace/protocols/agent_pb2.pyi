@@ -335,3 +335,93 @@ class OnlineCPUMemResponse(_message.Message):
     online_cpus: int
     mem_total_kb: int
     def __init__(self, online_cpus: _Optional[int] = ..., mem_total_kb: _Optional[int] = ...) -> None: ...
+
+class IPAddress(_message.Message):
+    __slots__ = ("family", "address", "prefix_len")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    family: int
+    address: str
+    prefix_len: int
+    def __init__(self, family: _Optional[int] = ..., address: _Optional[str] = ..., prefix_len: _Optional[int] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "mac", "mtu", "addresses", "up")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
+    up: bool
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., up: bool = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("dest", "gateway", "device", "source", "scope", "mtu", "family")
+    DEST_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    dest: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    mtu: int
+    family: int
+    def __init__(self, dest: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ..., mtu: _Optional[int] = ..., family: _Optional[int] = ...) -> None: ...
+
+class Routes(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ARPNeighbor(_message.Message):
+    __slots__ = ("address", "mac", "device")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    mac: str
+    device: str
+    def __init__(self, address: _Optional[str] = ..., mac: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class UpdateInterfaceRequest(_message.Message):
+    __slots__ = ("interface",)
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    interface: Interface
+    def __init__(self, interface: _Optional[_Union[Interface, _Mapping]] = ...) -> None: ...
+
+class UpdateRoutesRequest(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: Routes
+    def __init__(self, routes: _Optional[_Union[Routes, _Mapping]] = ...) -> None: ...
+
+class AddARPNeighborsRequest(_message.Message):
+    __slots__ = ("neighbors",)
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    neighbors: _containers.RepeatedCompositeFieldContainer[ARPNeighbor]
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[ARPNeighbor, _Mapping]]] = ...) -> None: ...
+
+class ListInterfacesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Interfaces(_message.Message):
+    __slots__ = ("interfaces",)
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    def __init__(self, interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
