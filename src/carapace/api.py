@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from carapace.config import Config, load_config
 from carapace.sandbox import ProcessIO, SandboxOptions
 from carapace.sandbox import Sandbox as AsyncSandbox
+from carapace.sandbox.netplan import port_forwards
 
 T = TypeVar("T")
 
@@ -46,16 +47,25 @@ class Sandbox:
         sandbox_id: str | None = None,
         config: Config | None = None,
         annotations: dict[str, str] | None = None,
+        net: str | None = None,
+        ports: dict[int, int] | None = None,
     ) -> None:
         """``cpus``/``memory`` size the VM (0.5 to the host's CPUs, 1G to 256G; default:
         configuration.toml); ``annotations`` are the pod's, as a runtime would get them
-        (e.g. com.github.containers.virtcontainers.sandbox_cpu)."""
+        (e.g. com.github.containers.virtcontainers.sandbox_cpu); ``net`` is "none"
+        (loopback only, the default), "user" (user-mode NAT, ``ports`` forwards host
+        ports on 127.0.0.1 to guest ports: ``{8080: 80}``) or "netns:PATH"."""
         self._config = config or load_config()
         # validates the arguments before anything is started
         self._sandbox = AsyncSandbox(
             self._config,
             SandboxOptions(
-                cpus=cpus, memory=memory, sandbox_id=sandbox_id, annotations=annotations or {}
+                cpus=cpus,
+                memory=memory,
+                sandbox_id=sandbox_id,
+                annotations=annotations or {},
+                net=net,
+                ports=port_forwards(ports or {}),
             ),
         )
         self._loop: asyncio.AbstractEventLoop | None = None

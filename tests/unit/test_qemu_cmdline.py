@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,32 @@ def test_user_kernel_params_stay_last_with_hotplug(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, memory_mib=512, max_memory_mib=4096, kernel_params="loglevel=7")
     params = value(qemu_argv(QEMU, spec), "-append").split()
     assert params[-2:] == ["memhp_default_state=online", "loglevel=7"]
+
+
+def test_nics_each_in_a_root_port_and_free_slots() -> None:
+    from carapace.hypervisor import PortForward, TapNic, UserNic
+
+    spec = VMSpec(
+        name="n",
+        run_dir=Path("/run/c/n"),
+        kernel=Path("/k"),
+        initrd=Path("/i"),
+        vcpus=1,
+        memory_mib=1024,
+        accel="tcg",
+        shared_dir=Path("/run/c/n/shared"),
+        nics=(
+            TapNic("net0", "02:00:00:00:00:01", 7),
+            UserNic("net1", "02:00:00:00:00:02", (PortForward(18080, 80),)),
+        ),
+        nic_slots=1,
+    )
+    argv = qemu_argv("qemu", spec)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    ports = [d for d in devices if d.startswith("pcie-root-port")]
+    assert ports == [f"pcie-root-port,id=nicslot{i},chassis={i + 1}" for i in range(3)]
+    assert netdevs == ["tap,id=net0,fd=7", "user,id=net1,hostfwd=tcp:127.0.0.1:18080-:80"]
+    assert "virtio-net-pci,id=net0-nic,netdev=net0,mac=02:00:00:00:00:01,bus=nicslot0" in devices
+    assert "virtio-net-pci,id=net1-nic,netdev=net1,mac=02:00:00:00:00:02,bus=nicslot1" in devices
+    assert "-netdev" not in qemu_argv("qemu", replace(spec, nics=(), nic_slots=0))

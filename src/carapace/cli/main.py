@@ -54,6 +54,19 @@ def build_parser() -> ArgumentParser:
         type=int,
         help="open files limit of the hypervisor process (0: fs.file-max / 400; below 1024: 1024)",
     )
+    r.add_argument(
+        "--net",
+        help="the pod's network: none (default: loopback only), user (user-mode NAT; "
+        "see -p) or netns:PATH (the interfaces of an existing network namespace)",
+    )
+    r.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[IP:]HOSTPORT:GUESTPORT[/tcp|udp]",
+        help="forward a host port into the pod (--net user; bound to 127.0.0.1 by default)",
+    )
     src = r.add_mutually_exclusive_group()
     src.add_argument("--rootfs", help="root filesystem directory (default: built-in busybox)")
     src.add_argument("--bundle", help="OCI bundle directory (config.json + rootfs)")
@@ -151,6 +164,7 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from carapace.oci import Bundle, Spec
     from carapace.oci.spec import default_spec, parse_env
     from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
+    from carapace.sandbox.netplan import port_forwards
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -183,6 +197,8 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
             sandbox_id=args.name,
             sandbox_spec=spec,
             files_limit=args.files_limit,
+            net=args.net,
+            ports=port_forwards(args.publish),
         ),
     )
     loop = asyncio.get_running_loop()

@@ -52,6 +52,46 @@ class AccelChoice:
 
 
 @dataclass(frozen=True)
+class PortForward:
+    """A host port forwarded into the guest (user-mode networking)."""
+
+    host_port: int
+    guest_port: int
+    protocol: str = "tcp"  # "tcp" or "udp"
+    host_ip: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """A NIC backed by a tap device the host made; ``fd`` is its open /dev/net/tun
+    file, handed to the VM process (the VM never opens a device by name)."""
+
+    id: str  # e.g. "net0"; the device is "<id>-nic"
+    mac: str
+    fd: int
+    vhost: bool = False
+
+
+@dataclass(frozen=True)
+class UserNic:
+    """A NIC on the hypervisor's user-mode network (NAT, no host device); the guest is
+    10.0.2.15/24 with the gateway 10.0.2.2 and DNS at 10.0.2.3."""
+
+    id: str
+    mac: str
+    forwards: tuple[PortForward, ...] = ()
+
+
+Nic = TapNic | UserNic
+
+#: The guest side of user-mode networking (QEMU's slirp defaults).
+USER_NET_GUEST_IP = "10.0.2.15"
+USER_NET_PREFIX = 24
+USER_NET_GATEWAY = "10.0.2.2"
+USER_NET_DNS = "10.0.2.3"
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """Everything needed to start one pod VM."""
 
@@ -68,6 +108,10 @@ class VMSpec:
     #: runs. At most ``vcpus`` / ``memory_mib`` (the default 0 included): no headroom.
     max_vcpus: int = 0
     max_memory_mib: int = 0
+    #: NICs the VM boots with.
+    nics: tuple[Nic, ...] = ()
+    #: Free slots for NICs hot-added while the VM runs.
+    nic_slots: int = 0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -160,6 +204,14 @@ class VM(Protocol):
 
     async def add_memory(self, mib: int) -> int:
         """Hot-add at least ``mib`` MiB (whole memory blocks); returns the MiB added."""
+        ...
+
+    async def add_nic(self, nic: TapNic) -> None:
+        """Hot-add a NIC backed by ``nic.fd`` (the VM gets its own copy of the fd)."""
+        ...
+
+    async def remove_nic(self, nic_id: str) -> None:
+        """Hot-remove a NIC added at boot or by ``add_nic``; returns once it is gone."""
         ...
 
 

@@ -23,9 +23,10 @@ from carapace.hostcgroup import (
     resolve_devices,
 )
 from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
-from carapace.hypervisor import memory_headroom_mib
+from carapace.hypervisor import PortForward, memory_headroom_mib
 from carapace.oci.bundle import Spec
 from carapace.resources import ContainerResources
+from carapace.sandbox.netplan import NetworkPlan, plan_network
 
 #: containerd's identifiers are at most 76 characters; so are ours.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
@@ -56,6 +57,11 @@ class SandboxOptions:
     sandbox_spec: Spec | None = None
     #: The hypervisor's open files limit asked for (``--files-limit``).
     files_limit: int | None = None
+    #: The pod's network: None (the sandbox spec's namespace, else loopback only),
+    #: "none", "user" or "netns:PATH" (see ``sandbox.netplan``).
+    net: str | None = None
+    #: Host ports forwarded into the guest (``--net user`` only).
+    ports: tuple[PortForward, ...] = ()
     #: The owner process (the shim daemon serving the pod) joins the sandbox's host
     #: cgroup too, and leaves it for where it was before the cgroup is removed.
     join_owner: bool = False
@@ -104,6 +110,7 @@ class SandboxPlan:
     #: The sandbox container's own resources (part of the pod's).
     sandbox_resources: ContainerResources
     join_owner: bool
+    network: NetworkPlan = field(default_factory=NetworkPlan)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -222,6 +229,7 @@ def plan_sandbox(
         pod_cgroup_path=pod_path,
         sandbox_resources=sandbox_resources,
         join_owner=options.join_owner,
+        network=plan_network(options.net, options.ports, spec),
         warnings=tuple(warnings),
     )
     if spec is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from carapace.hypervisor.base import BASE_KERNEL_PARAMS, VMSpec
+from carapace.hypervisor.base import BASE_KERNEL_PARAMS, Nic, PortForward, TapNic, VMSpec
 from carapace.hypervisor.qemu.hotplug import MEMORY_SLOTS
 from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG
 
@@ -35,6 +35,58 @@ def kernel_params(spec: VMSpec) -> str:
     if spec.kernel_params:
         params += " " + spec.kernel_params
     return params
+
+
+#: QEMU's id of the PCIe root port that takes the N-th hot-added NIC.
+NIC_SLOT_PREFIX = "nicslot"
+
+
+def nic_device_id(nic_id: str) -> str:
+    return f"{nic_id}-nic"
+
+
+def hostfwd(fwd: PortForward) -> str:
+    return f"hostfwd={fwd.protocol}:{fwd.host_ip}:{fwd.host_port}-:{fwd.guest_port}"
+
+
+def netdev_arg(nic: Nic, fd: int | None = None) -> str:
+    """``-netdev``: a tap by its fd, or user-mode networking with its forwards."""
+    if isinstance(nic, TapNic):
+        vhost = ",vhost=on" if nic.vhost else ""
+        return f"tap,id={nic.id},fd={nic.fd if fd is None else fd}{vhost}"
+    return ",".join([f"user,id={nic.id}", *(hostfwd(f) for f in nic.forwards)])
+
+
+def nic_slot(i: int) -> str:
+    return f"{NIC_SLOT_PREFIX}{i}"
+
+
+def nic_device_args(nic: Nic, slot: str) -> dict[str, str]:
+    """The virtio-net device of ``nic`` in the PCIe root port ``slot``."""
+    return {
+        "driver": "virtio-net-pci",
+        "id": nic_device_id(nic.id),
+        "netdev": nic.id,
+        "mac": nic.mac,
+        "bus": slot,
+    }
+
+
+def nic_args(spec: VMSpec) -> list[str]:
+    """Every NIC sits in a PCIe root port of its own (q35's root bus cannot unplug), so
+    that any can be removed: the boot NICs in the first ports, then ``nic_slots`` free
+    ones for NICs hot-added later."""
+    args: list[str] = []
+    for i in range(len(spec.nics) + spec.nic_slots):
+        args += ["-device", f"pcie-root-port,id={nic_slot(i)},chassis={i + 1}"]
+    for i, nic in enumerate(spec.nics):
+        device = nic_device_args(nic, nic_slot(i))
+        args += ["-netdev", netdev_arg(nic)]
+        args += [
+            "-device",
+            ",".join([device.pop("driver"), *(f"{k}={v}" for k, v in device.items())]),
+        ]
+    return args
 
 
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
@@ -78,5 +130,6 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         f"local,id=shared,path={spec.shared_dir},security_model=none,multidevs=remap",
         "-device",
         f"virtio-9p-pci,fsdev=shared,mount_tag={SHARE_TAG}",
+        *nic_args(spec),
         *spec.extra_args,
     ]

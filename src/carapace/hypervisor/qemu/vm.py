@@ -15,9 +15,14 @@ from pathlib import Path
 from qemu.qmp import ExecuteError, QMPClient
 
 from carapace.errors import HypervisorError
-from carapace.hypervisor.base import VMSpec, tail
+from carapace.hypervisor.base import TapNic, VMSpec, tail
 from carapace.hypervisor.qemu import hotplug
-from carapace.hypervisor.qemu.cmdline import qemu_argv
+from carapace.hypervisor.qemu.cmdline import (
+    nic_device_args,
+    nic_device_id,
+    nic_slot,
+    qemu_argv,
+)
 
 log = logging.getLogger("carapace.qemu")
 PR_SET_PDEATHSIG = 1
@@ -41,6 +46,10 @@ class QemuVM:
         self.unplug_under_tcg = False
         #: Run in the child between fork and exec (join cgroups, set limits), in order.
         self.pre_exec: list[Callable[[], None]] = []
+        #: PCIe root port -> the id of the NIC in it ("" for a free one)
+        self.nic_slots = {nic_slot(i): "" for i in range(len(spec.nics) + spec.nic_slots)}
+        for i, nic in enumerate(spec.nics):
+            self.nic_slots[nic_slot(i)] = nic.id
 
     @property
     def can_unplug_vcpus(self) -> bool:
@@ -84,6 +93,7 @@ class QemuVM:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=self._pre_exec,
+                pass_fds=tuple(n.fd for n in self.spec.nics if isinstance(n, TapNic)),
             )
         finally:
             log_file.close()
@@ -196,6 +206,67 @@ class QemuVM:
                 await self.qmp_execute("object-del", id=add.backend_id)
             raise
         return add.size_mib
+
+    # -- NICs ---------------------------------------------------------------------------
+
+    async def add_nic(self, nic: TapNic) -> None:
+        """Hot-add a tap NIC: its fd goes to QEMU over the QMP socket (``getfd``), then
+        ``netdev_add`` and ``device_add`` into a free PCIe root port."""
+        if nic.id in self.nic_slots.values():
+            raise HypervisorError(f"VM {self.spec.name}: a NIC {nic.id} exists already")
+        free = [slot for slot, used in self.nic_slots.items() if not used]
+        if not free:
+            raise HypervisorError(
+                f"VM {self.spec.name}: no free slot for NIC {nic.id}; the VM was started "
+                f"with {len(self.nic_slots)} (its boot NICs and nic_slots)"
+            )
+        qmp = await self.qmp_connect()
+        fdname = f"fd-{nic.id}"
+        qmp.send_fd_scm(nic.fd)
+        await self._qmp_or_error("getfd", {"fdname": fdname})
+        netdev: dict[str, object] = {"type": "tap", "id": nic.id, "fd": fdname}
+        if nic.vhost:
+            netdev["vhost"] = True
+        try:
+            await self._qmp_or_error("netdev_add", netdev)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.qmp_execute("closefd", fdname=fdname)
+            raise
+        try:
+            await self._qmp_or_error("device_add", dict(nic_device_args(nic, free[0])))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.qmp_execute("netdev_del", id=nic.id)
+            raise
+        self.nic_slots[free[0]] = nic.id
+        log.info("VM %s: hot-added NIC %s (%s) in %s", self.spec.name, nic.id, nic.mac, free[0])
+
+    async def remove_nic(self, nic_id: str, timeout: float = 30.0) -> None:
+        """Hot-remove a NIC: ``device_del``, wait until the guest let the device go
+        (PCIe hotplug takes the guest some seconds), then ``netdev_del``."""
+        slot = next((s for s, used in self.nic_slots.items() if used == nic_id), None)
+        if slot is None:
+            raise HypervisorError(f"VM {self.spec.name}: no NIC {nic_id}")
+        device = nic_device_id(nic_id)
+        await self._qmp_or_error("device_del", {"id": device})
+        deadline = time.monotonic() + timeout
+        while await self._has_device(device):
+            if time.monotonic() >= deadline:
+                raise HypervisorError(
+                    f"VM {self.spec.name}: NIC {nic_id} is still plugged {timeout:g}s after "
+                    "device_del: the guest did not release it"
+                )
+            await asyncio.sleep(0.2)
+        await self._qmp_or_error("netdev_del", {"id": nic_id})
+        self.nic_slots[slot] = ""
+        log.info("VM %s: removed NIC %s", self.spec.name, nic_id)
+
+    async def _has_device(self, device_id: str) -> bool:
+        entries = await self.qmp_execute("qom-list", path="/machine/peripheral")
+        if not isinstance(entries, list):
+            raise HypervisorError(f"qom-list: expected a list, got {entries!r}")
+        return any(isinstance(e, dict) and e.get("name") == device_id for e in entries)
 
     async def _qmp_or_error(self, command: str, args: dict[str, object]) -> object:
         try:
