@@ -2,6 +2,6 @@
 (``bundle``); ``Spec`` is the typed, frozen view past that edge; ``spec`` builds the
 default spec of `carapace run`."""
 
-from carapace.oci.bundle import Bundle, Namespace, Spec
+from carapace.oci.bundle import Bundle, Mount, Namespace, Spec
 
-__all__ = ["Bundle", "Namespace", "Spec"]
+__all__ = ["Bundle", "Mount", "Namespace", "Spec"]

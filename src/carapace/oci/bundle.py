@@ -33,6 +33,30 @@ class Namespace:
         return {"type": self.type, "path": self.path} if self.path else {"type": self.type}
 
 
+@dataclass(frozen=True)
+class Mount:
+    """One entry of the spec's mounts."""
+
+    destination: str
+    type: str = ""
+    source: str = ""
+    options: tuple[str, ...] = ()
+
+    @property
+    def is_bind(self) -> bool:
+        return self.type == "bind" or bool({"bind", "rbind"} & set(self.options))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"destination": self.destination}
+        if self.type:
+            out["type"] = self.type
+        if self.source:
+            out["source"] = self.source
+        if self.options:
+            out["options"] = list(self.options)
+        return out
+
+
 def _field(where: str, name: str, value: object, expected: str) -> InvalidArgument:
     return InvalidArgument(f"{where}: {name} is {value!r}; accepted: {expected}")
 
@@ -81,6 +105,34 @@ def _namespaces(linux: Mapping[str, Any], where: str) -> tuple[Namespace, ...]:
     return tuple(out)
 
 
+def _mounts(data: Mapping[str, Any], where: str) -> tuple[Mount, ...]:
+    raw = data.get("mounts")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise _field(where, "mounts", raw, "a list of mount objects")
+    out = []
+    for i, m in enumerate(raw):
+        name = f"mounts[{i}]"
+        if not isinstance(m, dict):
+            raise _field(where, name, m, "an object with a destination")
+        dest = _string(m, "destination", where, f"{name}.destination")
+        if not dest.startswith("/"):
+            raise _field(where, f"{name}.destination", dest, "an absolute path")
+        options = m.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise _field(where, f"{name}.options", options, "a list of strings")
+        out.append(
+            Mount(
+                dest,
+                _string(m, "type", where, f"{name}.type"),
+                _string(m, "source", where, f"{name}.source"),
+                tuple(options),
+            )
+        )
+    return tuple(out)
+
+
 def _files_limit(resources: Mapping[str, Any], where: str) -> int | None:
     files = resources.get("files")
     if files is None:
@@ -116,6 +168,7 @@ class Spec:
     resources: Mapping[str, Any] | None
     #: linux.resources.files.limit (openEuler's ``--files-limit``), checked.
     files_limit: int | None
+    mounts: tuple[Mount, ...] = ()
 
     @classmethod
     def from_dict(cls, data: object, where: str = "spec") -> Spec:
@@ -147,6 +200,7 @@ class Spec:
             namespaces=_namespaces(linux, where),
             resources=copy.deepcopy(resources),
             files_limit=_files_limit(resources or {}, where),
+            mounts=_mounts(data, where),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +233,11 @@ class Spec:
         data = self.to_dict()
         data["annotations"] = dict(merged)
         return replace(self, _data=data, annotations=merged)
+
+    def with_mounts(self, mounts: tuple[Mount, ...]) -> Spec:
+        data = self.to_dict()
+        data["mounts"] = [m.to_dict() for m in mounts]
+        return replace(self, _data=data, mounts=mounts)
 
     def with_namespaces(self, namespaces: tuple[Namespace, ...]) -> Spec:
         data = self.to_dict()

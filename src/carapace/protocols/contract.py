@@ -24,9 +24,14 @@ GUEST_SHARED_DIR = "/run/carapace/shared"
 GUEST_STATE_DIR = "/run/carapace"
 
 
+def guest_container_dir(container_id: str) -> str:
+    """A container's part of the share in the guest."""
+    return f"{GUEST_SHARED_DIR}/{container_id}"
+
+
 def guest_rootfs_path(container_id: str) -> str:
     """Where a container's rootfs (shared by the host) is in the guest."""
-    return f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
+    return f"{guest_container_dir(container_id)}/rootfs"
 
 
 # -- namespaces -------------------------------------------------------------------------

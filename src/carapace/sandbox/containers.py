@@ -99,6 +99,7 @@ class ContainerVerbs:
         self.containers[container_id] = PodContainer(container_id, resources=res)
         try:
             guest_root = self.rootfs.share(container_id, rootfs, readonly=overlay)
+            spec = spec.with_mounts(self.rootfs.share_pod_files(container_id, spec.mounts))
             await agent.create_container(container_id, spec.to_dict(), guest_root, overlay)
         except BaseException:
             self.rootfs.unshare(container_id, save=self.state is not Runstate.DELETED)

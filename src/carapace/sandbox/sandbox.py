@@ -32,7 +32,9 @@ from carapace.errors import (
 from carapace.hostcgroup import CgroupDriver, driver
 from carapace.hypervisor import VM, AccelChoice, VMSpec
 from carapace.image.store import GuestImage, current_image
+from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox.containers import ContainerVerbs, PodContainer
+from carapace.sandbox.network import PodNetwork
 from carapace.sandbox.placement import SandboxCgroupPlacement
 from carapace.sandbox.plan import HostFacts, SandboxOptions, plan_sandbox
 from carapace.sandbox.resize import Resizer
@@ -40,6 +42,9 @@ from carapace.sandbox.rootfs import HostMounts, Mounts, RootfsShare, shared_stor
 from carapace.sandbox.state import Runstate, SandboxRecord, check_transition, release, requires
 
 log = logging.getLogger("carapace.sandbox")
+
+#: Free PCIe slots a pod VM boots with, for interfaces added while it runs.
+NIC_SLOTS = 2
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -85,6 +90,7 @@ class Sandbox(ContainerVerbs):
         self.rootfs = RootfsShare(self.run_dir / "shared", self.record, self.parts.mounts)
         self.containers: dict[str, PodContainer] = {}
         self.resizer = Resizer(self.plan, self.record, self.placement, self._pod_resources)
+        self.network = PodNetwork(self.plan.network, self.record, self.id)
         self._image = image
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
@@ -187,6 +193,7 @@ class Sandbox(ContainerVerbs):
             self.record.save()
             self.rootfs.create()
             self.placement.make()
+            nics = await self.network.prepare()
             spec = VMSpec(
                 name=self.id,
                 run_dir=self.run_dir,
@@ -199,6 +206,8 @@ class Sandbox(ContainerVerbs):
                 kernel_params=hv.kernel_params,
                 max_vcpus=self.plan.max_vcpus,
                 max_memory_mib=self.plan.max_memory_mib,
+                nics=nics,
+                nic_slots=NIC_SLOTS,
             )
             vm = self.vm = self.parts.new_vm(hv.path, spec, rt.kill_vm_with_owner)
             # the VM is in the sandbox's cgroup and has its files limit from its first
@@ -207,12 +216,14 @@ class Sandbox(ContainerVerbs):
             if self.plan.files_limit is not None:
                 vm.pre_exec.append(_nofile_setter(self.plan.files_limit))
             self.record.qemu_pid = await vm.start()
+            self.network.close_fds()
             self.record.save()
             log.info(
                 "sandbox %s: VM pid %d (%s: %s)", self.id, self.vm_pid, accel.accel, accel.reason
             )
             agent = self.agent = await self._connect_agent(vm)
             await agent.create_sandbox(self.id, self.hostname, shared_storage())
+            await self.network.configure(agent)
             self.boot_id = (await agent.guest_details()).boot_id
             self.resizer.attach(vm, agent)
             await self.resizer.place_vcpus()
@@ -250,6 +261,19 @@ class Sandbox(ContainerVerbs):
             f"sandbox {self.id}: the VM failed to boot ({why}). Console log tail:\n{console}"
         )
 
+    @requires(Runstate.RUNNING)
+    async def add_interface(self, netns: str, name: str) -> pb.Interface:
+        """Take the interface ``name`` of the network namespace ``netns`` (made or
+        attached after the pod started) into the VM; returns it as the guest has it."""
+        assert self.vm is not None and self.agent is not None
+        return await self.network.add_interface(self.vm, self.agent, netns, name)
+
+    @requires(Runstate.RUNNING)
+    async def remove_interface(self, name: str) -> None:
+        """Take the interface ``name`` out of the VM and release its tap."""
+        assert self.vm is not None and self.agent is not None
+        await self.network.remove_interface(self.vm, self.agent, name)
+
     async def destroy(self) -> None:
         """Stop the VM (gracefully, then by force) and release everything. Idempotent."""
         async with self._lock:
@@ -266,6 +290,7 @@ class Sandbox(ContainerVerbs):
 
     async def _release(self) -> None:
         self.resizer.detach()
+        self.network.close_fds()
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 await self.agent.close()

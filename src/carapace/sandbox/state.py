@@ -113,6 +113,9 @@ class SandboxRecord:
     cgroup: dict[str, Any] = field(default_factory=dict)
     #: Other host cgroups made for it, removed in this order after ``cgroup``.
     more_cgroups: list[dict[str, Any]] = field(default_factory=list)
+    #: What carapace made in the pod's network namespace (``netns``, ``taps``, the
+    #: ``veths`` it redirected) and the VM's NIC of each guest interface (``nics``).
+    network: dict[str, Any] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
