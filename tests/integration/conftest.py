@@ -2,7 +2,8 @@
 
 One sandbox is shared by the tests that can share one (booting costs seconds under
 TCG); a fixture checks after every test that nothing new was left behind: no QEMU
-process, no run dir, no mount of carapace's, no sandbox cgroup on the host.
+process, no run dir, no mount of carapace's, no sandbox cgroup on the host, no tap or
+tc redirect of carapace's on the host or in a namespace under /var/run/netns.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import pytest
 
 import carapace
 from carapace.config import load_config
+from carapace.errors import CarapaceError
 from carapace.image.builder import ImageBuilder
+from carapace.network.tcfilter import traces, traces_here
 
 from .procs import is_carapace_shim, processes
 
@@ -63,8 +66,29 @@ def host_cgroups() -> set[str]:
     return {str(p) for pattern in patterns for p in root.glob(pattern) if p.is_dir()}
 
 
-def resources() -> tuple[set[int], set[str], set[str], set[int], set[str]]:
-    return qemu_pids(), run_dirs(), carapace_mounts(), shim_pids(), host_cgroups()
+def network_traces() -> set[str]:
+    """carapace's taps (``tapN_carapace``) and its tc redirects (an ingress qdisc holding
+    only carapace's mirred filters), on the host and in every namespace under
+    /var/run/netns."""
+    found = traces_here("host: ")
+    netns_dir = Path("/var/run/netns")
+    for path in sorted(netns_dir.iterdir()) if netns_dir.is_dir() else []:
+        try:
+            found |= traces(str(path))
+        except CarapaceError:  # not a namespace (any more)
+            continue
+    return found
+
+
+def resources() -> tuple[set[int], set[str], set[str], set[int], set[str], set[str]]:
+    return (
+        qemu_pids(),
+        run_dirs(),
+        carapace_mounts(),
+        shim_pids(),
+        host_cgroups(),
+        network_traces(),
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,9 +106,9 @@ def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     after = resources()
     leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]  # type: ignore[operator]
-    assert leaked == [[], [], [], [], []], (
+    assert leaked == [[], [], [], [], [], []], (
         f"{request.node.name} left behind qemu pids / run dirs / mounts / shims / host "
-        f"cgroups: {leaked}"
+        f"cgroups / taps and tc redirects: {leaked}"
     )
 
 

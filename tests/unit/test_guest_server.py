@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 import pytest
 from google.protobuf.message import Message
 
+from carapace.errors import InvalidArgument, NotFound
 from carapace.guest.crun import CrunError
+from carapace.guest.netlink import NetlinkError
 from carapace.guest.pod import Container, Process
 from carapace.guest.server import Agent, guard
 from carapace.protocols import agent_pb2 as pb
@@ -48,6 +50,21 @@ def test_a_crun_error_becomes_internal_with_crun_s_message(
     assert e.value.message == "crun start c1: container not created"
     assert e.value.__cause__ is crun
     assert "StartContainer failed: crun start c1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidArgument("interface MAC '02-00' is not a MAC address"), Code.INVALID_ARGUMENT),
+        (NotFound("no interface with MAC 02:00:00:00:09:09 in the guest"), Code.NOT_FOUND),
+        (NetlinkError("set eth0 MTU 40", 22, "mtu less than device minimum"), Code.INTERNAL),
+    ],
+)
+def test_carapace_errors_answer_their_code_with_their_message(error: Exception, code: Code) -> None:
+    with pytest.raises(TtrpcError) as e:
+        run(guard("UpdateInterface", raising(error))(pb.UpdateInterfaceRequest()))
+    assert (e.value.code, e.value.message) == (code, str(error))
+    assert e.value.__cause__ is error
 
 
 def test_a_ttrpc_error_passes_as_it_is() -> None:
@@ -223,3 +240,11 @@ def test_lookups_answer_not_found_and_failed_precondition(tmp_path: Path) -> Non
     )
     assert (e.code, e.message) == (Code.NOT_FOUND, "exec 'e1' not found in container 'c1'")
     assert crun.calls == []
+
+
+def test_a_malformed_network_request_answers_invalid_argument(tmp_path: Path) -> None:
+    # checked before any netlink request: no root needed
+    req = pb.UpdateInterfaceRequest(interface=pb.Interface(mac="02-00-00-00-01-01"))
+    e = call_error(tmp_path, FakeCrun(CrunError("never")), "UpdateInterface", req)
+    assert e.code == Code.INVALID_ARGUMENT
+    assert e.message.startswith("interface MAC '02-00-00-00-01-01' is not a MAC address; accepted")

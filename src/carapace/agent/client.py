@@ -240,6 +240,39 @@ class AgentClient:
         )
         return r.online_cpus, r.mem_total_kb
 
+    async def update_interface(self, iface: pb.Interface) -> pb.Interface:
+        """Configure the guest NIC whose MAC is ``iface.mac``: its name, MTU and
+        addresses (exactly these), and bring it up; the interface as it now is."""
+        return await self._call(
+            "UpdateInterface", pb.UpdateInterfaceRequest(interface=iface), pb.Interface
+        )
+
+    async def update_routes(self, routes: list[pb.Route]) -> list[pb.Route]:
+        """Replace the routes of the interfaces carapace configured with ``routes``;
+        the guest's main-table routes as they now are."""
+        r = await self._call(
+            "UpdateRoutes",
+            pb.UpdateRoutesRequest(routes=pb.Routes(routes=routes)),
+            pb.Routes,
+        )
+        return list(r.routes)
+
+    async def add_arp_neighbors(self, neighbors: list[pb.ARPNeighbor]) -> None:
+        """Add permanent neighbour entries (IPv4 ARP, IPv6 ND) in the guest."""
+        await self._call(
+            "AddARPNeighbors", pb.AddARPNeighborsRequest(neighbors=neighbors), pb.Empty
+        )
+
+    async def list_interfaces(self) -> list[pb.Interface]:
+        """Every interface of the guest, lo included."""
+        r = await self._call("ListInterfaces", pb.ListInterfacesRequest(), pb.Interfaces)
+        return list(r.interfaces)
+
+    async def list_routes(self) -> list[pb.Route]:
+        """The guest's main-table routes, IPv4 and IPv6."""
+        r = await self._call("ListRoutes", pb.ListRoutesRequest(), pb.Routes)
+        return list(r.routes)
+
     async def get_oom_event(self, timeout: float | None = None) -> str | None:
         """The id of the container of the next OOM kill in the sandbox, waiting as long
         as needed (``timeout=None``) or ``timeout`` seconds (then None).

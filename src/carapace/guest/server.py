@@ -12,9 +12,12 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from carapace.errors import InvalidArgument, NotFound
 from carapace.guest import sysinit
 from carapace.guest.containers import ContainerService
 from carapace.guest.crun import CrunError
+from carapace.guest.netlink import NetlinkError
+from carapace.guest.network import NetworkService
 from carapace.guest.pod import CONTAINERS_DIR, Pod
 from carapace.guest.processes import ProcessService
 from carapace.guest.sandbox import AGENT_VERSION, SandboxService
@@ -29,7 +32,12 @@ Handler = Callable[[Any], Awaitable[Message]]
 
 #: Expected failures of a request and the status each is answered with. Anything else
 #: a handler raises is a bug of the agent: logged with its traceback, answered UNKNOWN.
-EXPECTED_ERRORS: tuple[tuple[type[Exception], Code], ...] = ((CrunError, Code.INTERNAL),)
+EXPECTED_ERRORS: tuple[tuple[type[Exception], Code], ...] = (
+    (CrunError, Code.INTERNAL),
+    (InvalidArgument, Code.INVALID_ARGUMENT),
+    (NotFound, Code.NOT_FOUND),
+    (NetlinkError, Code.INTERNAL),  # the kernel refused: its errno and text
+)
 
 
 def guard(method: str, handler: Handler) -> Handler:
@@ -62,6 +70,7 @@ class Agent:
         processes = ProcessService(self.pod)
         stdio = StdioService(self.pod)
         sandbox = SandboxService(self.pod, containers)
+        network = NetworkService()
         self.server = Server()
         #: (method, request type, handler) of every verb of the agent API
         self.methods: tuple[tuple[str, type[Message], Handler], ...] = (
@@ -89,6 +98,11 @@ class Agent:
             ("OnlineCPUMem", pb.OnlineCPUMemRequest, sandbox.online_cpu_mem),
             ("Check", pb.CheckRequest, sandbox.check),
             ("Version", pb.CheckRequest, sandbox.version),
+            ("UpdateInterface", pb.UpdateInterfaceRequest, network.update_interface),
+            ("UpdateRoutes", pb.UpdateRoutesRequest, network.update_routes),
+            ("AddARPNeighbors", pb.AddARPNeighborsRequest, network.add_arp_neighbors),
+            ("ListInterfaces", pb.ListInterfacesRequest, network.list_interfaces),
+            ("ListRoutes", pb.ListRoutesRequest, network.list_routes),
         )
         for name, req, handler in self.methods:
             self.server.register_typed(AGENT_SERVICE, name, req, guard(name, handler))

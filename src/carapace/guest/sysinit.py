@@ -1,8 +1,8 @@
 """Early system set-up done by the agent when it is PID 1 of the guest.
 
 Runs before anything else: mounts the pseudo filesystems, loads the kernel modules
-the image lists, enables cgroup v2 controllers. Stdlib only (ctypes for mount(2)
-and finit_module(2)), no subprocess, so it costs milliseconds.
+the image lists, enables cgroup v2 controllers, brings lo up. Stdlib only (ctypes for
+mount(2) and finit_module(2), netlink for lo), no subprocess, so it costs milliseconds.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import errno
 import logging
 import os
 
+from carapace.errors import CarapaceError
+from carapace.guest import network
+from carapace.guest.netlink import Netlink
 from carapace.linux import MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_REC, mount
 
 log = logging.getLogger("carapace.agent")
@@ -85,8 +88,19 @@ def early_init() -> None:
             os.symlink(name, target)
     load_modules()
     enable_cgroup_controllers(CGROUP_ROOT)
+    loopback_up()
     with open("/proc/sys/kernel/hostname", "w") as f:
         f.write("carapace")
+
+
+def loopback_up() -> None:
+    """Bring lo up: the kernel leaves it down, and containers (which share the VM's
+    network namespace) reach their own services on 127.0.0.1 and ::1 through it."""
+    try:
+        with Netlink() as rtnl:
+            network.set_link_up(rtnl, "lo")
+    except (OSError, CarapaceError) as e:
+        log.warning("cannot bring lo up: %s", e)
 
 
 def enable_cgroup_controllers(root: str) -> None:

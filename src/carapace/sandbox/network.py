@@ -26,6 +26,10 @@ from carapace.hypervisor import (
     TapNic,
     UserNic,
 )
+from carapace.network.discover import discover
+from carapace.network.model import NetworkConfig
+from carapace.network.stats import InterfaceStats, read_stats
+from carapace.network.tcfilter import AttachedTap, TapLink, attach, plan_taps, teardown
 from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox.netplan import NetworkPlan
 from carapace.sandbox.state import SandboxRecord
@@ -93,23 +97,38 @@ class PodNetwork:
         return ()
 
     async def _attach_netns(self) -> tuple[Nic, ...]:
-        from carapace.network import pod as netns_pod
-
-        loop = asyncio.get_running_loop()
-        attached = await loop.run_in_executor(
-            None, netns_pod.attach_all, self.plan.netns, self.record
-        )
-        self._fds = [a.fd for a in attached.endpoints]
+        """A tap joined to each interface CNI made in the pod's namespace; the taps
+        are recorded before they are made."""
+        config = await asyncio.to_thread(discover, self.plan.netns)
+        attached = await self._attach(config, ())
         self.guest = GuestNetwork(
-            list(attached.interfaces), list(attached.routes), list(attached.neighbors)
+            [i.to_pb() for i in config.interfaces],
+            [r.to_pb() for r in config.routes],
+            [n.to_pb() for n in config.neighbors],
         )
         vhost = vhost_net_usable()
-        return tuple(
-            TapNic(f"net{i}", a.mac, a.fd, vhost) for i, a in enumerate(attached.endpoints)
-        )
+        nics = []
+        for i, a in enumerate(attached):
+            nics.append(TapNic(f"net{i}", a.mac, a.fd, vhost))
+            self._nic_ids[a.veth] = f"net{i}"
+        self.record.save()
+        return tuple(nics)
+
+    async def _attach(
+        self, config: NetworkConfig, taken: tuple[str, ...]
+    ) -> tuple[AttachedTap, ...]:
+        plan = plan_taps(config, taken)
+        net = self.record.network
+        net["netns"] = self.plan.netns or net.get("netns", "")
+        net.setdefault("taps", []).extend(t.to_record() for t in plan)
+        self.record.save()
+        attached = await asyncio.to_thread(attach, net["netns"], plan)
+        self._fds += [a.fd for a in attached]
+        return attached
 
     def close_fds(self) -> None:
-        """The VM holds its own copies of the taps' fds once it started."""
+        """Close carapace's copies of the taps' fds: the VM holds its own once it
+        started (and a tap no fd holds is gone)."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -140,33 +159,41 @@ class PodNetwork:
     ) -> pb.Interface:
         """Take the interface ``name`` of the network namespace ``netns`` (made after
         the pod started, as podman and docker do) into the running VM."""
-        from carapace.network import pod as netns_pod
-
-        if any(i.name == name for i in self.guest.interfaces):
+        if name in self._nic_ids:
             raise InvalidArgument(f"sandbox {self.sandbox_id}: it has an interface {name} already")
-        loop = asyncio.get_running_loop()
-        index = len(self.record.network.get("taps", []))
-        attached = await loop.run_in_executor(
-            None, netns_pod.attach_one, netns, name, index, self.record
-        )
-        endpoint = attached.endpoints[0]
-        nic = TapNic(f"net{index}", endpoint.mac, endpoint.fd, vhost_net_usable())
+        current = self.record.network.get("netns")
+        if current and current != netns:
+            raise InvalidArgument(
+                f"sandbox {self.sandbox_id}: interface {name} of {netns}: the pod's interfaces "
+                f"come from {current}; accepted: interfaces of that namespace"
+            )
+        config = (await asyncio.to_thread(discover, netns)).select([name])
+        self.record.network["netns"] = netns
+        taken = tuple(t["tap"] for t in self.record.network.get("taps", []))
+        (tap,) = await self._attach(config, taken)
+        nic_id = f"net{len(self._nic_ids)}"
+        while nic_id in self._nic_ids.values():
+            nic_id += "x"
         try:
-            await vm.add_nic(nic)
+            await vm.add_nic(TapNic(nic_id, tap.mac, tap.fd, vhost_net_usable()))
+        except BaseException:
+            await asyncio.to_thread(self._forget_tap, netns, tap.tap, tap.veth)
+            raise
         finally:
-            os.close(endpoint.fd)
-        iface = await agent.update_interface(attached.interfaces[0])
-        if attached.routes:
-            self.guest.routes += attached.routes
+            self.close_fds()
+        self._nic_ids[name] = nic_id
+        self.record.save()
+        iface = await agent.update_interface(config.interfaces[0].to_pb())
+        self.guest.interfaces.append(config.interfaces[0].to_pb())
+        if config.routes:
+            self.guest.routes += [r.to_pb() for r in config.routes]
             await agent.update_routes(self.guest.routes)
-        self.guest.interfaces.append(attached.interfaces[0])
-        self._nic_ids[name] = nic.id
+        if config.neighbors:
+            await agent.add_arp_neighbors([n.to_pb() for n in config.neighbors])
         return iface
 
     async def remove_interface(self, vm: VM, agent: AgentClient, name: str) -> None:
         """Take the interface ``name`` out of the running VM and release its tap."""
-        from carapace.network import pod as netns_pod
-
         nic_id = self._nic_ids.get(name)
         if nic_id is None:
             raise NotFound(f"sandbox {self.sandbox_id}: no interface {name}")
@@ -174,9 +201,21 @@ class PodNetwork:
         self.guest.interfaces = [i for i in self.guest.interfaces if i.name != name]
         await agent.update_routes(self.guest.routes)
         await vm.remove_nic(nic_id)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, netns_pod.detach_one, name, self.record)
         del self._nic_ids[name]
+        tap = next(t["tap"] for t in self.record.network["taps"] if t["veth"] == name)
+        await asyncio.to_thread(self._forget_tap, self.record.network["netns"], tap, name)
+
+    def _forget_tap(self, netns: str, tap: str, veth: str) -> None:
+        teardown(netns, [tap], [veth])
+        self.record.network["taps"] = [t for t in self.record.network["taps"] if t["tap"] != tap]
+        self.record.save()
+
+    def stats(self) -> tuple[InterfaceStats, ...]:
+        """Each guest interface's traffic, counted on its tap (blocking)."""
+        net = self.record.network
+        if not net.get("taps"):
+            return ()
+        return read_stats(net["netns"], [TapLink.from_record(t) for t in net["taps"]])
 
     @property
     def _nic_ids(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from carapace import linux
 from carapace.errors import CarapaceError, StateError
 from carapace.hostcgroup import CgroupHandle
+from carapace.network.tcfilter import teardown
 from carapace.protocols.contract import VM_NAME_PREFIX
 
 STATE_FILE = "state.json"
@@ -178,6 +179,15 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
             if linux.is_mountpoint(m):
                 linux.umount(m, lazy=True)
         except OSError as e:
+            problems.append(str(e))
+    net = record.network
+    if net.get("taps") and not problems:
+        try:
+            teardown(
+                net["netns"], [t["tap"] for t in net["taps"]], [t["veth"] for t in net["taps"]]
+            )
+            record.network = {}
+        except CarapaceError as e:
             problems.append(str(e))
     for cg in [record.cgroup, *record.more_cgroups] if not problems else []:
         if not cg:
