@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from carapace.config import Config
 from carapace.errors import HostError, StateError
 from carapace.hostcgroup import CgroupStats
+from carapace.network.stats import InterfaceStats
 from carapace.oci import Spec
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.containerd import metrics_pb2
@@ -149,6 +150,10 @@ class FakeSandbox:
     def host_stats(self) -> CgroupStats:
         self.calls.append(("host_stats",))
         return self.host
+
+    async def network_stats(self) -> tuple[InterfaceStats, ...]:
+        self.calls.append(("network_stats",))
+        return (InterfaceStats("eth0", rx_bytes=1500, rx_packets=3, tx_bytes=700, tx_packets=2),)
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         self.calls.append(("update", container_id, resources))
@@ -547,6 +552,8 @@ def test_stats_of_the_pause_container_are_the_pods_host_cost(pod: Pod) -> None:
         assert m.cpu.usage.total == 123_000
         assert m.memory.usage.usage == 64 << 20
         assert m.pids.current == 9
+        (net,) = m.network
+        assert (net.name, net.rx_bytes, net.rx_packets, net.tx_bytes) == ("eth0", 1500, 3, 700)
         await pod.service.close()
 
     run(go())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -317,6 +318,7 @@ def cmd_gc(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
     from carapace.hostcgroup import CgroupHandle
+    from carapace.network.stats import record_network_stats
     from carapace.sandbox.state import SandboxRecord
 
     run_dir = Path(cfg.runtime.run_dir) / args.sandbox
@@ -339,11 +341,17 @@ def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
         "vcpus": rec.vcpus,
         "vm_memory_mib": rec.memory_mib,
     }
+    network = [dataclasses.asdict(n) for n in record_network_stats(rec.network)]
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps({**out, "network": network}, indent=2))
     else:
         for key, value in out.items():
             print(f"{key + ':':<15} {'-' if value is None else value}")
+        for n in network:
+            print(
+                f"{'network:':<15} {n['name']} rx {n['rx_bytes']} bytes {n['rx_packets']} "
+                f"packets, tx {n['tx_bytes']} bytes {n['tx_packets']} packets"
+            )
     return 0
 
 

@@ -78,3 +78,12 @@ def read_stats(netns_path: str, taps: Sequence[TapLink]) -> tuple[InterfaceStats
     if not taps:
         return ()
     return parse_stats(run_in_netns(netns_path, _dump_links), taps)
+
+
+def record_network_stats(network: Mapping[str, Any]) -> tuple[InterfaceStats, ...]:
+    """The traffic of the taps a sandbox's record lists (``SandboxRecord.network``);
+    nothing for a pod without any (loopback or user-mode networking)."""
+    taps = network.get("taps") or []
+    if not taps:
+        return ()
+    return read_stats(str(network["netns"]), [TapLink.from_record(t) for t in taps])

@@ -28,8 +28,8 @@ from carapace.hypervisor import (
 )
 from carapace.network.discover import discover
 from carapace.network.model import NetworkConfig
-from carapace.network.stats import InterfaceStats, read_stats
-from carapace.network.tcfilter import AttachedTap, TapLink, attach, plan_taps, teardown
+from carapace.network.stats import InterfaceStats, record_network_stats
+from carapace.network.tcfilter import AttachedTap, attach, plan_taps, teardown
 from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox.netplan import NetworkPlan
 from carapace.sandbox.state import SandboxRecord
@@ -212,10 +212,7 @@ class PodNetwork:
 
     def stats(self) -> tuple[InterfaceStats, ...]:
         """Each guest interface's traffic, counted on its tap (blocking)."""
-        net = self.record.network
-        if not net.get("taps"):
-            return ()
-        return read_stats(net["netns"], [TapLink.from_record(t) for t in net["taps"]])
+        return record_network_stats(self.record.network)
 
     @property
     def _nic_ids(self) -> dict[str, str]:

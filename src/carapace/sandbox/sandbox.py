@@ -32,6 +32,7 @@ from carapace.errors import (
 from carapace.hostcgroup import CgroupDriver, driver
 from carapace.hypervisor import VM, AccelChoice, VMSpec
 from carapace.image.store import GuestImage, current_image
+from carapace.network.stats import InterfaceStats
 from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox.containers import ContainerVerbs, PodContainer
 from carapace.sandbox.network import PodNetwork
@@ -273,6 +274,10 @@ class Sandbox(ContainerVerbs):
         """Take the interface ``name`` out of the VM and release its tap."""
         assert self.vm is not None and self.agent is not None
         await self.network.remove_interface(self.vm, self.agent, name)
+
+    async def network_stats(self) -> tuple[InterfaceStats, ...]:
+        """Each guest interface's traffic, counted on the host (its tap)."""
+        return await asyncio.to_thread(self.network.stats)
 
     async def destroy(self) -> None:
         """Stop the VM (gracefully, then by force) and release everything. Idempotent."""

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from carapace.config import Config
 from carapace.hostcgroup import CgroupStats
+from carapace.network.stats import InterfaceStats
 from carapace.oci import Spec
 from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox import ProcessIO, Runstate, SandboxOptions
@@ -65,6 +66,8 @@ class SandboxLike(Protocol):
     async def stats(self, container_id: str, /) -> pb.StatsContainerResponse: ...
 
     def host_stats(self) -> CgroupStats: ...
+
+    async def network_stats(self) -> tuple[InterfaceStats, ...]: ...
 
     async def update(self, container_id: str, resources: dict[str, Any], /) -> None: ...
 

@@ -455,7 +455,8 @@ class TaskService:
             # a pause container stands for the pod: its stats are the pod's host cost
             # (QEMU, its threads and the shim) from the sandbox's host cgroup
             host = sb.host_stats()
-            metrics = host_v1_metrics(host.cpu_usage_ns, host.memory_bytes, host.pids)
+            network = await sb.network_stats()
+            metrics = host_v1_metrics(host.cpu_usage_ns, host.memory_bytes, host.pids, network)
         else:
             metrics = to_v1_metrics(await sb.stats(req.id))
         return api.StatsResponse(
