@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from carapace.agent.client import AgentClient
-from carapace.errors import InvalidArgument, NotFound
+from carapace.errors import HypervisorError, InvalidArgument, NotFound
 from carapace.hypervisor import (
     USER_NET_GATEWAY,
     USER_NET_GUEST_IP,
@@ -53,6 +53,27 @@ def vhost_net_usable(dev: str = "/dev/vhost-net") -> bool:
     except OSError:
         return False
     return True
+
+
+#: How long a hot-added NIC may take to appear in the guest (PCIe hotplug, driver).
+NIC_APPEAR_TIMEOUT = 30.0
+
+
+async def wait_for_nic(agent: AgentClient, mac: str, timeout: float) -> None:
+    """Wait until the guest has a NIC with ``mac`` (a hot-added device shows up once the
+    guest's PCIe hotplug and virtio-net driver took it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        macs = {i.mac.lower() for i in await agent.list_interfaces()}
+        if mac.lower() in macs:
+            return
+        if loop.time() >= deadline:
+            raise HypervisorError(
+                f"the hot-added NIC {mac} did not appear in the guest within {timeout:g}s; "
+                f"it has: {', '.join(sorted(macs)) or 'none'}"
+            )
+        await asyncio.sleep(0.2)
 
 
 @dataclass
@@ -183,6 +204,7 @@ class PodNetwork:
             self.close_fds()
         self._nic_ids[name] = nic_id
         self.record.save()
+        await wait_for_nic(agent, tap.mac, NIC_APPEAR_TIMEOUT)
         iface = await agent.update_interface(config.interfaces[0].to_pb())
         self.guest.interfaces.append(config.interfaces[0].to_pb())
         if config.routes:
