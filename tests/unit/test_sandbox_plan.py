@@ -98,3 +98,11 @@ def test_check_fit_with_hotplug() -> None:
     plain = plan_sandbox(Config(), SandboxOptions(sandbox_id="p"), HOST)
     with pytest.raises(InvalidArgument, match="c"):
         plain.check_fit("c", big, [], (1, 1024))
+
+
+def test_the_hosts_own_network_namespace_is_refused() -> None:
+    host = HostFacts(4, 8 * GiB, 4_000_000, 20000, lambda kind, path: path == "/proc/1/ns/net")
+    with pytest.raises(InvalidArgument, match=r"host's own \(--net host\)"):
+        plan_sandbox(Config(), SandboxOptions(sandbox_id="p", net="netns:/proc/1/ns/net"), host)
+    plan = plan_sandbox(Config(), SandboxOptions(sandbox_id="p", net="netns:/run/netns/a"), host)
+    assert (plan.network.mode, plan.network.netns) == ("netns", "/run/netns/a")

@@ -214,6 +214,13 @@ def plan_sandbox(
         cgroups_path if rt.sandbox_cgroup_only else None, sandbox_id, rt.sandbox_cgroup_prefix
     )
     pod_path = None if rt.sandbox_cgroup_only else pod_cgroup_path(cgroups_path, sandbox_id)
+    network = plan_network(options.net, options.ports, spec)
+    if network.mode == "netns" and host.is_host_namespace("network", network.netns):
+        raise InvalidArgument(
+            f"sandbox {sandbox_id}: network namespace {network.netns} is the host's own "
+            "(--net host); a pod VM has its own kernel and cannot share the host's network; "
+            "accepted: a pod network namespace (netns:PATH), user or none"
+        )
     plan = SandboxPlan(
         id=sandbox_id,
         hostname=options.hostname,
@@ -229,7 +236,7 @@ def plan_sandbox(
         pod_cgroup_path=pod_path,
         sandbox_resources=sandbox_resources,
         join_owner=options.join_owner,
-        network=plan_network(options.net, options.ports, spec),
+        network=network,
         warnings=tuple(warnings),
     )
     if spec is not None:
