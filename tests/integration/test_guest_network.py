@@ -184,7 +184,9 @@ def test_configure_a_nic_as_the_pod_s_eth0(guest: Guest) -> None:
     # the replies say the same as the kernel
     listed = {i["name"]: i for i in r[4]["reply"]["interfaces"]}
     assert set(listed) == {"lo", "eth0"} and listed["eth0"]["mtu"] == 1450
-    reported = {(x.get("dest", ""), x.get("gateway", ""), x.get("mtu", 0)) for x in r[5]["reply"]["routes"]}  # fmt: skip
+    reported = {
+        (x.get("dest", ""), x.get("gateway", ""), x.get("mtu", 0)) for x in r[5]["reply"]["routes"]
+    }
     assert {("", "10.198.0.1", 0), ("10.198.5.0/24", "", 1400), ("", "fd00:198::1", 0),
             ("fd00:199::/64", "", 1400)} <= reported  # fmt: skip
     assert r[2]["reply"] == r[5]["reply"]  # UpdateRoutes answers the routes now present
@@ -233,9 +235,12 @@ def test_update_interface_a_second_time_keeps_what_is_as_asked(guest: Guest) -> 
 
 
 def test_refusals_answer_their_code(guest: Guest) -> None:
+    def update(mac: str) -> tuple[str, pb.UpdateInterfaceRequest]:
+        return ("UpdateInterface", pb.UpdateInterfaceRequest(interface=pb.Interface(mac=mac)))
+
     unknown, malformed, unreachable, bad_device = guest.call(
-        ("UpdateInterface", pb.UpdateInterfaceRequest(interface=pb.Interface(mac="02:00:00:c6:09:09"))),
-        ("UpdateInterface", pb.UpdateInterfaceRequest(interface=pb.Interface(mac="02:00:00:c6:09"))),
+        update("02:00:00:c6:09:09"),
+        update("02:00:00:c6:09"),
         ("UpdateRoutes", pb.UpdateRoutesRequest(routes=pb.Routes(routes=[
             pb.Route(gateway="10.99.0.1", device="nic0", family=4)]))),
         ("AddARPNeighbors", pb.AddARPNeighborsRequest(neighbors=[
