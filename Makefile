@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 IMAGE_DIR ?= /var/lib/carapace/guest
 
-.PHONY: run test unit integration deps image lint protos bench bench-containerd clean
+.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-network clean
 
 run: image
 	@echo "host kernel:      $$(uname -r)"
@@ -49,9 +49,13 @@ protos: $(STAMP)
 bench: image
 	$(PY) benchmarks/boot.py
 	$(PY) benchmarks/containerd.py
+	$(PY) benchmarks/network.py
 
 bench-containerd: image
 	$(PY) benchmarks/containerd.py
+
+bench-network: image
+	$(PY) benchmarks/network.py
 
 clean:
 	rm -rf $(VENV) $(APT_STAMP)
