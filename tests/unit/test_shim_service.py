@@ -92,7 +92,8 @@ class FakeSandbox:
             self._vm_exit.set_result(0)
 
     async def wait_vm(self) -> int:
-        return await self._vm_exit
+        # as a process's wait: a waiter given up on leaves the exit to come untouched
+        return await asyncio.shield(self._vm_exit)
 
     async def oom_event(self) -> str:
         await asyncio.Event().wait()  # none come
@@ -518,6 +519,25 @@ def test_a_lost_vm_ends_created_processes_with_255(pod: Pod) -> None:
         pod.sb._state = Runstate.STOPPED
         resp = await pod.call["Delete"](api.DeleteRequest(id="c1"))
         assert resp.exit_status == VM_LOST_STATUS  # type: ignore[attr-defined]
+        await pod.service.close()
+
+    run(go())
+
+
+def test_a_delete_racing_a_vm_that_just_died_succeeds(pod: Pod) -> None:
+    """The agent's connection drops a moment before the VM's exit is seen: a Delete in
+    between waits for the VM instead of failing; with the VM alive the error stands."""
+
+    async def go() -> None:
+        await pod.create_pause()
+        await pod.create("c1", container_annotations())
+        pod.sb._state = Runstate.STOPPED  # remove_container fails: the agent is gone
+        with pytest.raises(TtrpcError):  # the VM still runs (wait_vm never returns)
+            await pod.call["Delete"](api.DeleteRequest(id="c1"))
+        asyncio.get_running_loop().call_later(0.3, pod.sb.lose_vm)
+        resp = await pod.call["Delete"](api.DeleteRequest(id="c1"))
+        assert isinstance(resp, api.DeleteResponse)
+        assert "c1" not in pod.service.containers
         await pod.service.close()
 
     run(go())

@@ -207,6 +207,8 @@ def _setup_logging(debug: bool, pod: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # pyroute2 logs every netlink message at debug level: not the shim's detail
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 async def serve(args: ShimArgs) -> int:

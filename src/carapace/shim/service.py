@@ -45,6 +45,8 @@ from carapace.ttrpc import Code, Server, TtrpcError
 log = logging.getLogger("carapace.shim")
 
 SERVICE = "containerd.task.v2.Task"
+#: How long a failed call waits to see whether the VM just died (see ``_vm_gone``).
+VM_GONE_WAIT = 2.0
 
 _CODES: list[tuple[type[CarapaceError], Code]] = [
     (NotFound, Code.NOT_FOUND),
@@ -195,6 +197,18 @@ class TaskService:
                 for p in c.procs:
                     if p.relay is None:  # created, never started: nothing else will end it
                         self._exited(p, VM_LOST_STATUS)
+
+    async def _vm_gone(self, sb: SandboxLike, wait: float = VM_GONE_WAIT) -> bool:
+        """Whether the pod's VM is gone. A VM that was just killed drops the agent's
+        connection (and so its processes) a moment before its exit is seen: wait for
+        it a little before taking a failed call for a real error."""
+        if self._vm_lost:
+            return True
+        try:
+            await asyncio.wait_for(sb.wait_vm(), wait)
+        except (TimeoutError, CarapaceError):
+            return False
+        return True
 
     async def _watch_oom(self, sb: SandboxLike) -> None:
         while sb.state is Runstate.RUNNING:
@@ -359,7 +373,7 @@ class TaskService:
             try:
                 await self.sandbox.remove_container(req.id)
             except CarapaceError as e:
-                if not self._vm_lost:
+                if not await self._vm_gone(self.sandbox):
                     raise
                 log.info("container %s: removed with its lost VM (%s)", req.id, e)
         for x in c.execs.values():
