@@ -12,7 +12,6 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from carapace.errors import InvalidArgument, NotFound
 from carapace.guest import sysinit
 from carapace.guest.containers import ContainerService
 from carapace.guest.crun import CrunError
@@ -25,6 +24,7 @@ from carapace.guest.stdio import StdioService, read_pipe, write_pipe
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import AGENT_PORT_NAME, AGENT_SERVICE
 from carapace.ttrpc import Code, Server, TtrpcError
+from carapace.ttrpc.errors import CARAPACE_CODES
 
 log = logging.getLogger("carapace.agent")
 
@@ -34,9 +34,9 @@ Handler = Callable[[Any], Awaitable[Message]]
 #: a handler raises is a bug of the agent: logged with its traceback, answered UNKNOWN.
 EXPECTED_ERRORS: tuple[tuple[type[Exception], Code], ...] = (
     (CrunError, Code.INTERNAL),
-    (InvalidArgument, Code.INVALID_ARGUMENT),
-    (NotFound, Code.NOT_FOUND),
     (NetlinkError, Code.INTERNAL),  # the kernel refused: its errno and text
+    # carapace's own errors, with the codes the shim answers them with too
+    *CARAPACE_CODES,
 )
 
 

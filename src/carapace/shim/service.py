@@ -41,26 +41,13 @@ from carapace.shim.params import METRICS_URL, config_path_of, join_pod_namespace
 from carapace.shim.stdio import ProcessStdio
 from carapace.shim.tasks import VM_LOST_STATUS, Container, Proc, now
 from carapace.ttrpc import Code, Server, TtrpcError
+from carapace.ttrpc.errors import to_ttrpc_error
 
 log = logging.getLogger("carapace.shim")
 
 SERVICE = "containerd.task.v2.Task"
 #: How long a failed call waits to see whether the VM just died (see ``_vm_gone``).
 VM_GONE_WAIT = 2.0
-
-_CODES: list[tuple[type[CarapaceError], Code]] = [
-    (NotFound, Code.NOT_FOUND),
-    (AlreadyExists, Code.ALREADY_EXISTS),
-    (InvalidArgument, Code.INVALID_ARGUMENT),
-    (StateError, Code.FAILED_PRECONDITION),
-]
-
-
-def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
-    for cls, code in _CODES:
-        if isinstance(e, cls):
-            return TtrpcError(code, str(e))
-    return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
 
 
 class TaskService:

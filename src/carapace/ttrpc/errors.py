@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import enum
 
+from carapace.errors import (
+    AlreadyExists,
+    CarapaceError,
+    InvalidArgument,
+    NotFound,
+    StateError,
+)
 from carapace.protocols import status_pb2
 
 
@@ -58,3 +65,21 @@ class TtrpcError(Exception):
         except ValueError:
             return cls(Code.UNKNOWN, f"status code {status.code}: {status.message}")
         return cls(code, status.message)
+
+
+#: carapace's errors and the status each is answered with over ttrpc (the shim's and
+#: the agent's guards both use it, so a kind of failure has one code everywhere).
+CARAPACE_CODES: tuple[tuple[type[CarapaceError], Code], ...] = (
+    (NotFound, Code.NOT_FOUND),
+    (AlreadyExists, Code.ALREADY_EXISTS),
+    (InvalidArgument, Code.INVALID_ARGUMENT),
+    (StateError, Code.FAILED_PRECONDITION),
+)
+
+
+def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
+    """The TtrpcError that answers a request failed with ``e``."""
+    for cls, code in CARAPACE_CODES:
+        if isinstance(e, cls):
+            return TtrpcError(code, str(e))
+    return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
