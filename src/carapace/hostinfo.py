@@ -52,17 +52,21 @@ _NS_FILE = {"network": "net", "ipc": "ipc", "pid": "pid", "uts": "uts", "mount":
 def is_host_namespace(ns_type: str, path: str) -> bool:
     """Whether ``path`` is the host's own namespace of that type: init's, or (where
     init's cannot be read) the runtime's, which runs in the host's namespaces."""
+    try:
+        return is_host_namespace_file(ns_type, os.stat(path))
+    except OSError:
+        return False
+
+
+def is_host_namespace_file(ns_type: str, st: os.stat_result) -> bool:
+    """``is_host_namespace`` for a namespace file already stat'ed (or fstat'ed)."""
     name = _NS_FILE.get(ns_type)
     if name is None:
-        return False
-    try:
-        a = os.stat(path)
-    except OSError:
         return False
     for host in (f"/proc/1/ns/{name}", f"/proc/self/ns/{name}"):
         try:
             b = os.stat(host)
         except OSError:
             continue
-        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        return (st.st_dev, st.st_ino) == (b.st_dev, b.st_ino)
     return False

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from carapace.errors import InvalidArgument, NotFound
+from carapace.hostinfo import is_host_namespace_file
 
 log = logging.getLogger("carapace.network")
 
@@ -28,8 +29,6 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 #: ioctl(2) on an nsfs file: the namespace's CLONE_NEW* type (Linux 4.11).
 NS_GET_NSTYPE = 0xB703
-#: The host's network namespace (init's).
-HOST_NETNS = "/proc/1/ns/net"
 
 
 class NotNetworkNamespace(InvalidArgument):
@@ -62,7 +61,7 @@ def open_netns(path: str) -> int:
             ) from None
         if kind != CLONE_NEWNET:
             raise NotNetworkNamespace(f"{path} is a namespace but not a network namespace")
-        if _is_host(os.fstat(fd)):
+        if is_host_namespace_file("network", os.fstat(fd)):
             raise InvalidArgument(
                 f"network namespace {path} is the host's own; a pod may not use the "
                 "host's network: give the pod a network namespace of its own"
@@ -71,19 +70,6 @@ def open_netns(path: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _is_host(st: os.stat_result) -> bool:
-    """Whether a namespace is the host's: init's or, where init's cannot be read (as in
-    some sandboxes), the runtime's own, which runs in the host's (as
-    ``hostinfo.is_host_namespace`` decides)."""
-    for host in (HOST_NETNS, "/proc/self/ns/net"):
-        try:
-            h = os.stat(host)
-        except OSError:
-            continue
-        return (st.st_dev, st.st_ino) == (h.st_dev, h.st_ino)
-    return False
 
 
 def check_netns(path: str) -> None:
