@@ -17,6 +17,7 @@ from carapace.errors import AgentError
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import AGENT_SERVICE as SERVICE
 from carapace.ttrpc import Code, Server, TtrpcError
+from tests.tooling.agent_link import client_of
 
 T = TypeVar("T")
 
@@ -63,14 +64,8 @@ class FakeAgent:
 @asynccontextmanager
 async def connected(tmp_path: Path) -> AsyncIterator[tuple[FakeAgent, AgentClient]]:
     agent = FakeAgent()
-    sock = str(tmp_path / "agent.sock")
-    await agent.server.serve_unix(sock)
-    client = await AgentClient.connect(sock)
-    try:
+    async with client_of(agent.server, tmp_path) as client:
         yield agent, client
-    finally:
-        await client.close()
-        await agent.server.close()
 
 
 def test_network_calls_send_their_request_and_return_the_reply(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from carapace.agent.client import SERVICE, AgentClient
 from carapace.errors import AgentError
 from carapace.protocols import agent_pb2 as pb
 from carapace.ttrpc import Server
+from tests.tooling.agent_link import client_of
 
 T = TypeVar("T")
 
@@ -38,14 +39,8 @@ class FakeAgent:
 @asynccontextmanager
 async def connected(tmp_path: Path) -> AsyncIterator[tuple[FakeAgent, AgentClient]]:
     agent = FakeAgent()
-    sock = str(tmp_path / "agent.sock")
-    await agent.server.serve_unix(sock)
-    client = await AgentClient.connect(sock)
-    try:
+    async with client_of(agent.server, tmp_path) as client:
         yield agent, client
-    finally:
-        await client.close()
-        await agent.server.close()
 
 
 def test_waits_for_the_next_event(tmp_path: Path) -> None:
