@@ -24,7 +24,7 @@ from carapace.oci.bundle import Spec
 from carapace.protocols import agent_pb2 as pb
 from carapace.sandbox import stdio
 from carapace.sandbox.placement import SandboxCgroupPlacement
-from carapace.sandbox.plan import HostFacts, check_id
+from carapace.sandbox.plan import HostFacts, SandboxPlan, check_id
 from carapace.sandbox.resize import Resizer
 from carapace.sandbox.rootfs import RootfsShare
 from carapace.sandbox.state import Runstate, requires
@@ -46,7 +46,7 @@ class ContainerVerbs:
     """The pod's containers in the VM (the sandbox's parts it uses are declared here)."""
 
     id: str
-    annotations: dict[str, str]
+    plan: SandboxPlan
     host: HostFacts
     agent: AgentClient | None
     containers: dict[str, PodContainer]
@@ -92,7 +92,7 @@ class ContainerVerbs:
         if not rootfs.is_dir():
             raise NotFound(f"rootfs {rootfs} is not a directory")
         resources.check_namespaces(spec.namespaces, container_id, self.host.is_host_namespace)
-        resources.check_sandbox_only(spec.annotations, container_id, self.annotations)
+        resources.check_sandbox_only(spec.annotations, container_id, self.plan.annotations)
         res = resources.container_resources(spec.resources, container_id)
         others = self._pod_resources()
         await self.resizer.fit(container_id, res, others)

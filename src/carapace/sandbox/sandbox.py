@@ -83,7 +83,6 @@ class Sandbox(ContainerVerbs):
         for warning in self.plan.warnings:
             log.warning("sandbox %s: %s", self.plan.id, warning)
         self.id, self.hostname, self.run_dir = self.plan.id, self.plan.hostname, self.plan.run_dir
-        self.annotations = dict(self.plan.annotations)
         self.record = SandboxRecord(id=self.id, run_dir=str(self.run_dir))
         self.placement = SandboxCgroupPlacement(
             self.plan, self.record, config.runtime.container_cgroup_prefix, self.parts.cgroup_driver
@@ -95,7 +94,6 @@ class Sandbox(ContainerVerbs):
         self._image = image
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
-        self.accel_choice: AccelChoice | None = None
         self.boot_id = ""
         self._made_run_dir = False
         self._lock = asyncio.Lock()
@@ -181,7 +179,6 @@ class Sandbox(ContainerVerbs):
         accel = self.parts.choose_accelerator(
             hv.accel, hv.path, kernel, initrd, Path(rt.state_dir) / "accel.json"
         )
-        self.accel_choice = accel
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.run_dir.mkdir(mode=0o700)
