@@ -22,6 +22,7 @@ from carapace.config import Config, load_config
 from carapace.sandbox import ProcessIO, SandboxOptions
 from carapace.sandbox import Sandbox as AsyncSandbox
 from carapace.sandbox.netplan import port_forwards
+from carapace.storage.volumes import volume_mounts
 
 T = TypeVar("T")
 
@@ -49,12 +50,15 @@ class Sandbox:
         annotations: dict[str, str] | None = None,
         net: str | None = None,
         ports: dict[int, int] | None = None,
+        volumes: dict[str, str] | None = None,
     ) -> None:
         """``cpus``/``memory`` size the VM (0.5 to the host's CPUs, 1G to 256G; default:
         configuration.toml); ``annotations`` are the pod's, as a runtime would get them
         (e.g. com.github.containers.virtcontainers.sandbox_cpu); ``net`` is "none"
         (loopback only, the default), "user" (user-mode NAT, ``ports`` forwards host
-        ports on 127.0.0.1 to guest ports: ``{8080: 80}``) or "netns:PATH"."""
+        ports on 127.0.0.1 to guest ports: ``{8080: 80}``) or "netns:PATH".
+        ``volumes`` binds host directories or files into every container ``run``
+        starts: ``{"/srv/data": "/data", "/etc/app.conf": "/etc/app.conf:ro"}``."""
         self._config = config or load_config()
         # validates the arguments before anything is started
         self._sandbox = AsyncSandbox(
@@ -66,6 +70,7 @@ class Sandbox:
                 annotations=annotations or {},
                 net=net,
                 ports=port_forwards(ports or {}),
+                volumes=volume_mounts(volumes or {}),
             ),
         )
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -29,14 +29,17 @@ MS_BIND = 4096
 MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
-    """mount(2); creates ``target`` if missing; raises OSError naming what failed."""
-    os.makedirs(target, exist_ok=True)
+    """mount(2); creates ``target`` (a directory) if missing; raises OSError naming what
+    failed."""
+    if not os.path.lexists(target):
+        os.makedirs(target)
     rc = _libc.mount(
         source.encode(),
         target.encode(),
@@ -49,10 +52,60 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
         raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
 
 
-def bind_mount(source: str, target: str, readonly: bool = False) -> None:
-    mount(source, target, None, MS_BIND | MS_REC)
-    if readonly:
-        mount(source, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+def bind_mount(source: str, target: str, readonly: bool = False, recursive: bool = True) -> None:
+    """Bind ``source`` at ``target`` (with the mounts below it when ``recursive``),
+    nosuid and nodev, read-only when asked: the bind and every mount below it."""
+    mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
+    try:
+        mount_setattr(target, attrs, recursive=True)
+    except OSError:
+        umount(target, lazy=True)
+        raise
+
+
+def make_shared(target: str) -> None:
+    """Make the mount at ``target`` shared: mounts made below it later propagate to its
+    copies in other mount namespaces (a file daemon's, which it made a slave)."""
+    mount("none", target, None, MS_SHARED)
+
+
+# mount_setattr(2) (Linux 5.12): attributes of a mount and, with AT_RECURSIVE, of
+# every mount below it
+_SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 alike (a syscall added after 5.1)
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(target: str, attr_set: int, recursive: bool = True) -> None:
+    """Set mount attributes (``MOUNT_ATTR_*``) on ``target`` and, by default, on every
+    mount below it, without following a symlink at ``target``."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_RECURSIVE if recursive else 0)
+    rc = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(AT_FDCWD),
+        target.encode(),
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount_setattr {target}: {os.strerror(err)}")
 
 
 def umount(target: str, lazy: bool = False) -> None:
@@ -62,6 +115,49 @@ def umount(target: str, lazy: bool = False) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def is_mountpoint(path: str, mounts_file: str = "/proc/self/mounts") -> bool:
-    with open(mounts_file) as f:
-        return any(line.split()[1] == path for line in f if len(line.split()) > 1)
+def unescape_mountinfo(field: str) -> str:
+    """Undo the kernel's octal escapes in a mount table field (``\\040`` space,
+    ``\\011`` tab, ``\\012`` newline, ``\\134`` backslash)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount, in mount order, unescaped."""
+    out = []
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and right:
+                out.append((unescape_mountinfo(fields[4]), right.split()[0]))
+    return out
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    return any(point == path for point, _ in mount_table(mountinfo))
+
+
+def mounts_under(top: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points at or below ``top``, the last mounted first."""
+    return [p for p, _ in reversed(mount_table(mountinfo)) if _under(p, top)]
+
+
+def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The filesystem type of the mount ``path`` is on (the deepest mount holding it)."""
+    best, kind = "", ""
+    for point, fstype in mount_table(mountinfo):
+        if _under(path, point) and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind

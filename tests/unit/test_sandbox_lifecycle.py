@@ -139,7 +139,12 @@ class FakeAgent:
         self.closed = True
 
     async def create_container(
-        self, cid: str, spec: dict[str, Any], rootfs: str, overlay: bool
+        self,
+        cid: str,
+        spec: dict[str, Any],
+        rootfs: str,
+        overlay: bool,
+        storages: list[Any] | None = None,
     ) -> None:
         self._call("create_container")
         self.containers[cid] = {"spec": spec, "rootfs": rootfs, "overlay": overlay}
@@ -161,8 +166,13 @@ class FakeMounts:
     def __init__(self) -> None:
         self.mounted: dict[str, str] = {}
 
-    def bind_mount(self, source: str, target: str, readonly: bool = False) -> None:
+    def bind_mount(
+        self, source: str, target: str, readonly: bool = False, recursive: bool = True
+    ) -> None:
         self.mounted[target] = source
+
+    def make_shared(self, target: str) -> None:
+        assert target in self.mounted
 
     def umount(self, target: str, lazy: bool = False) -> None:
         self.mounted.pop(target)
@@ -202,6 +212,7 @@ def rig(tmp_path: Path) -> Rig:
     config = Config()
     config.runtime.run_dir = str(tmp_path / "run")
     config.runtime.state_dir = str(tmp_path / "state")
+    config.hypervisor.shared_fs = "virtio-9p"  # a test below fakes virtiofsd
     agent = FakeAgent()
     mounts = FakeMounts()
     vms: list[FakeVM] = []

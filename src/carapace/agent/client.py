@@ -77,7 +77,12 @@ class AgentClient:
         await self._call("DestroySandbox", pb.DestroySandboxRequest(), pb.Empty, timeout)
 
     async def create_container(
-        self, container_id: str, spec: dict[str, Any], rootfs: str, overlay: bool
+        self,
+        container_id: str,
+        spec: dict[str, Any],
+        rootfs: str,
+        overlay: bool,
+        storages: list[pb.Storage] | None = None,
     ) -> None:
         await self._call(
             "CreateContainer",
@@ -86,6 +91,7 @@ class AgentClient:
                 oci_spec=json.dumps(spec).encode(),
                 rootfs=rootfs,
                 rootfs_overlay=overlay,
+                storages=storages or [],
             ),
             pb.Empty,
         )

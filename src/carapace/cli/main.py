@@ -68,6 +68,14 @@ def build_parser() -> ArgumentParser:
         metavar="[IP:]HOSTPORT:GUESTPORT[/tcp|udp]",
         help="forward a host port into the pod (--net user; bound to 127.0.0.1 by default)",
     )
+    r.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST[:ro|:rw]",
+        help="bind a host directory or file into the container (shared with the pod VM)",
+    )
     src = r.add_mutually_exclusive_group()
     src.add_argument("--rootfs", help="root filesystem directory (default: built-in busybox)")
     src.add_argument("--bundle", help="OCI bundle directory (config.json + rootfs)")
@@ -166,6 +174,7 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from carapace.oci.spec import default_spec, parse_env
     from carapace.sandbox import ProcessIO, Sandbox, SandboxOptions
     from carapace.sandbox.netplan import port_forwards
+    from carapace.storage.volumes import parse_volume
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -190,6 +199,7 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         )
     # the container is also the pod's sandbox container: its annotations are the pod's
     spec = spec.with_annotations(_annotations(args.annotation))
+    spec = spec.with_mounts(spec.mounts + tuple(parse_volume(v) for v in args.volume))
     sandbox = Sandbox(
         cfg,
         SandboxOptions(

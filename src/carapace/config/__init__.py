@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from carapace.errors import InvalidArgument
-from carapace.protocols.contract import SANDBOX_CGROUP_PREFIXES
+from carapace.protocols.contract import (
+    SANDBOX_CGROUP_PREFIXES,
+    SHARED_FS_KINDS,
+    SHARED_FS_VIRTIOFS,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/carapace/configuration.toml")
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -42,6 +46,11 @@ class HypervisorConfig:
     boot_timeout: float = 90.0
     shutdown_timeout: float = 10.0
     kernel_params: str = ""
+    #: How the pod's share (rootfs and volumes) reaches the guest: "virtio-fs" (a
+    #: virtiofsd per pod; guest memory is a shared memfd) or "virtio-9p" (QEMU's 9p).
+    shared_fs: str = SHARED_FS_VIRTIOFS
+    #: The virtio-fs daemon.
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
 
 
 @dataclass
@@ -113,6 +122,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise InvalidArgument(
             f"{source} [hypervisor] accel: {cfg.hypervisor.accel!r}; accepted: "
             f"{', '.join(ACCELERATORS)}"
+        )
+    if cfg.hypervisor.shared_fs not in SHARED_FS_KINDS:
+        raise InvalidArgument(
+            f"{source} [hypervisor] shared_fs: {cfg.hypervisor.shared_fs!r}; accepted: "
+            f"{', '.join(SHARED_FS_KINDS)}"
         )
     for key in ("default_maxvcpus", "default_maxmemory"):
         if getattr(cfg.hypervisor, key) < 0:

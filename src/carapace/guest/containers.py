@@ -16,30 +16,14 @@ from carapace import linux
 from carapace.guest import cgroup
 from carapace.guest.crun import CrunError
 from carapace.guest.pod import CONTAINERS_DIR, Container, Pod, Process
-from carapace.guest.spec import guest_spec
+from carapace.guest.spec import GuestSpecError, guest_spec
 from carapace.guest.stdio import close_process_streams, spawn
+from carapace.guest.storage import mount_storage
 from carapace.protocols import agent_pb2 as pb
+from carapace.protocols.contract import EPHEMERAL_DRIVER
 from carapace.ttrpc import Code, TtrpcError
 
 log = logging.getLogger("carapace.agent")
-
-
-def mount_storage(st: pb.Storage) -> None:
-    """Mount a storage the host describes (the pod's shared directory, a volume)."""
-    if not st.mount_point.startswith("/"):
-        raise TtrpcError(
-            Code.INVALID_ARGUMENT,
-            f"storage mount point must be absolute, got {st.mount_point!r}",
-        )
-    fstype = st.fstype or st.driver
-    flags = 0
-    data = [o for o in st.options if o not in ("ro", "rw")]
-    if "ro" in st.options:
-        flags |= linux.MS_RDONLY
-    try:
-        linux.mount(st.source, st.mount_point, fstype, flags, ",".join(data))
-    except OSError as e:
-        raise TtrpcError(Code.INTERNAL, str(e)) from e
 
 
 class ContainerService:
@@ -80,9 +64,15 @@ class ContainerService:
                 mounts.append(merged)
                 rootfs = merged
             for st in req.storages:
+                if st.driver == EPHEMERAL_DRIVER:
+                    pod.use_ephemeral(st, cid)
+                    continue
                 mount_storage(st)
                 mounts.append(st.mount_point)
-            config = guest_spec(spec, cid, rootfs)
+            try:
+                config = guest_spec(spec, cid, rootfs)
+            except GuestSpecError as e:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"container {cid!r}: {e}") from e
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f)
             terminal = bool(config.get("process", {}).get("terminal"))
@@ -100,6 +90,7 @@ class ContainerService:
             for m in reversed(mounts):
                 with contextlib.suppress(OSError):
                     linux.umount(m, lazy=True)
+            pod.release_ephemeral(cid)
             shutil.rmtree(bundle, ignore_errors=True)
             raise
         pod.containers[cid] = container
@@ -147,6 +138,7 @@ class ContainerService:
         for m in reversed(c.mounts):
             with contextlib.suppress(OSError):
                 linux.umount(m, lazy=True)
+        pod.release_ephemeral(cid)
         shutil.rmtree(c.bundle, ignore_errors=True)
         del pod.containers[cid]
         log.info("container %s removed", cid)

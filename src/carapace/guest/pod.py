@@ -8,9 +8,12 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
+from carapace import linux
 from carapace.guest.crun import Crun
 from carapace.guest.oom import OOMWatcher
 from carapace.guest.reaper import Reaper
+from carapace.guest.storage import mount_ephemeral
+from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import GUEST_STATE_DIR
 from carapace.ttrpc import Code, TtrpcError
 
@@ -60,7 +63,27 @@ class Pod:
         self.containers: dict[str, Container] = {}
         self.sandbox_id = ""
         self.sandbox_mounts: list[str] = []
+        #: memory-backed volumes (guest tmpfs mount point) -> the containers using them
+        self.ephemeral: dict[str, set[str]] = {}
         self._crun: Crun | None = None
+
+    def use_ephemeral(self, st: pb.Storage, cid: str) -> None:
+        """Mount a memory-backed volume of the pod the first time a container asks."""
+        if st.mount_point not in self.ephemeral:
+            mount_ephemeral(st)
+            self.ephemeral[st.mount_point] = set()
+        self.ephemeral[st.mount_point].add(cid)
+
+    def release_ephemeral(self, cid: str) -> None:
+        """Unmount the pod's memory-backed volumes no container uses any more."""
+        for point, users in list(self.ephemeral.items()):
+            users.discard(cid)
+            if not users:
+                with contextlib.suppress(OSError):
+                    linux.umount(point, lazy=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(point)
+                del self.ephemeral[point]
 
     @property
     def crun(self) -> Crun:

@@ -11,8 +11,9 @@ import platform
 import time
 
 from carapace.guest import hotplug, sysinit
-from carapace.guest.containers import ContainerService, mount_storage
+from carapace.guest.containers import ContainerService
 from carapace.guest.pod import Pod
+from carapace.guest.storage import mount_storage
 from carapace.protocols import agent_pb2 as pb
 from carapace.ttrpc import Code, TtrpcError
 

@@ -23,9 +23,14 @@ GUEST_NS_PATH = re.compile(r"^/proc/[0-9]+/ns/[a-z]+$")
 GUEST_BIND_SOURCES = (f"{GUEST_STATE_DIR}/", "/dev/")
 
 
+class GuestSpecError(ValueError):
+    """A spec the guest cannot run as given (the host should have made it fit)."""
+
+
 def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str, Any]:
     """The config.json for crun: rootfs path, cgroup path and namespaces for the guest,
-    host-only parts (hooks, host bind mounts) removed."""
+    host-only parts (hooks) removed. A mount the guest cannot make (a host path the
+    host did not share) raises GuestSpecError naming it: a mount is never dropped."""
     out = copy.deepcopy(spec)
     out["ociVersion"] = GUEST_OCI_VERSION
     root = out.setdefault("root", {})
@@ -40,7 +45,15 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: str) -> dict[str
     # root of /sys/fs/cgroup, not its neighbours'
     if not any(ns.get("type") == "cgroup" for ns in linux["namespaces"]):
         linux["namespaces"].append({"type": "cgroup"})
-    out["mounts"] = [m for m in out.get("mounts", []) if is_guest_mount(m)]
+    for m in out.get("mounts", []):
+        if not is_guest_mount(m):
+            raise GuestSpecError(
+                f"mount at {m.get('destination')} (source {m.get('source')}, type "
+                f"{m.get('type')}) is not in the guest; accepted: "
+                f"{', '.join(sorted(GUEST_MOUNT_TYPES))} and binds of "
+                f"{', '.join(GUEST_BIND_SOURCES)}"
+            )
+    out.setdefault("mounts", [])
     return out
 
 

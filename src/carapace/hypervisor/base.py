@@ -112,6 +112,9 @@ class VMSpec:
     nics: tuple[Nic, ...] = ()
     #: Free slots for NICs hot-added while the VM runs.
     nic_slots: int = 0
+    #: How the VM sees ``shared_dir``: "virtio-fs" (a vhost-user daemon already
+    #: listening on ``fs_socket``; guest memory is then shared with it) or "virtio-9p".
+    shared_fs: str = contract.SHARED_FS_9P
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -131,6 +134,16 @@ class VMSpec:
     @property
     def agent_socket(self) -> Path:
         return self.run_dir / "agent.sock"
+
+    @property
+    def fs_socket(self) -> Path:
+        """The vhost-user socket of the virtio-fs daemon."""
+        return self.run_dir / "virtiofs.sock"
+
+    @property
+    def shares_memory(self) -> bool:
+        """Whether guest memory must be shareable (memfd) with a vhost-user daemon."""
+        return self.shared_fs == contract.SHARED_FS_VIRTIOFS
 
     @property
     def qmp_socket(self) -> Path:

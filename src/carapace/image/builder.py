@@ -52,6 +52,7 @@ GUEST_MODULES = (
     "virtio_console",
     "9pnet_virtio",
     "9p",
+    "virtiofs",
     "overlay",
     "virtio_net",
     "virtio_blk",

@@ -16,8 +16,12 @@ AGENT_PORT_NAME = "carapace.agent"
 
 # -- the pod's shared filesystem ------------------------------------------------------
 
-#: The mount tag of the pod's shared directory (9p ``mount_tag``).
+#: The mount tag of the pod's shared directory (9p ``mount_tag``, virtio-fs ``tag``).
 SHARE_TAG = "carapace"
+#: The shared filesystems a pod's share can go over (configuration ``shared_fs``).
+SHARED_FS_VIRTIOFS = "virtio-fs"
+SHARED_FS_9P = "virtio-9p"
+SHARED_FS_KINDS = (SHARED_FS_VIRTIOFS, SHARED_FS_9P)
 #: Where the agent mounts the pod's shared directory in the guest.
 GUEST_SHARED_DIR = "/run/carapace/shared"
 #: The agent's own state in the guest.
@@ -32,6 +36,22 @@ def guest_container_dir(container_id: str) -> str:
 def guest_rootfs_path(container_id: str) -> str:
     """Where a container's rootfs (shared by the host) is in the guest."""
     return f"{guest_container_dir(container_id)}/rootfs"
+
+
+def guest_volume_path(container_id: str, index: int) -> str:
+    """Where the ``index``-th bind volume of a container (shared by the host) is."""
+    return f"{guest_container_dir(container_id)}/volumes/{index}"
+
+
+#: Memory-backed volumes the guest makes itself (tmpfs), one per pod and key.
+GUEST_EPHEMERAL_DIR = "/run/carapace/ephemeral"
+#: The ``Storage.driver`` of such a volume (the agent mounts it once per pod and
+#: unmounts it with the last container that uses it).
+EPHEMERAL_DRIVER = "ephemeral"
+
+
+def guest_ephemeral_path(key: str) -> str:
+    return f"{GUEST_EPHEMERAL_DIR}/{key}"
 
 
 # -- namespaces -------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from carapace.sandbox import stdio
 from carapace.sandbox.placement import SandboxCgroupPlacement
 from carapace.sandbox.plan import HostFacts, SandboxPlan, check_id
 from carapace.sandbox.resize import Resizer
-from carapace.sandbox.rootfs import RootfsShare
 from carapace.sandbox.state import Runstate, requires
 from carapace.sandbox.stdio import ProcessIO
+from carapace.storage.share import PodShare
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ContainerVerbs:
     host: HostFacts
     agent: AgentClient | None
     containers: dict[str, PodContainer]
-    rootfs: RootfsShare
+    share: PodShare
     resizer: Resizer
     placement: SandboxCgroupPlacement
     hostname: str
@@ -98,11 +98,13 @@ class ContainerVerbs:
         await self.resizer.fit(container_id, res, others)
         self.containers[container_id] = PodContainer(container_id, resources=res)
         try:
-            guest_root = self.rootfs.share(container_id, rootfs, readonly=overlay)
-            spec = spec.with_mounts(self.rootfs.share_pod_files(container_id, spec.mounts))
-            await agent.create_container(container_id, spec.to_dict(), guest_root, overlay)
+            mounts, storages = self.share.share_volumes(container_id, spec.mounts)
+            guest_root = self.share.share(container_id, rootfs, readonly=overlay)
+            await agent.create_container(
+                container_id, spec.with_mounts(mounts).to_dict(), guest_root, overlay, storages
+            )
         except BaseException:
-            self.rootfs.unshare(container_id, save=self.state is not Runstate.DELETED)
+            self.share.unshare(container_id, save=self.state is not Runstate.DELETED)
             self.containers.pop(container_id, None)
             await self.resizer.refit(self.state is Runstate.RUNNING)
             raise
@@ -120,7 +122,7 @@ class ContainerVerbs:
         try:
             await self._running_agent("remove_container").remove_container(container_id)
         finally:
-            self.rootfs.unshare(container_id, save=self.state is not Runstate.DELETED)
+            self.share.unshare(container_id, save=self.state is not Runstate.DELETED)
             self.containers.pop(container_id, None)
         await self.resizer.refit(self.state is Runstate.RUNNING)
 
@@ -169,6 +171,7 @@ class ContainerVerbs:
             spec = Spec.from_dict(
                 default_spec(args, env=env, cwd=cwd, terminal=terminal, hostname=self.hostname)
             )
+            spec = spec.with_mounts(spec.mounts + self.plan.volumes)
         cid = container_id or f"c-{secrets.token_hex(4)}"
         await self.create_container(cid, spec, rootfs or self.image().rootfs, overlay=overlay)
         try:

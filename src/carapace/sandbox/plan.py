@@ -24,7 +24,8 @@ from carapace.hostcgroup import (
 )
 from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
 from carapace.hypervisor import PortForward, memory_headroom_mib
-from carapace.oci.bundle import Spec
+from carapace.oci.bundle import Mount, Spec
+from carapace.protocols.contract import SHARED_FS_VIRTIOFS
 from carapace.resources import ContainerResources
 from carapace.sandbox.netplan import NetworkPlan, plan_network
 
@@ -65,6 +66,9 @@ class SandboxOptions:
     #: The owner process (the shim daemon serving the pod) joins the sandbox's host
     #: cgroup too, and leaves it for where it was before the cgroup is removed.
     join_owner: bool = False
+    #: Bind mounts every container ``Sandbox.run`` makes from a command gets (the
+    #: CLI's ``-v``, the Python API's ``volumes=``).
+    volumes: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,10 @@ class SandboxPlan:
     sandbox_resources: ContainerResources
     join_owner: bool
     network: NetworkPlan = field(default_factory=NetworkPlan)
+    #: How the share reaches the guest ("virtio-fs" or "virtio-9p").
+    shared_fs: str = SHARED_FS_VIRTIOFS
+    #: See ``SandboxOptions.volumes``.
+    volumes: tuple[Mount, ...] = ()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -237,6 +245,8 @@ def plan_sandbox(
         sandbox_resources=sandbox_resources,
         join_owner=options.join_owner,
         network=network,
+        shared_fs=hv.shared_fs,
+        volumes=options.volumes,
         warnings=tuple(warnings),
     )
     if spec is not None:

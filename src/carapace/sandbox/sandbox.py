@@ -34,13 +34,16 @@ from carapace.hypervisor import VM, AccelChoice, VMSpec
 from carapace.image.store import GuestImage, current_image
 from carapace.network.stats import InterfaceStats
 from carapace.protocols import agent_pb2 as pb
+from carapace.protocols.contract import SHARED_FS_VIRTIOFS
 from carapace.sandbox.containers import ContainerVerbs, PodContainer
 from carapace.sandbox.network import PodNetwork
 from carapace.sandbox.placement import SandboxCgroupPlacement
 from carapace.sandbox.plan import HostFacts, SandboxOptions, plan_sandbox
 from carapace.sandbox.resize import Resizer
-from carapace.sandbox.rootfs import HostMounts, Mounts, RootfsShare, shared_storage
 from carapace.sandbox.state import Runstate, SandboxRecord, check_transition, release, requires
+from carapace.storage.share import HostMounts, Mounts, PodShare, shared_storage
+from carapace.storage.virtiofsd import Virtiofsd
+from carapace.storage.volumes import SourceFacts, plan_mounts, probe_source
 
 log = logging.getLogger("carapace.sandbox")
 
@@ -64,6 +67,8 @@ class SandboxParts:
     connect_agent: Callable[[str], Awaitable[AgentClient]] = AgentClient.connect
     cgroup_driver: Callable[[], CgroupDriver] = driver
     mounts: Mounts = field(default_factory=HostMounts)
+    probe_source: Callable[[str], SourceFacts] = probe_source
+    new_virtiofsd: Callable[[str, Path, Path, Path, bool], Virtiofsd] = Virtiofsd
     image: Callable[[Path], GuestImage | None] = current_image
 
 
@@ -87,7 +92,14 @@ class Sandbox(ContainerVerbs):
         self.placement = SandboxCgroupPlacement(
             self.plan, self.record, config.runtime.container_cgroup_prefix, self.parts.cgroup_driver
         )
-        self.rootfs = RootfsShare(self.run_dir / "shared", self.record, self.parts.mounts)
+        rt = config.runtime
+        self.share = PodShare(
+            self.run_dir / "shared", self.record, self.parts.mounts, (rt.run_dir, rt.state_dir)
+        )
+        # the pod's volumes are checked before anything exists
+        spec = (options.sandbox_spec if options else None) or None
+        pod_mounts = self.plan.volumes + (spec.mounts if spec is not None else ())
+        plan_mounts(pod_mounts, self.parts.probe_source, self.share.own_dirs)
         self.containers: dict[str, PodContainer] = {}
         self.resizer = Resizer(self.plan, self.record, self.placement, self._pod_resources)
         self.network = PodNetwork(self.plan.network, self.record, self.id)
@@ -95,6 +107,8 @@ class Sandbox(ContainerVerbs):
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
         self.boot_id = ""
+        self.virtiofsd: Virtiofsd | None = None
+        self._fs_watch: asyncio.Future[None] | None = None
         self._made_run_dir = False
         self._lock = asyncio.Lock()
 
@@ -136,7 +150,7 @@ class Sandbox(ContainerVerbs):
 
     @property
     def shared_dir(self) -> Path:
-        return self.rootfs.shared_dir
+        return self.share.shared_dir
 
     async def wait_vm(self) -> int:
         """Wait until the VM process exits; returns its exit status."""
@@ -189,7 +203,8 @@ class Sandbox(ContainerVerbs):
             self.record.vcpus, self.record.memory_mib = self.vcpus, self.memory_mib
             self.record.accel = accel.accel
             self.record.save()
-            self.rootfs.create()
+            virtiofs = self.plan.shared_fs == SHARED_FS_VIRTIOFS
+            self.share.create(propagate=virtiofs)
             self.placement.make()
             nics = await self.network.prepare()
             spec = VMSpec(
@@ -206,7 +221,10 @@ class Sandbox(ContainerVerbs):
                 max_memory_mib=self.plan.max_memory_mib,
                 nics=nics,
                 nic_slots=NIC_SLOTS,
+                shared_fs=self.plan.shared_fs,
             )
+            if virtiofs:
+                await self._start_virtiofsd(spec)
             vm = self.vm = self.parts.new_vm(hv.path, spec, rt.kill_vm_with_owner)
             # the VM is in the sandbox's cgroup and has its files limit from its first
             # instruction on
@@ -220,7 +238,7 @@ class Sandbox(ContainerVerbs):
                 "sandbox %s: VM pid %d (%s: %s)", self.id, self.vm_pid, accel.accel, accel.reason
             )
             agent = self.agent = await self._connect_agent(vm)
-            await agent.create_sandbox(self.id, self.hostname, shared_storage())
+            await agent.create_sandbox(self.id, self.hostname, shared_storage(self.plan.shared_fs))
             await self.network.configure(agent)
             self.boot_id = (await agent.guest_details()).boot_id
             self.resizer.attach(vm, agent)
@@ -230,6 +248,35 @@ class Sandbox(ContainerVerbs):
         except BaseException:
             await self._release()
             raise
+
+    async def _start_virtiofsd(self, spec: VMSpec) -> None:
+        """Start the pod's virtio-fs daemon (recorded before it exists); a watch kills
+        the VM if it dies, since the guest's files are gone with it."""
+        rt = self.config.runtime
+        daemon = self.virtiofsd = self.parts.new_virtiofsd(
+            self.config.hypervisor.virtiofsd,
+            self.shared_dir,
+            spec.fs_socket,
+            self.run_dir / "virtiofsd.log",
+            rt.kill_vm_with_owner,
+        )
+        daemon.pre_exec.append(self.placement.join_vm())
+        self.record.virtiofsd = {"source": str(self.shared_dir), "socket": str(spec.fs_socket)}
+        self.record.save()
+        self.record.virtiofsd["pid"] = await daemon.start()
+        self.record.save()
+        self._fs_watch = asyncio.ensure_future(self._watch_virtiofsd(daemon))
+
+    async def _watch_virtiofsd(self, daemon: Virtiofsd) -> None:
+        code = await daemon.wait()
+        if self._fs_watch is not None and self.vm is not None and not self.vm.exited():
+            log.error(
+                "sandbox %s: virtiofsd exited (status %d) while the pod ran; stopping the VM: %s",
+                self.id,
+                code,
+                daemon.log_tail(),
+            )
+            self.vm.kill()
 
     async def _connect_agent(self, vm: VM) -> AgentClient:
         """Connect to the agent and wait for it to answer (or the VM to die)."""
@@ -291,6 +338,9 @@ class Sandbox(ContainerVerbs):
             await self._release()
 
     async def _release(self) -> None:
+        watch, self._fs_watch = self._fs_watch, None  # the VM stops now: not an accident
+        if watch is not None:
+            watch.cancel()
         self.resizer.detach()
         self.network.close_fds()
         if self.agent is not None:
@@ -300,6 +350,8 @@ class Sandbox(ContainerVerbs):
         if self.vm is not None:
             await self.vm.stop(self.config.hypervisor.shutdown_timeout)
             self._move(Runstate.STOPPED)
+        if self.virtiofsd is not None:
+            await self.virtiofsd.stop()
         self.placement.leave()
         problems: list[str] = []
         if self._made_run_dir:  # never another owner's: start refused an existing one

@@ -24,6 +24,7 @@ from carapace.errors import CarapaceError, StateError
 from carapace.hostcgroup import CgroupHandle
 from carapace.network.tcfilter import teardown
 from carapace.protocols.contract import VM_NAME_PREFIX
+from carapace.storage.virtiofsd import kill_daemons
 
 STATE_FILE = "state.json"
 
@@ -117,6 +118,9 @@ class SandboxRecord:
     #: What carapace made in the pod's network namespace (``netns``, ``taps``, the
     #: ``veths`` it redirected) and the VM's NIC of each guest interface (``nics``).
     network: dict[str, Any] = field(default_factory=dict)
+    #: The pod's virtio-fs daemon: the share it serves (``source``), its ``socket``,
+    #: and its ``pid`` once it runs.
+    virtiofsd: dict[str, Any] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -174,12 +178,20 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
             time.sleep(0.02)
         if pid_alive(record.qemu_pid):
             problems.append(f"QEMU pid {record.qemu_pid} did not die")
+    if record.virtiofsd.get("source"):
+        left = kill_daemons(Path(record.virtiofsd["source"]), kill_wait)
+        if left:
+            problems.append(f"virtiofsd {', '.join(map(str, left))} did not die")
     for m in reversed(record.mounts):
         try:
             if linux.is_mountpoint(m):
                 linux.umount(m, lazy=True)
         except OSError as e:
             problems.append(str(e))
+    if not problems and linux.mounts_under(record.run_dir):
+        problems.append(
+            f"mounts left in {record.run_dir}: {', '.join(linux.mounts_under(record.run_dir))}"
+        )
     net = record.network
     if net.get("taps") and not problems:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from carapace.hypervisor.base import BASE_KERNEL_PARAMS, Nic, PortForward, TapNic, VMSpec
 from carapace.hypervisor.qemu.hotplug import MEMORY_SLOTS
-from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG
+from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG, SHARED_FS_VIRTIOFS
 
 #: Kernel parameter given when memory can be hot-added: the guest kernel onlines a new
 #: memory block itself as ACPI adds it (the agent's OnlineCPUMem is the safety net).
@@ -89,6 +89,37 @@ def nic_args(spec: VMSpec) -> list[str]:
     return args
 
 
+#: The id of the guest's boot memory backend when it is shared (virtio-fs).
+BOOT_MEMORY_ID = "ram0"
+
+
+def shared_fs_args(spec: VMSpec) -> list[str]:
+    """The share: a vhost-user-fs device on the daemon's socket (with guest memory in a
+    shared memfd, which vhost-user needs), or QEMU's own 9p server."""
+    if spec.shared_fs == SHARED_FS_VIRTIOFS:
+        return [
+            "-object",
+            f"memory-backend-memfd,id={BOOT_MEMORY_ID},size={spec.memory_mib}M,share=on",
+            "-chardev",
+            f"socket,id=virtiofs,path={spec.fs_socket}",
+            "-device",
+            f"vhost-user-fs-pci,chardev=virtiofs,tag={SHARE_TAG},queue-size=1024",
+        ]
+    return [
+        "-fsdev",
+        f"local,id=shared,path={spec.shared_dir},security_model=none,multidevs=remap",
+        "-device",
+        f"virtio-9p-pci,fsdev=shared,mount_tag={SHARE_TAG}",
+    ]
+
+
+def machine_arg(spec: VMSpec) -> str:
+    machine = f"q35,accel={spec.accel}"
+    if spec.shares_memory:
+        machine += f",memory-backend={BOOT_MEMORY_ID}"
+    return machine
+
+
 def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
     cpu = "host" if spec.accel == "kvm" else "max"
     params = kernel_params(spec)
@@ -97,7 +128,7 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         "-name",
         f"{spec.vm_name},debug-threads=on",
         "-machine",
-        f"q35,accel={spec.accel}",
+        machine_arg(spec),
         "-cpu",
         cpu,
         "-smp",
@@ -126,10 +157,7 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
         "-device",
         f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT_NAME}",
-        "-fsdev",
-        f"local,id=shared,path={spec.shared_dir},security_model=none,multidevs=remap",
-        "-device",
-        f"virtio-9p-pci,fsdev=shared,mount_tag={SHARE_TAG}",
+        *shared_fs_args(spec),
         *nic_args(spec),
         *spec.extra_args,
     ]

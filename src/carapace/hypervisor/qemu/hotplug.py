@@ -163,6 +163,8 @@ class MemoryAdd:
 
     index: int
     size_mib: int
+    #: Back it by a shared memfd (a vhost-user daemon maps guest memory).
+    shared: bool = False
 
     @property
     def backend_id(self) -> str:
@@ -173,6 +175,13 @@ class MemoryAdd:
         return f"dimm{self.index}"
 
     def object_add_args(self) -> dict[str, Any]:
+        if self.shared:
+            return {
+                "qom-type": "memory-backend-memfd",
+                "id": self.backend_id,
+                "size": self.size_mib << 20,
+                "share": True,
+            }
         return {
             "qom-type": "memory-backend-ram",
             "id": self.backend_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -192,10 +193,12 @@ class QemuVM:
 
     async def add_memory(self, mib: int) -> int:
         """Hot-add ``mib`` MiB (aligned up to the guest's memory block size) as one
-        pc-dimm backed by a memory-backend-ram; returns the MiB added. Never removed."""
+        pc-dimm (backed like the boot memory: shared with a virtio-fs daemon or not);
+        returns the MiB added. Never removed."""
         add = hotplug.plan_memory_add(
             mib, await self.memory_dimms(), self.spec.memory_mib, self.spec.memory_headroom_mib
         )
+        add = dataclasses.replace(add, shared=self.spec.shares_memory)
         log.info("VM %s: hot-adding %d MiB as %s", self.spec.name, add.size_mib, add.dimm_id)
         await self._qmp_or_error("object-add", add.object_add_args())
         try:

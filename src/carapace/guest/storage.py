@@ -1,0 +1,52 @@
+"""Mounting what the host describes as ``Storage``: the pod's share (virtio-fs or
+9p), and the pod's memory-backed volumes (tmpfs) under ``GUEST_EPHEMERAL_DIR``."""
+
+from __future__ import annotations
+
+import os
+
+from carapace import linux
+from carapace.protocols import agent_pb2 as pb
+from carapace.protocols.contract import GUEST_EPHEMERAL_DIR
+from carapace.ttrpc import Code, TtrpcError
+
+#: Storage options that are mount flags, not filesystem data.
+MOUNT_FLAGS = {
+    "ro": linux.MS_RDONLY,
+    "nodev": linux.MS_NODEV,
+    "nosuid": linux.MS_NOSUID,
+    "noexec": linux.MS_NOEXEC,
+}
+
+
+def mount_ephemeral(st: pb.Storage) -> None:
+    """Mount a pod's memory-backed volume (a tmpfs) at its place under
+    ``GUEST_EPHEMERAL_DIR``."""
+    if os.path.dirname(st.mount_point) != GUEST_EPHEMERAL_DIR or st.fstype != "tmpfs":
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"ephemeral storage must be a tmpfs in {GUEST_EPHEMERAL_DIR}, got "
+            f"{st.fstype!r} at {st.mount_point!r}",
+        )
+    mount_storage(st)
+
+
+def mount_storage(st: pb.Storage) -> None:
+    """Mount a storage the host describes (the pod's shared directory, a volume)."""
+    if not st.mount_point.startswith("/"):
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"storage mount point must be absolute, got {st.mount_point!r}",
+        )
+    fstype = st.fstype or st.driver
+    flags = 0
+    data = []
+    for o in st.options:
+        if o in MOUNT_FLAGS:
+            flags |= MOUNT_FLAGS[o]
+        elif o != "rw":
+            data.append(o)
+    try:
+        linux.mount(st.source, st.mount_point, fstype, flags, ",".join(data))
+    except OSError as e:
+        raise TtrpcError(Code.INTERNAL, str(e)) from e

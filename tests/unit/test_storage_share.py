@@ -1,0 +1,180 @@
+"""The pod's share (carapace.storage.share): each volume is recorded, then bound into
+the container's part of the share from a file descriptor of its checked source; the
+guest gets the share's paths; memory-backed volumes become guest tmpfs storages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from carapace.errors import InvalidArgument
+from carapace.oci.bundle import Mount, Spec
+from carapace.oci.spec import default_spec
+from carapace.protocols import contract
+from carapace.sandbox.state import SandboxRecord
+from carapace.storage.share import PodShare, ephemeral_storage, shared_storage
+from carapace.storage.volumes import Ephemeral, SourceFacts, probe_source
+
+
+class FakeMounts:
+    """Records the mount calls; checks each bind target exists and was recorded."""
+
+    def __init__(self, record: SandboxRecord) -> None:
+        self.record = record
+        self.binds: list[tuple[str, str, bool, bool]] = []
+        self.shared: list[str] = []
+        self.unmounted: list[str] = []
+
+    def bind_mount(
+        self, source: str, target: str, readonly: bool = False, recursive: bool = True
+    ) -> None:
+        assert os.path.lexists(target), "the target is made before the bind"
+        assert target in SandboxRecord.load(Path(self.record.run_dir)).mounts, "recorded first"
+        self.binds.append((source, target, readonly, recursive))
+
+    def make_shared(self, target: str) -> None:
+        self.shared.append(target)
+
+    def umount(self, target: str, lazy: bool = False) -> None:
+        self.unmounted.append(target)
+
+    def is_mountpoint(self, path: str) -> bool:
+        return any(t == path for _, t, _, _ in self.binds) and path not in self.unmounted
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> PodShare:
+    run = tmp_path / "run"
+    run.mkdir()
+    record = SandboxRecord("p", str(run))
+    record.save()
+    s = PodShare(run / "shared", record, FakeMounts(record), (str(tmp_path / "own"),))
+    s.create()
+    return s
+
+
+def fakes(share: PodShare) -> FakeMounts:
+    assert isinstance(share.mounts, FakeMounts)
+    return share.mounts
+
+
+def test_volumes_are_bound_into_the_share_and_the_guest_gets_their_paths(
+    tmp_path: Path, share: PodShare
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("10.88.0.5 web\n")
+    spec = default_spec(["true"])
+    spec["mounts"] += [
+        {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind", "ro"]},
+        {
+            "destination": "/etc/hosts",
+            "type": "bind",
+            "source": str(hosts),
+            "options": ["bind", "rprivate", "rw"],
+        },
+    ]
+    mounts, storages = share.share_volumes("c1", Spec.from_dict(spec).mounts)
+    by_dest = {m.destination: m for m in mounts}
+    assert by_dest["/data"] == Mount(
+        "/data", "bind", "/run/carapace/shared/c1/volumes/0", ("rbind", "ro")
+    )
+    assert by_dest["/etc/hosts"] == Mount(
+        "/etc/hosts", "bind", "/run/carapace/shared/c1/volumes/1", ("rbind", "rw")
+    )
+    assert by_dest["/proc"].type == "proc"  # guest mounts pass as they are
+    assert storages == []
+    binds = fakes(share).binds
+    target0 = str(share.shared_dir / "c1" / "volumes" / "0")
+    target1 = str(share.shared_dir / "c1" / "volumes" / "1")
+    # bound through /proc/self/fd/N of the source opened without following symlinks
+    assert [(t, ro, rec) for _, t, ro, rec in binds] == [
+        (target0, True, True),
+        (target1, False, False),
+    ]
+    assert all(s.startswith("/proc/self/fd/") for s, _, _, _ in binds)
+    assert Path(target0).is_dir() and Path(target1).is_file()
+    assert share.record.mounts == [target0, target1]
+    share.unshare("c1")
+    assert fakes(share).unmounted == [target1, target0]
+    assert share.record.mounts == [] and not (share.shared_dir / "c1").exists()
+
+
+def test_a_refused_volume_makes_nothing(tmp_path: Path, share: PodShare) -> None:
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    mounts = (
+        Mount("/ok", "bind", str(ok), ("rbind",)),
+        Mount("/etc/x", "bind", "/etc/../proc/self", ("rbind",)),
+    )
+    with pytest.raises(InvalidArgument, match=r"mount at /etc/x \(source /etc/../proc/self\)"):
+        share.share_volumes("c1", mounts)
+    assert fakes(share).binds == [] and share.record.mounts == []
+
+
+def test_a_symlinked_source_is_checked_where_it_leads(tmp_path: Path, share: PodShare) -> None:
+    os.symlink("/proc/1", tmp_path / "evil")
+    with pytest.raises(InvalidArgument, match="/proc"):
+        share.share_volumes("c1", (Mount("/x", "bind", str(tmp_path / "evil"), ("rbind",)),))
+
+
+def test_memory_volumes_are_guest_tmpfs_shared_by_source(tmp_path: Path, share: PodShare) -> None:
+    shm = tmp_path / "sandboxes" / "p" / "shm"
+    shm.mkdir(parents=True)
+
+    def probe(path: str) -> SourceFacts:
+        facts = probe_source(path)
+        return SourceFacts(facts.path, facts.kind, on_tmpfs=True, size_bytes=64 << 20, mode=0o1777)
+
+    m = Mount("/dev/shm", "bind", str(shm), ("rbind", "rw"))
+    mounts_a, storages_a = share.share_volumes("a", (m,), probe)
+    mounts_b, storages_b = share.share_volumes("b", (m,), probe)
+    assert mounts_a == mounts_b  # the same guest tmpfs for both containers
+    assert mounts_a[0].source.startswith(contract.GUEST_EPHEMERAL_DIR + "/")
+    assert storages_a == storages_b
+    st = storages_a[0]
+    assert (st.driver, st.fstype, st.mount_point) == (
+        contract.EPHEMERAL_DRIVER,
+        "tmpfs",
+        mounts_a[0].source,
+    )
+    assert list(st.options) == ["mode=1777", "nodev", "nosuid", f"size={64 << 20}"]
+    assert fakes(share).binds == []  # nothing bound on the host
+
+
+def test_the_share_propagates_for_a_file_daemon(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    record = SandboxRecord("p", str(run))
+    record.save()
+    mounts = FakeMounts(record)
+    s = PodShare(run / "shared", record, mounts)
+    s.create(propagate=True)
+    assert mounts.binds == [(str(run / "shared"), str(run / "shared"), False, False)]
+    assert mounts.shared == [str(run / "shared")]
+
+
+def test_shared_storage_per_filesystem() -> None:
+    (vfs,) = shared_storage(contract.SHARED_FS_VIRTIOFS)
+    assert (vfs.fstype, vfs.source, vfs.mount_point) == (
+        "virtiofs",
+        contract.SHARE_TAG,
+        contract.GUEST_SHARED_DIR,
+    )
+    (p9,) = shared_storage(contract.SHARED_FS_9P)
+    assert p9.fstype == "9p" and "trans=virtio" in p9.options
+    st = ephemeral_storage(Ephemeral("k", 0, 0o777))
+    assert list(st.options) == ["mode=777", "nodev", "nosuid"]  # no size: the guest's default
+
+
+def test_mounts_are_typed_at_the_edge() -> None:
+    data = default_spec(["true"])
+    data["mounts"].append({"destination": "relative", "type": "bind"})
+    with pytest.raises(InvalidArgument, match=r"mounts\[\d+\]\.destination"):
+        Spec.from_dict(data)
+    data["mounts"][-1] = {"destination": "/x", "options": "ro"}
+    with pytest.raises(InvalidArgument, match=r"options"):
+        Spec.from_dict(data)
