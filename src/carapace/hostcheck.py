@@ -7,6 +7,7 @@ root, a device path) as parameters, so they are tested on temporary trees.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -104,6 +105,17 @@ def tun_check(device: Path = TUN_DEVICE) -> CheckResult:
     return CheckResult("tun", present, f"{device} {'present' if present else 'missing'}")
 
 
+def shared_fs_check(cfg: Config) -> CheckResult:
+    """The pod share's filesystem, and its daemon when it is virtio-fs."""
+    hv = cfg.hypervisor
+    if hv.shared_fs != "virtio-fs":
+        return CheckResult("shared fs", True, f"{hv.shared_fs} (QEMU's own server)", True)
+    if not os.access(hv.virtiofsd, os.X_OK):
+        detail = f"virtio-fs: {hv.virtiofsd} missing (apt-get install qemu-system-common)"
+        return CheckResult("shared fs", False, detail, required=True)
+    return CheckResult("shared fs", True, f"virtio-fs: {hv.virtiofsd}", required=True)
+
+
 def host_checks(cfg: Config) -> list[CheckResult]:
     """Every check, in the order `carapace check` prints them."""
     qemu = qemu_check(cfg.hypervisor.path)
@@ -112,6 +124,7 @@ def host_checks(cfg: Config) -> list[CheckResult]:
         qemu,
         *image_checks(image, cfg.image_dir),
         accelerator_check(cfg, qemu.ok, image),
+        shared_fs_check(cfg),
         cgroup_check(),
         tun_check(),
     ]

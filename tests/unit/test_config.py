@@ -265,3 +265,14 @@ def test_sandbox_cgroup_only_default_and_legacy() -> None:
         False,
         "kata_",
     )
+
+
+@pytest.mark.parametrize("fs", ["virtio-fs", "virtio-9p"])
+def test_shared_fs_accepted(fs: str) -> None:
+    assert parse_config(f"[hypervisor]\nshared_fs = {fs!r}\n").hypervisor.shared_fs == fs
+
+
+def test_shared_fs_default_and_refused() -> None:
+    assert parse_config("").hypervisor.shared_fs == "virtio-fs"
+    with pytest.raises(InvalidArgument, match="shared_fs: '9p'; accepted: virtio-fs, virtio-9p"):
+        parse_config("[hypervisor]\nshared_fs = '9p'\n")

@@ -195,3 +195,19 @@ def test_real_host_checks_run(tmp_path: Path) -> None:
     assert [r.name for r in results] == ["qemu", "guest image", "accelerator", "cgroups", "tun"]
     assert not ready(results)
     assert not results[0].ok and not results[1].ok
+
+
+def test_shared_fs_needs_virtiofsd_only_for_virtio_fs(tmp_path: Path) -> None:
+    from carapace.config import Config
+    from carapace.hostcheck import shared_fs_check
+
+    cfg = Config()
+    cfg.hypervisor.virtiofsd = str(tmp_path / "virtiofsd")
+    missing = shared_fs_check(cfg)
+    assert not missing.ok and missing.required and "qemu-system-common" in missing.detail
+    (tmp_path / "virtiofsd").write_text("#!/bin/sh\n")
+    (tmp_path / "virtiofsd").chmod(0o755)
+    assert shared_fs_check(cfg).ok
+    cfg.hypervisor.shared_fs = "virtio-9p"
+    cfg.hypervisor.virtiofsd = "/nonexistent"
+    assert shared_fs_check(cfg).ok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from carapace.errors import HypervisorError, InvalidArgument
@@ -188,6 +190,13 @@ def test_memory_add_plan_and_its_qmp_arguments() -> None:
         "size": 3072 << 20,
     }
     assert add.device_add_args() == {"driver": "pc-dimm", "id": "dimm1", "memdev": "mem1"}
+    # with virtio-fs the daemon maps guest memory: a hot-added DIMM is a shared memfd too
+    assert replace(add, shared=True).object_add_args() == {
+        "qom-type": "memory-backend-memfd",
+        "id": "mem1",
+        "size": 3072 << 20,
+        "share": True,
+    }
 
 
 def test_memory_add_above_maxmem_is_refused() -> None:

@@ -117,6 +117,25 @@ def test_shared_dir(tmp_path: Path) -> None:
     assert nine[0]["fsdev"] == fopts["id"]
 
 
+def test_virtio_fs_share_and_shared_guest_memory(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, shared_fs="virtio-fs", max_memory_mib=768 + 1024)
+    argv = qemu_argv(QEMU, spec)
+    assert "-fsdev" not in argv
+    backend, bopts = opts(value(argv, "-object"))
+    assert backend == "memory-backend-memfd"
+    assert bopts == {"id": "ram0", "size": "768M", "share": "on"}
+    _, mopts = opts(value(argv, "-machine"))
+    assert mopts["memory-backend"] == "ram0"
+    assert value(argv, "-m") == "size=768M,slots=16,maxmem=1792M"
+    chardevs = [opts(c) for c in values(argv, "-chardev")]
+    fs_char = [o for drv, o in chardevs if o.get("id") == "virtiofs"]
+    assert fs_char == [{"id": "virtiofs", "path": str(spec.run_dir / "virtiofs.sock")}]
+    devices = [opts(d) for d in values(argv, "-device")]
+    fs = [o for drv, o in devices if drv == "vhost-user-fs-pci"]
+    assert fs == [{"chardev": "virtiofs", "tag": SHARE_TAG, "queue-size": "1024"}]
+    assert spec.shares_memory and not make_spec(tmp_path).shares_memory
+
+
 def test_console_qmp_and_pidfile(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     argv = qemu_argv(QEMU, spec)

@@ -405,3 +405,62 @@ def test_a_lost_vm_is_seen_by_wait_vm(rig: Rig) -> None:
         assert sb.state is Runstate.DELETED
 
     run(go())
+
+
+class FakeVirtiofsd:
+    """A virtio-fs daemon that only pretends; ``die()`` makes it exit."""
+
+    def __init__(self, record_path: Path) -> None:
+        self.record_path = record_path
+        self.pre_exec: list[Callable[[], None]] = []
+        self.started = self.stopped = False
+        self._exit = asyncio.Event()
+
+    async def start(self) -> int:
+        # recorded before it exists
+        assert SandboxRecord.load(self.record_path).virtiofsd["source"].endswith("/shared")
+        self.started = True
+        return 999_999_998
+
+    async def wait(self) -> int:
+        await self._exit.wait()
+        return 1
+
+    def die(self) -> None:
+        self._exit.set()
+
+    def log_tail(self, lines: int = 5) -> str:
+        return "fake daemon log"
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        self.stopped = True
+        self._exit.set()
+
+
+def test_virtio_fs_daemon_starts_first_and_its_death_stops_the_vm(rig: Rig) -> None:
+    rig.config.hypervisor.shared_fs = "virtio-fs"
+    daemons: list[FakeVirtiofsd] = []
+
+    def new_virtiofsd(
+        binary: str, source: Path, sock: Path, log: Path, die: bool
+    ) -> FakeVirtiofsd:
+        assert sock == source.parent / "virtiofs.sock" and not rig.vms  # before the VM
+        daemons.append(FakeVirtiofsd(source.parent))
+        return daemons[-1]
+
+    rig.parts.new_virtiofsd = new_virtiofsd  # type: ignore[assignment]
+
+    async def go() -> None:
+        sb = rig.sandbox(sandbox_id="pod6")
+        await sb.start()
+        (d,) = daemons
+        assert d.started and len(d.pre_exec) == 1  # joins the sandbox cgroup
+        assert rig.vms[0].spec.shared_fs == "virtio-fs"
+        assert SandboxRecord.load(sb.run_dir).virtiofsd["pid"] == 999_999_998
+        assert rig.mounts.mounted[str(sb.shared_dir)] == str(sb.shared_dir)  # propagates
+        d.die()  # the guest lost its files: the VM is stopped
+        assert await asyncio.wait_for(sb.wait_vm(), 1) == 0
+        await sb.destroy()
+        assert d.stopped and not sb.run_dir.exists() and rig.mounts.mounted == {}
+
+    run(go())

@@ -352,6 +352,8 @@ class Sandbox(ContainerVerbs):
             self._move(Runstate.STOPPED)
         if self.virtiofsd is not None:
             await self.virtiofsd.stop()
+        if not self.record.containers:
+            self.share.close()
         self.placement.leave()
         problems: list[str] = []
         if self._made_run_dir:  # never another owner's: start refused an existing one

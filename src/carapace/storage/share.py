@@ -139,6 +139,16 @@ class PodShare:
             self.mounts.bind_mount(str(self.shared_dir), str(self.shared_dir), recursive=False)
             self.mounts.make_shared(str(self.shared_dir))
 
+    def close(self) -> None:
+        """Undo ``create``'s mount of the shared directory (the containers' binds are
+        gone by now; ``state.release`` unmounts whatever a failure left)."""
+        me = str(self.shared_dir)
+        if me in self.record.mounts:
+            with contextlib.suppress(OSError):
+                if self.mounts.is_mountpoint(me):
+                    self.mounts.umount(me, lazy=True)
+            self.record.mounts.remove(me)
+
     def _record_mount(self, target: str) -> None:
         self.record.mounts.append(target)
         self.record.save()
