@@ -192,7 +192,14 @@ def test_real_host_checks_run(tmp_path: Path) -> None:
         f'[hypervisor]\npath = "{tmp_path / "no-qemu"}"\nimage_dir = "{tmp_path / "img"}"\n'
     )
     results = host_checks(load_config(path))
-    assert [r.name for r in results] == ["qemu", "guest image", "accelerator", "cgroups", "tun"]
+    assert [r.name for r in results] == [
+        "qemu",
+        "guest image",
+        "accelerator",
+        "shared fs",
+        "cgroups",
+        "tun",
+    ]
     assert not ready(results)
     assert not results[0].ok and not results[1].ok
 

@@ -441,9 +441,7 @@ def test_virtio_fs_daemon_starts_first_and_its_death_stops_the_vm(rig: Rig) -> N
     rig.config.hypervisor.shared_fs = "virtio-fs"
     daemons: list[FakeVirtiofsd] = []
 
-    def new_virtiofsd(
-        binary: str, source: Path, sock: Path, log: Path, die: bool
-    ) -> FakeVirtiofsd:
+    def new_virtiofsd(binary: str, source: Path, sock: Path, log: Path, die: bool) -> FakeVirtiofsd:
         assert sock == source.parent / "virtiofs.sock" and not rig.vms  # before the VM
         daemons.append(FakeVirtiofsd(source.parent))
         return daemons[-1]
