@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import resource
 import signal
@@ -23,11 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from carapace.daemons import die_with_parent, spawn_logged
 from carapace.errors import HypervisorError, NotFound
 
 #: Debian's virtiofsd (qemu-system-common 7.2; Debian 12 has no separate package).
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-PR_SET_PDEATHSIG = 1
 
 
 def virtiofsd_argv(binary: str, source: Path, fd: int) -> list[str]:
@@ -114,7 +113,7 @@ class Virtiofsd:
 
     def _pre_exec(self) -> None:
         if self.die_with_owner:
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            die_with_parent()
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         for fn in self.pre_exec:
@@ -133,19 +132,9 @@ class Virtiofsd:
             os.chmod(self.socket_path, 0o600)
             listener.listen(1)
             fd = listener.fileno()
-            log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-            try:
-                self.proc = await asyncio.create_subprocess_exec(
-                    *virtiofsd_argv(self.binary, self.source, fd),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=self._pre_exec,
-                    pass_fds=(fd,),
-                )
-            finally:
-                log_file.close()
+            self.proc = await spawn_logged(
+                virtiofsd_argv(self.binary, self.source, fd), self.log_path, self._pre_exec, [fd]
+            )
         finally:
             listener.close()
         return self.proc.pid

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from carapace.cli.install import CARAPACE_CONFIG_PATH, SNIPPET
+from carapace.linux import unescape_mountinfo
 
 from ..procs import processes
 
@@ -100,27 +101,13 @@ def _toml_list(items: Sequence[str]) -> str:
     return "[" + ", ".join(_toml_str(i) for i in items) + "]"
 
 
-def _unescape_mount_path(field: str) -> str:
-    """Decode /proc/self/mounts' octal escapes (\\040 for a space, ...)."""
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(*dirs: Path) -> list[str]:
     """Mount points at or below any of ``dirs``, deepest (last mounted) first."""
     prefixes = [str(d) for d in dirs]
     found = []
     with open("/proc/self/mounts") as f:
         for line in f:
-            target = _unescape_mount_path(line.split()[1])
+            target = unescape_mountinfo(line.split()[1])
             if any(target == p or target.startswith(p + "/") for p in prefixes):
                 found.append(target)
     return list(reversed(found))
@@ -135,7 +122,7 @@ def host_dirs_containerd_may_create() -> list[Path]:
         for line in f:
             fields = line.split()
             if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"):
-                dirs += [Path(_unescape_mount_path(fields[1])) / ns for ns in NAMESPACES]
+                dirs += [Path(unescape_mountinfo(fields[1])) / ns for ns in NAMESPACES]
     return [*dirs, Path("/var/lib/cni/results"), Path("/var/lib/cni"), Path("/run/netns")]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient
 
+from carapace.daemons import die_with_parent, spawn_logged
 from carapace.errors import HypervisorError
 from carapace.hypervisor.base import TapNic, VMSpec, tail
 from carapace.hypervisor.qemu import hotplug
@@ -26,11 +26,6 @@ from carapace.hypervisor.qemu.cmdline import (
 )
 
 log = logging.getLogger("carapace.qemu")
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class QemuVM:
@@ -59,7 +54,7 @@ class QemuVM:
 
     def _pre_exec(self) -> None:
         if self.die_with_owner:
-            _die_with_parent()
+            die_with_parent()
         for fn in self.pre_exec:
             fn()
 
@@ -85,19 +80,12 @@ class QemuVM:
                 f"QEMU binary {self.binary} not found; install qemu-system-x86 or set "
                 "[hypervisor] path in configuration.toml"
             )
-        log_file = open(self.spec.qemu_log, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=self._pre_exec,
-                pass_fds=tuple(n.fd for n in self.spec.nics if isinstance(n, TapNic)),
-            )
-        finally:
-            log_file.close()
+        self.proc = await spawn_logged(
+            self.argv,
+            self.spec.qemu_log,
+            self._pre_exec,
+            [n.fd for n in self.spec.nics if isinstance(n, TapNic)],
+        )
         # QEMU creates its sockets before it starts the guest
         while not self.spec.agent_socket.exists():
             if self.proc.returncode is not None:

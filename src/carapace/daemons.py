@@ -1,0 +1,40 @@
+"""Starting a pod's host daemons (QEMU, virtiofsd) the same way: a session of their
+own, stdin from /dev/null, stdout and stderr appended to a log file, setup run in the
+child before exec (join cgroups, set limits, die with the owner)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before exec: be killed when the process that forked it dies."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def spawn_logged(
+    argv: Sequence[str],
+    log_path: Path,
+    pre_exec: Callable[[], None],
+    pass_fds: Sequence[int] = (),
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` with its output appended to ``log_path``."""
+    log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=pre_exec,
+            pass_fds=tuple(pass_fds),
+        )
+    finally:
+        log_file.close()
