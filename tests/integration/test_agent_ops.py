@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,12 +67,14 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_pause_freezes_a_container_and_resume_thaws_it(shared_sandbox: carapace.Sandbox) -> None:
+def test_pause_freezes_a_container_and_resume_thaws_it(
+    shared_sandbox: carapace.Sandbox, tmp_path: Path
+) -> None:
     sb = shared_sandbox
     cid = "pauser"
-    # the counter goes to a directory shared with the host (9p, uncached), so the
-    # host can read it while every process of the container is frozen
-    out = sb.run_dir / "shared" / f"{cid}-out"
+    # the counter goes to a host directory bound into the container (a volume), so
+    # the host can read it while every process of the container is frozen
+    out = tmp_path / f"{cid}-out"
     out.mkdir()
     counter = out / "counter"
 
@@ -84,7 +87,7 @@ def test_pause_freezes_a_container_and_resume_thaws_it(shared_sandbox: carapace.
     mount = {
         "destination": "/out",
         "type": "bind",
-        "source": f"/run/carapace/shared/{cid}-out",
+        "source": str(out),
         "options": ["rbind", "rw"],
     }
     loop = "i=0; while true; do i=$((i+1)); echo $i > /out/counter; sleep 0.1; done"

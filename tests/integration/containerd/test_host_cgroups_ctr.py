@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from carapace.storage.virtiofsd import daemons_of
+
 from ..conftest import host_cgroups, processes
 from .conftest import CtrFn
 from .rig import BUSYBOX_IMAGE, CARAPACE
@@ -83,7 +85,10 @@ def test_sandbox_cgroup_only_places_shim_qemu_and_every_thread(ctr: CtrFn, pod_c
         for c in CONTROLLERS:
             assert cgroups_of(shim, shim)[c] == sandbox_cg
         procs = (CGROUP / "memory" / sandbox_cg.lstrip("/") / "cgroup.procs").read_text().split()
-        assert sorted(map(int, procs)) == sorted([qemu, shim])
+        # and the pod's virtio-fs daemon (its namespaced child too)
+        fsd = daemons_of(Path(f"/run/carapace/{cid}/shared"))
+        assert len(fsd) == 2, fsd
+        assert sorted(map(int, procs)) == sorted([qemu, shim, *fsd])
         # the pod cgroup sees the sandbox's usage (it is the parent)
         usage = int((CGROUP / "memory" / pod_cgroup / "memory.usage_in_bytes").read_text())
         assert usage > 100 << 20  # QEMU's guest memory and the shim
