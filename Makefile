@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 IMAGE_DIR ?= /var/lib/carapace/guest
 
-.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-network clean
+.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-network bench-storage clean
 
 run: image
 	@echo "host kernel:      $$(uname -r)"
@@ -50,12 +50,16 @@ bench: image
 	$(PY) benchmarks/boot.py
 	$(PY) benchmarks/containerd.py
 	$(PY) benchmarks/network.py
+	$(PY) benchmarks/storage.py
 
 bench-containerd: image
 	$(PY) benchmarks/containerd.py
 
 bench-network: image
 	$(PY) benchmarks/network.py
+
+bench-storage: image
+	$(PY) benchmarks/storage.py
 
 clean:
 	rm -rf $(VENV) $(APT_STAMP)
