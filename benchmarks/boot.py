@@ -44,6 +44,7 @@ from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
 from carapace.hypervisor.qemu.cmdline import qemu_argv
 from carapace.image.builder import ImageBuilder
 from carapace.image.cpio import Entry, encode_archive
+from carapace.image.store import GuestImage
 from carapace.oci.spec import default_spec
 from carapace.sandbox import Sandbox, SandboxOptions
 
@@ -196,6 +197,23 @@ def bare_argv(
         argv.append(full[i])
         i += 1
     return [*argv, "-serial", "stdio"]
+
+
+def guest_of(config: Config, who: str) -> tuple[GuestImage, Path, Path, AccelChoice]:
+    """The guest image, the kernel and initrd a pod boots (configuration overrides
+    first) and the accelerator it runs under; exits when no image is built."""
+    hv = config.hypervisor
+    image = ImageBuilder(config.image_dir).current()
+    if image is None:
+        raise SystemExit(
+            f"{who}: no guest image in {config.image_dir}; build it with `carapace guest build`"
+        )
+    kernel = Path(hv.kernel) if hv.kernel else image.kernel
+    initrd = Path(hv.initrd) if hv.initrd else image.initrd
+    accel = choose_accelerator(
+        hv.accel, hv.path, kernel, initrd, Path(config.runtime.state_dir) / "accel.json"
+    )
+    return image, kernel, initrd, accel
 
 
 def measure_bare(argv: list[str]) -> tuple[float, float]:
@@ -611,16 +629,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config()
     hv = config.hypervisor
-    image = ImageBuilder(config.image_dir).current()
-    if image is None:
-        raise SystemExit(
-            f"boot.py: no guest image in {config.image_dir}; build it with `carapace guest build`"
-        )
-    kernel = Path(hv.kernel) if hv.kernel else image.kernel
-    initrd = Path(hv.initrd) if hv.initrd else image.initrd
-    accel = choose_accelerator(
-        hv.accel, hv.path, kernel, initrd, Path(config.runtime.state_dir) / "accel.json"
-    )
+    image, kernel, _initrd, accel = guest_of(config, "boot.py")
     # the same sizing a pod gets (the constructor validates only; it creates nothing)
     sizing = Sandbox(config, SandboxOptions(memory=MEMORY))
     cli = carapace_cli()

@@ -58,8 +58,6 @@ import cri_api as api  # noqa: E402
 from boot import BenchError, Measurement  # noqa: E402
 
 from carapace.config import load_config  # noqa: E402
-from carapace.hypervisor.qemu.accel import choose_accelerator  # noqa: E402
-from carapace.image.builder import ImageBuilder  # noqa: E402
 from carapace.sandbox import Sandbox, SandboxOptions  # noqa: E402
 from tests.integration.containerd import rig as rig_module  # noqa: E402
 from tests.integration.containerd.rig import (  # noqa: E402
@@ -708,17 +706,7 @@ def ready_phase(bench: Bench, prefix: str, args: argparse.Namespace, made: list[
 def machine_facts(rig: ContainerdRig) -> dict[str, Any]:
     config = load_config(rig.carapace_config)
     hv = config.hypervisor
-    image = ImageBuilder(config.image_dir).current()
-    if image is None:
-        raise SystemExit(
-            f"network.py: no guest image in {config.image_dir}; build it with "
-            "`carapace guest build`"
-        )
-    kernel = Path(hv.kernel) if hv.kernel else image.kernel
-    initrd = Path(hv.initrd) if hv.initrd else image.initrd
-    accel = choose_accelerator(
-        hv.accel, hv.path, kernel, initrd, Path(config.runtime.state_dir) / "accel.json"
-    )
+    _image, _kernel, _initrd, accel = boot.guest_of(config, "network.py")
     sizing = Sandbox(config, SandboxOptions())  # what the shim gives a pod
     return {
         "snapshotter": f"{rig.snapshotter} ({rig.snapshotter_reason})",

@@ -52,8 +52,6 @@ from boot import BenchError, Measurement  # noqa: E402
 
 import carapace  # noqa: E402
 from carapace.config import Config, load_config  # noqa: E402
-from carapace.hypervisor.qemu.accel import choose_accelerator  # noqa: E402
-from carapace.image.builder import ImageBuilder  # noqa: E402
 from carapace.oci.spec import default_spec  # noqa: E402
 from carapace.protocols.contract import SHARED_FS_9P, SHARED_FS_VIRTIOFS  # noqa: E402
 from carapace.sandbox import Sandbox as AsyncSandbox  # noqa: E402
@@ -639,17 +637,7 @@ class Bench:
 def machine_facts(config: Config, scratch_parent: Path) -> tuple[dict[str, Any], Path]:
     """The machine's facts, and the guest image's rootfs."""
     hv = config.hypervisor
-    image = ImageBuilder(config.image_dir).current()
-    if image is None:
-        raise SystemExit(
-            f"storage.py: no guest image in {config.image_dir}; build it with "
-            "`carapace guest build`"
-        )
-    kernel = Path(hv.kernel) if hv.kernel else image.kernel
-    initrd = Path(hv.initrd) if hv.initrd else image.initrd
-    accel = choose_accelerator(
-        hv.accel, hv.path, kernel, initrd, Path(config.runtime.state_dir) / "accel.json"
-    )
+    image, _kernel, _initrd, accel = boot.guest_of(config, "storage.py")
     sizing = AsyncSandbox(config, SandboxOptions())  # what a pod gets; starts nothing
     st = os.statvfs(scratch_parent)
     return {
