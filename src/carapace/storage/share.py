@@ -27,7 +27,6 @@ from carapace.errors import InvalidArgument, NotFound
 from carapace.oci.bundle import Mount
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols import contract
-from carapace.sandbox.state import SandboxRecord
 from carapace.storage.volumes import (
     Ephemeral,
     SourceFacts,
@@ -85,6 +84,16 @@ def ephemeral_storage(eph: Ephemeral) -> pb.Storage:
     )
 
 
+class MountRecord(Protocol):
+    """Where the share writes down its mounts and containers before it makes them (a
+    sandbox's ``state.json``: ``sandbox.state.SandboxRecord``)."""
+
+    mounts: list[str]
+    containers: list[str]
+
+    def save(self) -> None: ...
+
+
 class Mounts(Protocol):
     """The host mount calls sharing makes (``carapace.linux`` on a real host)."""
 
@@ -122,7 +131,7 @@ class PodShare:
     """The pod's shared directory and the binds in it."""
 
     shared_dir: Path
-    record: SandboxRecord
+    record: MountRecord
     mounts: Mounts = field(default_factory=HostMounts)
     #: Directories no volume may be in or hold (carapace's run and state dirs).
     own_dirs: tuple[str, ...] = ()
