@@ -3,7 +3,8 @@
 One sandbox is shared by the tests that can share one (booting costs seconds under
 TCG); a fixture checks after every test that nothing new was left behind: no QEMU
 process, no run dir, no mount of carapace's, no sandbox cgroup on the host, no tap or
-tc redirect of carapace's on the host or in a namespace under /var/run/netns.
+tc redirect of carapace's on the host or in a namespace under /var/run/netns, no
+virtiofsd.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def qemu_pids() -> set[int]:
     """Live QEMU processes. A zombie (no command line) is not counted: a QEMU whose
     owner was killed is reparented to init, which reaps it in its own time."""
     return {pid for pid, argv in processes() if b"qemu-system" in argv[0]}
+
+
+def virtiofsd_pids() -> set[int]:
+    """Live virtiofsd processes (a pod's daemon and its namespaced child), carapace's or
+    not: the check is machine-wide, as for QEMU."""
+    return {pid for pid, argv in processes() if argv[0].endswith(b"virtiofsd")}
 
 
 def run_dirs() -> set[str]:
@@ -80,7 +87,7 @@ def network_traces() -> set[str]:
     return found
 
 
-def resources() -> tuple[set[int], set[str], set[str], set[int], set[str], set[str]]:
+def resources() -> tuple[set[int], set[str], set[str], set[int], set[str], set[str], set[int]]:
     return (
         qemu_pids(),
         run_dirs(),
@@ -88,6 +95,7 @@ def resources() -> tuple[set[int], set[str], set[str], set[int], set[str], set[s
         shim_pids(),
         host_cgroups(),
         network_traces(),
+        virtiofsd_pids(),
     )
 
 
@@ -100,15 +108,16 @@ def guest_image() -> None:
 
 @pytest.fixture(autouse=True)
 def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test, no QEMU process, run dir, mount or shim exists that did not before.
+    """After each test, no QEMU process, run dir, mount, shim, host cgroup, tap or tc
+    redirect, or virtiofsd exists that did not before.
     (The check is machine-wide: run one test session at a time.)"""
     before = resources()
     yield
     after = resources()
     leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]  # type: ignore[operator]
-    assert leaked == [[], [], [], [], [], []], (
+    assert leaked == [[], [], [], [], [], [], []], (
         f"{request.node.name} left behind qemu pids / run dirs / mounts / shims / host "
-        f"cgroups / taps and tc redirects: {leaked}"
+        f"cgroups / taps and tc redirects / virtiofsd pids: {leaked}"
     )
 
 

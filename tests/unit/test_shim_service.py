@@ -14,7 +14,7 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.message import Message
 
 from carapace.config import Config
-from carapace.errors import HostError, StateError
+from carapace.errors import AgentError, HostError, StateError
 from carapace.hostcgroup import CgroupStats
 from carapace.network.stats import InterfaceStats
 from carapace.oci import Spec
@@ -128,6 +128,8 @@ class FakeSandbox:
         self, container_id: str, sig: int, exec_id: str = "", all_processes: bool = False
     ) -> None:
         self.calls.append(("kill", container_id, sig, exec_id, all_processes))
+        if self._vm_exit.done():
+            raise AgentError("agent SignalProcess: ttrpc connection closed (UNAVAILABLE)")
 
     async def relay(
         self, container_id: str, exec_id: str, io: ProcessIO, started: Awaitable[Any]
@@ -469,6 +471,19 @@ def test_kill_of_a_running_container_goes_to_the_sandbox(pod: Pod) -> None:
         await pod.start(POD)
         await pod.call["Kill"](api.KillRequest(id=POD, signal=15, all=True))
         assert pod.sb.calls[-1] == ("kill", POD, 15, "", True)
+        await pod.service.close()
+
+    run(go())
+
+
+def test_kill_while_the_vm_is_lost_is_not_found_as_cri_expects(pod: Pod) -> None:
+    async def go() -> None:
+        await pod.create_pause()
+        await pod.start(POD)
+        pod.sb.lose_vm()
+        with pytest.raises(TtrpcError) as exc:
+            await pod.call["Kill"](api.KillRequest(id=POD, signal=9))
+        assert exc.value.code == Code.NOT_FOUND and "its VM is gone" in str(exc.value)
         await pod.service.close()
 
     run(go())

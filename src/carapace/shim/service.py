@@ -331,7 +331,13 @@ class TaskService:
         if p.status == tt.CREATED and req.exec_id:
             self._exited(p, 128 + req.signal)  # never started: nothing runs in the guest
             return Empty()
-        await sb.kill(req.id, req.signal, req.exec_id, req.all)
+        try:
+            await sb.kill(req.id, req.signal, req.exec_id, req.all)
+        except CarapaceError as e:
+            # a VM going down takes its processes: what containerd's CRI takes as done
+            if not await self._vm_gone(sb):
+                raise
+            raise NotFound(f"process {p.id} already finished (its VM is gone: {e})") from e
         if p.status == tt.CREATED and req.signal in (signal.SIGKILL, signal.SIGTERM):
             # a created init has no relay waiting for it; crun kill ended it
             self._exited(p, 128 + req.signal)
