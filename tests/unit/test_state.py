@@ -199,3 +199,37 @@ def test_release_kills_our_qemu(tmp_path: Path, procs: list[subprocess.Popen[byt
     assert release(rec, kill_wait=5) == []
     assert fake_qemu.wait(5) == -signal.SIGKILL
     assert not (tmp_path / "sb1").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a real bind mount")
+def test_concurrent_releases_take_turns_and_both_succeed(tmp_path: Path) -> None:
+    """containerd runs `shim delete` for every task of a dead shim at once: each
+    releases the same pod. The later one must find it released, not fail on a mount
+    the other just took away."""
+    import threading
+
+    from carapace import linux
+
+    run = tmp_path / "run" / "pod"
+    source = tmp_path / "rootfs"
+    source.mkdir()
+    targets = [run / "shared" / f"c{i}" / "rootfs" for i in range(20)]
+    for t in targets:
+        t.mkdir(parents=True)
+        linux.bind_mount(str(source), str(t))
+    rec = SandboxRecord("pod", str(run), mounts=[str(t) for t in targets])
+    rec.save()
+    results: list[list[str]] = []
+    start = threading.Barrier(2)
+
+    def one() -> None:
+        start.wait()
+        results.append(release(SandboxRecord.load(run)))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[], []]
+    assert not run.exists() and not linux.mounts_under(str(tmp_path))

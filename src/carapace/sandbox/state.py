@@ -7,6 +7,8 @@ gc`, a shim's delete) can find and release it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import json
 import os
@@ -168,7 +170,22 @@ def _is_our_qemu(pid: int, sandbox_id: str) -> bool:
 def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
     """Release everything the record lists: the QEMU process (only if it is really that
     sandbox's), mounts, the host cgroups it made, the run dir. Returns what could not be
-    released."""
+    released. Callers that race (containerd cleans up every task of a dead shim at
+    once) take turns on a lock of the run dir; the later one finds it gone."""
+    try:
+        fd = os.open(record.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.exists(record.run_dir):
+            return []
+        return _release(record, kill_wait)
+    finally:
+        os.close(fd)
+
+
+def _release(record: SandboxRecord, kill_wait: float) -> list[str]:
     problems: list[str] = []
     if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid, record.id):
         with contextlib.suppress(ProcessLookupError):
@@ -187,7 +204,8 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
             if linux.is_mountpoint(m):
                 linux.umount(m, lazy=True)
         except OSError as e:
-            problems.append(str(e))
+            if e.errno not in (errno.EINVAL, errno.ENOENT):  # unmounted meanwhile
+                problems.append(str(e))
     if not problems and linux.mounts_under(record.run_dir):
         problems.append(
             f"mounts left in {record.run_dir}: {', '.join(linux.mounts_under(record.run_dir))}"
