@@ -44,3 +44,20 @@ class AgentError(CarapaceError):
 
 class StateError(CarapaceError):
     """An operation is not valid in the sandbox's or container's current state."""
+
+
+#: The most characters of a value an error message quotes.
+SHOWN_LIMIT = 64
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a hostile
+    value (a 1 MiB annotation, a 10**5000 integer, a deeply nested list) must not make
+    the message huge or raise while it is built."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, deep nesting
+        return f"<a {type(value).__name__} too large to show>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"

@@ -30,6 +30,7 @@ MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
+MS_SLAVE = 1 << 19
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
@@ -54,25 +55,58 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
 
 def bind_mount(source: str, target: str, readonly: bool = False, recursive: bool = True) -> None:
     """Bind ``source`` at ``target`` (with the mounts below it when ``recursive``),
-    nosuid and nodev, read-only when asked: the bind and every mount below it."""
-    mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    nosuid and nodev, read-only when asked: the bind and every mount below it. The bind
+    is cloned detached, given its attributes, then moved into place (open_tree,
+    mount_setattr, move_mount), so every copy that propagates from ``target`` (a
+    guest-visible view, a file daemon's namespace) has them too."""
     attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), source.encode(), ctypes.c_uint(flags)
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree {source}: {os.strerror(err)}")
     try:
-        mount_setattr(target, attrs, recursive=True)
-    except OSError:
-        umount(target, lazy=True)
-        raise
+        _setattr(fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, attrs, f"bind of {source}")
+        if not os.path.lexists(target):
+            os.makedirs(target)
+        rc = _libc.syscall(
+            _SYS_MOVE_MOUNT,
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            target.encode(),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        )
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"move_mount {source} to {target}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def make_shared(target: str) -> None:
     """Make the mount at ``target`` shared: mounts made below it later propagate to its
-    copies in other mount namespaces (a file daemon's, which it made a slave)."""
+    copies (a guest-visible view, a file daemon's namespace)."""
     mount("none", target, None, MS_SHARED)
+
+
+def make_slave(target: str) -> None:
+    """Make the mount at ``target`` a slave: it receives its master's mount events and
+    sends none back."""
+    mount("none", target, None, MS_SLAVE)
 
 
 # mount_setattr(2) (Linux 5.12): attributes of a mount and, with AT_RECURSIVE, of
 # every mount below it
-_SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 alike (a syscall added after 5.1)
+_SYS_OPEN_TREE = 428  # x86_64 and aarch64 alike (syscalls added after 5.1 share numbers)
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_RECURSIVE = 0x8000
@@ -90,22 +124,26 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def mount_setattr(target: str, attr_set: int, recursive: bool = True) -> None:
-    """Set mount attributes (``MOUNT_ATTR_*``) on ``target`` and, by default, on every
-    mount below it, without following a symlink at ``target``."""
+def _setattr(dirfd: int, path: bytes, flags: int, attr_set: int, what: str) -> None:
     attr = _MountAttr(attr_set, 0, 0, 0)
-    flags = AT_SYMLINK_NOFOLLOW | (AT_RECURSIVE if recursive else 0)
     rc = _libc.syscall(
         _SYS_MOUNT_SETATTR,
-        ctypes.c_int(AT_FDCWD),
-        target.encode(),
+        ctypes.c_int(dirfd),
+        path,
         ctypes.c_uint(flags),
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount_setattr {target}: {os.strerror(err)}")
+        raise OSError(err, f"mount_setattr {what}: {os.strerror(err)}")
+
+
+def mount_setattr(target: str, attr_set: int, recursive: bool = True) -> None:
+    """Set mount attributes (``MOUNT_ATTR_*``) on ``target`` and, by default, on every
+    mount below it, without following a symlink at ``target``."""
+    flags = AT_SYMLINK_NOFOLLOW | (AT_RECURSIVE if recursive else 0)
+    _setattr(AT_FDCWD, target.encode(), flags, attr_set, target)
 
 
 def umount(target: str, lazy: bool = False) -> None:

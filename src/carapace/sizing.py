@@ -5,30 +5,50 @@ from __future__ import annotations
 
 import re
 
-from carapace.errors import InvalidArgument
+from carapace.errors import InvalidArgument, shown
 
 MiB = 1 << 20
 GiB = 1 << 30
+#: The largest size parsed (bytes): what a signed 64-bit count holds (8 EiB), far above
+#: anything a VM or a cgroup takes; beyond it a value is refused, not rounded.
+MAX_SIZE = (1 << 63) - 1
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+#: ASCII digits only (``\d`` would take other scripts' digits), at most 24 before the
+#: point and 18 after it: more cannot be a size below MAX_SIZE or change one.
+_SIZE_RE = re.compile(
+    r"\s*([0-9]{1,24})(?:\.([0-9]{1,18}))?\s*([bkmgt]?)(?:i?b)?\s*", re.IGNORECASE | re.ASCII
+)
+_ACCEPTED = (
+    "accepted: a number of bytes or a number with a unit b, k, m, g, t (e.g. 512m, 2G, "
+    "1073741824), at most 8 EiB"
+)
 
 
 def parse_size(value: str | int, what: str = "size") -> int:
     """Bytes from a docker-style size: 1073741824, 512m, 512M, 4G, 1.5g, 512MiB.
-    A bare number is bytes."""
+    A bare number is bytes. Anything else (another type, other digits, a size above
+    MAX_SIZE) raises InvalidArgument naming ``what`` and the value."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise InvalidArgument(f"{what}: {value} is negative; give a size like 512M or 2G")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        if not m:
+            raise InvalidArgument(f"{what}: {shown(value)} is not a size; {_ACCEPTED}")
+        whole, fraction, unit = m.groups()
+        scale = _UNITS[unit.lower()]
+        n = int(whole) * scale
+        if fraction:
+            n += int(fraction) * scale // 10 ** len(fraction)
+    else:
         raise InvalidArgument(
-            f"{what}: {value!r} is not a size; accepted: a number of bytes or a number "
-            "with a unit b, k, m, g, t (e.g. 512m, 2G, 1073741824)"
+            f"{what}: {shown(value)} is a {type(value).__name__}, not a size; {_ACCEPTED}"
         )
-    number, unit = m.groups()
-    return int(float(number) * _UNITS[unit.lower()])
+    if n > MAX_SIZE:
+        raise InvalidArgument(f"{what}: {shown(value)} is too large; {_ACCEPTED}")
+    return n
 
 
 def format_size(n: int) -> str:

@@ -66,13 +66,27 @@ def test_load_bundle_root_path_normalised_inside(tmp_path: Path) -> None:
     assert Bundle.load(bundle).rootfs == bundle / "rootfs"
 
 
-def test_load_bundle_absolute_root_path(tmp_path: Path) -> None:
+def test_an_absolute_root_path_is_only_for_a_runtime_cli(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     spec = default_spec(["sh"])
     spec["root"]["path"] = str(elsewhere)
     bundle = make_bundle(tmp_path, spec, rootfs=None)
-    assert Bundle.load(bundle).rootfs == elsewhere
+    assert Bundle.load(bundle, rootfs_inside=False).rootfs == elsewhere  # Podman's way
+    with pytest.raises(InvalidArgument, match="outside the bundle"):
+        Bundle.load(bundle)  # a shim mounts and unmounts it: it stays in the bundle
+
+
+@pytest.mark.parametrize("root", ["/", "/proc/1/root", "/sys", "/dev/shm", "link-to-root"])
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_rootfs_that_is_the_host_is_refused(tmp_path: Path, root: str, inside: bool) -> None:
+    """root.path "/" once made the shim's delete unmount / of its mount namespace."""
+    spec = default_spec(["sh"])
+    spec["root"]["path"] = root
+    bundle = make_bundle(tmp_path, spec, rootfs=None)
+    (bundle / "link-to-root").symlink_to("/")
+    with pytest.raises(InvalidArgument, match="root.path"):
+        Bundle.load(bundle, check_rootfs=False, rootfs_inside=inside)
 
 
 def test_load_bundle_without_root_uses_rootfs(tmp_path: Path) -> None:
@@ -82,16 +96,19 @@ def test_load_bundle_without_root_uses_rootfs(tmp_path: Path) -> None:
     assert Bundle.load(bundle).rootfs == bundle / "rootfs"
 
 
-@pytest.mark.parametrize("root", ["..", "../outside", "rootfs/../../outside", "a/../../b"])
+@pytest.mark.parametrize(
+    "root", ["..", ".", "../outside", "rootfs/../../outside", "a/../../b", "escape"]
+)
 def test_root_path_may_not_leave_the_bundle(tmp_path: Path, root: str) -> None:
     spec = default_spec(["sh"])
     spec["root"]["path"] = root
     bundle = make_bundle(tmp_path, spec)
     (tmp_path / "outside").mkdir()
+    (bundle / "escape").symlink_to(tmp_path / "outside")  # a symlink out of the bundle
     with pytest.raises(InvalidArgument) as exc:
         Bundle.load(bundle, check_rootfs=False)
     msg = str(exc.value)
-    assert repr(root) in msg and "leaves the bundle" in msg and str(bundle) in msg
+    assert repr(root) in msg and "outside the bundle" in msg and str(bundle) in msg
 
 
 def test_load_bundle_missing_config(tmp_path: Path) -> None:

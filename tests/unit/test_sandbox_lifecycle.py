@@ -174,6 +174,9 @@ class FakeMounts:
     def make_shared(self, target: str) -> None:
         assert target in self.mounted
 
+    def make_slave(self, target: str) -> None:
+        assert target in self.mounted
+
     def umount(self, target: str, lazy: bool = False) -> None:
         self.mounted.pop(target)
 
@@ -269,13 +272,15 @@ def test_start_create_remove_destroy(rig: Rig) -> None:
         assert cg.is_dir(), rig.cgroup_dirs()
         rootfs = rig.tmp / "image" / "rootfs"
         await sb.create_container("c1", spec("sleep", "1"), rootfs)
-        shared = sb.run_dir / "shared" / "c1" / "rootfs"
-        assert rig.mounts.mounted == {str(shared): str(rootfs)}
+        views = {str(sb.run_dir / "mounts"): str(sb.run_dir / "mounts")}
+        views[str(sb.run_dir / "shared")] = str(sb.run_dir / "mounts")
+        made = sb.run_dir / "mounts" / "c1" / "rootfs"  # the VM sees it in shared/
+        assert rig.mounts.mounted == {**views, str(made): str(rootfs)}
         assert rig.agent.containers["c1"]["rootfs"] == "/run/carapace/shared/c1/rootfs"
-        assert SandboxRecord.load(sb.run_dir).mounts == [str(shared)]
+        assert SandboxRecord.load(sb.run_dir).mounts == [*views, str(made)]
         assert await sb.start_container("c1") == 7
         await sb.remove_container("c1")
-        assert rig.mounts.mounted == {} and not (sb.run_dir / "shared" / "c1").exists()
+        assert rig.mounts.mounted == views and not (sb.run_dir / "mounts" / "c1").exists()
         await sb.destroy()
         assert sb.state is Runstate.DELETED
         assert rig.vms[0].stopped and rig.agent.closed
@@ -367,9 +372,10 @@ def test_a_failing_container_create_leaves_nothing(rig: Rig) -> None:
         rig.agent.fail = "create_container"
         with pytest.raises(Boom):
             await sb.create_container("c1", spec(), rig.tmp / "image" / "rootfs")
-        assert "c1" not in sb.containers and rig.mounts.mounted == {}
-        assert SandboxRecord.load(sb.run_dir).mounts == []
-        assert not (sb.run_dir / "shared" / "c1").exists()
+        assert "c1" not in sb.containers and len(rig.mounts.mounted) == 2  # the views
+        views = [str(sb.run_dir / "mounts"), str(sb.run_dir / "shared")]
+        assert SandboxRecord.load(sb.run_dir).mounts == views
+        assert not (sb.run_dir / "mounts" / "c1").exists()
         with pytest.raises(NotFound, match="not a directory"):
             await sb.create_container("c2", spec(), rig.tmp / "missing")
         await sb.destroy()
@@ -455,7 +461,7 @@ def test_virtio_fs_daemon_starts_first_and_its_death_stops_the_vm(rig: Rig) -> N
         assert d.started and len(d.pre_exec) == 1  # joins the sandbox cgroup
         assert rig.vms[0].spec.shared_fs == "virtio-fs"
         assert SandboxRecord.load(sb.run_dir).virtiofsd["pid"] == 999_999_998
-        assert rig.mounts.mounted[str(sb.shared_dir)] == str(sb.shared_dir)  # propagates
+        assert rig.mounts.mounted[str(sb.shared_dir)] == str(sb.run_dir / "mounts")
         d.die()  # the guest lost its files: the VM is stopped
         assert await asyncio.wait_for(sb.wait_vm(), 1) == 0
         await sb.destroy()

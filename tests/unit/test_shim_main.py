@@ -315,3 +315,33 @@ def test_other_errors_are_unknown(error: CarapaceError) -> None:
     assert out.code == Code.UNKNOWN
     assert str(error) in out.message
     assert type(error).__name__ in out.message
+
+
+def test_delete_checks_the_pod_id_of_the_annotation(
+    tmp_path: Path, run_dir: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A sandbox-id annotation of ``..`` must not make delete release the run root's
+    parent (or any other directory); it is checked as start checks it."""
+    victim = make_sandbox(run_dir, "victim", dead_pid())
+    bundle = make_bundle(
+        tmp_path, {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "../run/victim"}
+    )
+    assert cmd_delete(delete_args(tmp_path, "c1", bundle)) == 0
+    out, err = capsysbinary.readouterr()
+    assert b"pod id '../run/victim' is not valid" in err
+    assert api.DeleteResponse.FromString(out).exit_status == 137
+    assert (victim / STATE_FILE).exists() and run_dir.exists()
+
+
+def test_delete_with_a_rootfs_outside_the_bundle_unmounts_nothing_there(
+    tmp_path: Path, run_dir: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    bundle = make_bundle(tmp_path)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["root"]["path"] = "/"
+    (bundle / "config.json").write_text(json.dumps(spec))
+    assert cmd_delete(delete_args(tmp_path, "c1", bundle)) == 0
+    out, err = capsysbinary.readouterr()
+    assert b"outside the bundle" in err
+    assert api.DeleteResponse.FromString(out).exit_status == 137
+    assert os.path.ismount("/")

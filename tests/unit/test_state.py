@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,7 +149,7 @@ def test_release_removes_run_dir(tmp_path: Path) -> None:
     rec.save()
     (tmp_path / "sb1" / "shared").mkdir()
     (tmp_path / "sb1" / "shared" / "f").write_text("x")
-    assert release(rec) == []
+    assert release(rec, tmp_path) == []
     assert not (tmp_path / "sb1").exists()
 
 
@@ -160,7 +161,7 @@ def test_release_spares_a_process_that_is_not_our_qemu(
     wait_exec(sleeper, b"sleep\0")
     rec = record(tmp_path, qemu_pid=sleeper.pid)
     rec.save()
-    assert release(rec, kill_wait=1) == []
+    assert release(rec, tmp_path, kill_wait=1) == []
     assert not (tmp_path / "sb1").exists()
     assert sleeper.poll() is None
     assert pid_alive(sleeper.pid)
@@ -178,7 +179,7 @@ def test_release_spares_another_sandboxes_qemu(
     procs.append(other)
     wait_exec(other, b"carapace-sb10,")
     rec = record(tmp_path, qemu_pid=other.pid)
-    assert release(rec, kill_wait=1) == []
+    assert release(rec, tmp_path, kill_wait=1) == []
     assert other.poll() is None
 
 
@@ -196,7 +197,7 @@ def test_release_kills_our_qemu(tmp_path: Path, procs: list[subprocess.Popen[byt
     wait_exec(fake_qemu, b"carapace-sb1,")
     rec = record(tmp_path, qemu_pid=fake_qemu.pid)
     rec.save()
-    assert release(rec, kill_wait=5) == []
+    assert release(rec, tmp_path, kill_wait=5) == []
     assert fake_qemu.wait(5) == -signal.SIGKILL
     assert not (tmp_path / "sb1").exists()
 
@@ -224,12 +225,43 @@ def test_concurrent_releases_take_turns_and_both_succeed(tmp_path: Path) -> None
 
     def one() -> None:
         start.wait()
-        results.append(release(SandboxRecord.load(run)))
+        results.append(release(SandboxRecord.load(run), run.parent))
 
     threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for m in linux.mounts_under(str(tmp_path)):
+            linux.umount(m, lazy=True)
     assert results == [[], []]
-    assert not run.exists() and not linux.mounts_under(str(tmp_path))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"run_dir": "RUN/../victim"}, "is not"),
+        ({"run_dir": "/etc"}, "is not"),
+        ({"run_dir": "RUN/sb2"}, "is not"),  # another sandbox's dir
+        ({"id": "../victim"}, "not a sandbox id"),
+        ({"id": "sb1\n"}, "not a sandbox id"),
+        ({"mounts": ["/etc"]}, "is outside"),
+        ({"mounts": ["RUN/sb1/../../etc"]}, "is outside"),
+    ],
+)
+def test_a_planted_record_is_left_alone(tmp_path: Path, change: dict[str, Any], why: str) -> None:
+    """A state.json anyone could have written: release acts only inside run_root/<id>."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("x")
+    rec = record(tmp_path / "run")
+    rec.save()
+    for k, v in change.items():
+        v = [m.replace("RUN", str(tmp_path / "run")) for m in v] if isinstance(v, list) else v
+        setattr(rec, k, v.replace("RUN", str(tmp_path / "run")) if isinstance(v, str) else v)
+    (problem,) = release(rec, tmp_path / "run")
+    assert why in problem and "left alone" in problem
+    assert (victim / "precious").exists() and (tmp_path / "run" / "sb1").exists()

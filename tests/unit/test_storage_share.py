@@ -25,6 +25,7 @@ class FakeMounts:
         self.record = record
         self.binds: list[tuple[str, str, bool, bool]] = []
         self.shared: list[str] = []
+        self.slaves: list[str] = []
         self.unmounted: list[str] = []
 
     def bind_mount(
@@ -36,6 +37,9 @@ class FakeMounts:
 
     def make_shared(self, target: str) -> None:
         self.shared.append(target)
+
+    def make_slave(self, target: str) -> None:
+        self.slaves.append(target)
 
     def umount(self, target: str, lazy: bool = False) -> None:
         self.unmounted.append(target)
@@ -52,6 +56,7 @@ def share(tmp_path: Path) -> PodShare:
     record.save()
     s = PodShare(run / "shared", record, FakeMounts(record), (str(tmp_path / "own"),))
     s.create()
+    s.mounts.binds.clear()  # type: ignore[attr-defined]
     return s
 
 
@@ -88,8 +93,9 @@ def test_volumes_are_bound_into_the_share_and_the_guest_gets_their_paths(
     assert by_dest["/proc"].type == "proc"  # guest mounts pass as they are
     assert storages == []
     binds = fakes(share).binds
-    target0 = str(share.shared_dir / "c1" / "volumes" / "0")
-    target1 = str(share.shared_dir / "c1" / "volumes" / "1")
+    # made in the host's view; the VM's view gets them by propagation
+    target0 = str(share.source_dir / "c1" / "volumes" / "0")
+    target1 = str(share.source_dir / "c1" / "volumes" / "1")
     # bound through /proc/self/fd/N of the source opened without following symlinks
     assert [(t, ro, rec) for _, t, ro, rec in binds] == [
         (target0, True, True),
@@ -97,10 +103,11 @@ def test_volumes_are_bound_into_the_share_and_the_guest_gets_their_paths(
     ]
     assert all(s.startswith("/proc/self/fd/") for s, _, _, _ in binds)
     assert Path(target0).is_dir() and Path(target1).is_file()
-    assert share.record.mounts == [target0, target1]
+    views = [str(share.source_dir), str(share.shared_dir)]
+    assert share.record.mounts == [*views, target0, target1]
     share.unshare("c1")
     assert fakes(share).unmounted == [target1, target0]
-    assert share.record.mounts == [] and not (share.shared_dir / "c1").exists()
+    assert share.record.mounts == views and not (share.source_dir / "c1").exists()
 
 
 def test_a_refused_volume_makes_nothing(tmp_path: Path, share: PodShare) -> None:
@@ -112,7 +119,7 @@ def test_a_refused_volume_makes_nothing(tmp_path: Path, share: PodShare) -> None
     )
     with pytest.raises(InvalidArgument, match=r"mount at /etc/x \(source /etc/../proc/self\)"):
         share.share_volumes("c1", mounts)
-    assert fakes(share).binds == [] and share.record.mounts == []
+    assert fakes(share).binds == [] and len(share.record.mounts) == 2  # the two views
 
 
 def test_a_symlinked_source_is_checked_where_it_leads(tmp_path: Path, share: PodShare) -> None:
@@ -145,16 +152,21 @@ def test_memory_volumes_are_guest_tmpfs_shared_by_source(tmp_path: Path, share: 
     assert fakes(share).binds == []  # nothing bound on the host
 
 
-def test_the_share_propagates_for_a_file_daemon(tmp_path: Path) -> None:
+def test_the_vm_sees_a_read_only_slave_of_the_hosts_view(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     record = SandboxRecord("p", str(run))
     record.save()
     mounts = FakeMounts(record)
     s = PodShare(run / "shared", record, mounts)
-    s.create(propagate=True)
-    assert mounts.binds == [(str(run / "shared"), str(run / "shared"), False, False)]
-    assert mounts.shared == [str(run / "shared")]
+    s.create()
+    source, view = str(run / "mounts"), str(run / "shared")
+    assert s.source_dir == run / "mounts"
+    assert mounts.binds == [(source, source, False, False), (source, view, True, False)]
+    assert mounts.shared == [source] and mounts.slaves == [view]
+    assert record.mounts == [source, view]
+    s.close()
+    assert mounts.unmounted == [view, source] and record.mounts == []
 
 
 def test_shared_storage_per_filesystem() -> None:

@@ -182,7 +182,7 @@ async def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     parse_env(args.env)
     rootfs: Path | None = None  # None: the guest image's busybox
     if args.bundle:
-        bundle = Bundle.load(args.bundle)
+        bundle = Bundle.load(args.bundle, rootfs_inside=False)  # as runc's run
         spec, rootfs = bundle.spec, bundle.rootfs
         if cmd:
             spec = spec.with_args(cmd)
@@ -317,7 +317,7 @@ def cmd_gc(cfg: Config, args: argparse.Namespace) -> int:
 
     status = 0
     for rec in stale_sandboxes(Path(cfg.runtime.run_dir)):
-        problems = release(rec)
+        problems = release(rec, cfg.runtime.run_dir)
         if problems:
             status = 1
             print(f"{rec.id}: {'; '.join(problems)}", file=sys.stderr)

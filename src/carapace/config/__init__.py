@@ -8,13 +8,15 @@ silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carapace.errors import InvalidArgument
+from carapace.annotations import DEFAULT_ENABLE_ANNOTATIONS, compile_patterns
+from carapace.errors import InvalidArgument, shown
 from carapace.protocols.contract import (
     SANDBOX_CGROUP_PREFIXES,
     SHARED_FS_KINDS,
@@ -23,6 +25,8 @@ from carapace.protocols.contract import (
 
 DEFAULT_CONFIG_PATH = Path("/etc/carapace/configuration.toml")
 ACCELERATORS = ("auto", "kvm", "tcg")
+#: The largest integer a key takes (what TOML itself promises: a signed 64-bit one).
+INT_MAX = (1 << 63) - 1
 
 
 @dataclass
@@ -36,9 +40,11 @@ class HypervisorConfig:
     initrd: str = ""
     default_vcpus: float = 1.0
     default_memory: int = 1024  # MiB
-    #: Most vCPUs and memory a VM can grow to (hotplug headroom).
-    default_maxvcpus: int = 0  # 0: the host's CPUs
-    #: Most memory a VM can grow to, in MiB (0: the host's memory, at most 256 GiB).
+    #: Most vCPUs a VM can have (boot size and hotplug headroom): 0 or more than the
+    #: host's usable CPUs mean the host's usable CPUs.
+    default_maxvcpus: int = 0
+    #: Most memory a VM can have, in MiB (boot size and hotplug headroom): 0 or more
+    #: than the host's memory mean the host's memory (and never more than 256 GiB).
     default_maxmemory: int = 0
     #: Boot VMs with CPU and memory hotplug headroom (up to default_maxvcpus /
     #: default_maxmemory), so that a running pod can be resized.
@@ -51,6 +57,12 @@ class HypervisorConfig:
     shared_fs: str = SHARED_FS_VIRTIOFS
     #: The virtio-fs daemon.
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    #: The pod annotations carapace honours (Kata's allow-list): regular expressions
+    #: over the annotation names carapace acts on (see carapace.annotations); a pod
+    #: carrying one that no expression matches is refused.
+    enable_annotations: list[str] = field(
+        default_factory=lambda: list(DEFAULT_ENABLE_ANNOTATIONS)
+    )
 
 
 @dataclass
@@ -89,7 +101,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
         f = fields.get(key)
         if f is None:
             raise InvalidArgument(
-                f"{where}: unknown key {key!r}; accepted: {', '.join(sorted(fields))}"
+                f"{where}: unknown key {shown(key)}; accepted: {', '.join(sorted(fields))}"
             )
         current = getattr(section, key)
         expected = type(current)
@@ -98,17 +110,30 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
             ok = False
         if not ok:
             raise InvalidArgument(
-                f"{where}.{key}: {value!r} is a {type(value).__name__}; expected a "
+                f"{where}.{key}: {shown(value)} is a {type(value).__name__}; expected a "
                 f"{expected.__name__}"
             )
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+            raise InvalidArgument(
+                f"{where}.{key}: {shown(value)} is out of range; accepted: a 64-bit integer"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"{where}.{key}: {value}; accepted: a finite number")
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidArgument(
+                f"{where}.{key}: {shown(value)} holds a NUL character; accepted: text "
+                "without one"
+            )
+        if isinstance(value, list):
+            compile_patterns(value, f"{where}.{key}")
         setattr(section, key, expected(value))
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidArgument(f"{source}: not valid TOML: {e}") from e
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, or an int of 4301 digits
+        raise InvalidArgument(f"{source}: not valid TOML: {shown(str(e), 200)}") from e
     cfg = Config(source=source)
     sections = {"hypervisor": cfg.hypervisor, "runtime": cfg.runtime}
     for name, values in data.items():
@@ -128,6 +153,12 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             f"{source} [hypervisor] shared_fs: {cfg.hypervisor.shared_fs!r}; accepted: "
             f"{', '.join(SHARED_FS_KINDS)}"
         )
+    for key in ("boot_timeout", "shutdown_timeout"):
+        if getattr(cfg.hypervisor, key) <= 0:
+            raise InvalidArgument(
+                f"{source} [hypervisor] {key}: {getattr(cfg.hypervisor, key)}; accepted: a "
+                "positive number of seconds"
+            )
     for key in ("default_maxvcpus", "default_maxmemory"):
         if getattr(cfg.hypervisor, key) < 0:
             raise InvalidArgument(

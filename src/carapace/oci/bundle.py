@@ -297,19 +297,38 @@ def _read_config(path: Path) -> object:
         raise InvalidArgument(f"bundle {path.parent}: {CONFIG_FILE} is not valid JSON: {e}") from e
 
 
-def resolve_root(bundle: Path, root_path: str) -> Path:
-    """The rootfs of a bundle: ``root.path`` relative to the bundle, which it may not
-    leave (``..``); an absolute path (as Podman writes) is taken as it is."""
-    p = Path(root_path)
-    if p.is_absolute():
-        return Path(os.path.normpath(p))
-    resolved = Path(os.path.normpath(bundle / p))
-    if os.path.commonpath([resolved, os.path.normpath(bundle)]) != os.path.normpath(bundle):
+#: Host trees a rootfs may never be (nor lie in).
+FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def resolve_root(bundle: Path, root_path: str, *, inside: bool = True) -> Path:
+    """The rootfs of a bundle, symlinks resolved. ``inside`` (containerd's shims,
+    which mount and unmount it): it must lie in the bundle, as runc's shim requires.
+    Otherwise (a runtime CLI: Podman writes an absolute path to its storage) it may be
+    elsewhere, but never ``/`` nor in /proc, /sys or /dev."""
+    real_bundle = os.path.realpath(bundle)
+    try:
+        resolved = os.path.realpath(os.path.join(real_bundle, root_path))
+    except OSError as e:
         raise InvalidArgument(
-            f"bundle {bundle}: root.path {root_path!r} leaves the bundle; accepted: a path "
-            "inside the bundle or an absolute path"
+            f"bundle {bundle}: root.path {root_path!r} cannot be resolved ({e.strerror}); "
+            "accepted: a directory inside the bundle (e.g. rootfs)"
+        ) from None
+    if inside:
+        if resolved == real_bundle or os.path.commonpath([resolved, real_bundle]) != real_bundle:
+            raise InvalidArgument(
+                f"bundle {bundle}: root.path {root_path!r} resolves to {resolved}, outside the "
+                "bundle; accepted: a directory inside the bundle (e.g. rootfs)"
+            )
+        return Path(resolved)
+    if resolved == "/" or any(
+        resolved == t or resolved.startswith(t + "/") for t in FORBIDDEN_ROOTS
+    ):
+        raise InvalidArgument(
+            f"bundle {bundle}: root.path {root_path!r} resolves to {resolved}; accepted: a "
+            "directory other than / and outside /proc, /sys, /dev"
         )
-    return resolved
+    return Path(resolved)
 
 
 @dataclass(frozen=True)
@@ -321,12 +340,15 @@ class Bundle:
     rootfs: Path
 
     @classmethod
-    def load(cls, path: Path | str, *, check_rootfs: bool = True) -> Bundle:
+    def load(
+        cls, path: Path | str, *, check_rootfs: bool = True, rootfs_inside: bool = True
+    ) -> Bundle:
         """Read ``config.json`` once and validate it. ``check_rootfs``: the rootfs must
-        be a directory now (not so for a shim, which mounts it later)."""
+        be a directory now (not so for a shim, which mounts it later);
+        ``rootfs_inside``: see ``resolve_root``."""
         bundle = Path(path).absolute()
         spec = Spec.from_dict(_read_config(bundle / CONFIG_FILE), f"bundle {bundle}")
-        rootfs = resolve_root(bundle, spec.root_path)
+        rootfs = resolve_root(bundle, spec.root_path, inside=rootfs_inside)
         if check_rootfs and not rootfs.is_dir():
             raise NotFound(f"bundle {bundle}: rootfs {rootfs} is not a directory")
         return cls(bundle, spec, rootfs)

@@ -203,8 +203,7 @@ class Sandbox(ContainerVerbs):
             self.record.vcpus, self.record.memory_mib = self.vcpus, self.memory_mib
             self.record.accel = accel.accel
             self.record.save()
-            virtiofs = self.plan.shared_fs == SHARED_FS_VIRTIOFS
-            self.share.create(propagate=virtiofs)
+            self.share.create()
             self.placement.make()
             nics = await self.network.prepare()
             spec = VMSpec(
@@ -223,7 +222,7 @@ class Sandbox(ContainerVerbs):
                 nic_slots=NIC_SLOTS,
                 shared_fs=self.plan.shared_fs,
             )
-            if virtiofs:
+            if self.plan.shared_fs == SHARED_FS_VIRTIOFS:
                 await self._start_virtiofsd(spec)
             vm = self.vm = self.parts.new_vm(hv.path, spec, rt.kill_vm_with_owner)
             # the VM is in the sandbox's cgroup and has its files limit from its first
@@ -358,7 +357,9 @@ class Sandbox(ContainerVerbs):
         problems: list[str] = []
         if self._made_run_dir:  # never another owner's: start refused an existing one
             loop = asyncio.get_running_loop()
-            problems = await loop.run_in_executor(None, release, self.record)
+            problems = await loop.run_in_executor(
+                None, release, self.record, self.config.runtime.run_dir
+            )
         self._move(Runstate.DELETED)
         if problems:
             raise StateError(f"sandbox {self.id}: could not release: {'; '.join(problems)}")

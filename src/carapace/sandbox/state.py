@@ -12,6 +12,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -167,13 +168,18 @@ def _is_our_qemu(pid: int, sandbox_id: str) -> bool:
     return any(a.startswith(f"{VM_NAME_PREFIX}{sandbox_id},".encode()) for a in argv)
 
 
-def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
+def release(record: SandboxRecord, run_root: Path | str, kill_wait: float = 5.0) -> list[str]:
     """Release everything the record lists: the QEMU process (only if it is really that
     sandbox's), mounts, the host cgroups it made, the run dir. Returns what could not be
-    released. Callers that race (containerd cleans up every task of a dead shim at
-    once) take turns on a lock of the run dir; the later one finds it gone."""
+    released. A record is read from a file a dead owner (or anyone) left: its run dir
+    must be ``run_root/<its id>`` and its mounts must lie in it, or nothing is touched.
+    Callers that race (containerd cleans up every task of a dead shim at once) take
+    turns on a lock of the run dir; the later one finds it gone."""
+    bad = check_record(record, Path(run_root))
+    if bad:
+        return [bad]
     try:
-        fd = os.open(record.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(record.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
     try:
@@ -183,6 +189,30 @@ def release(record: SandboxRecord, kill_wait: float = 5.0) -> list[str]:
         return _release(record, kill_wait)
     finally:
         os.close(fd)
+
+
+#: What a sandbox id in a record may be (as ``plan.check_id`` accepts).
+RECORD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
+
+
+def check_record(record: SandboxRecord, run_root: Path) -> str:
+    """Why a record must not be acted on ('' when it may): its run dir is not
+    ``run_root/<id>`` (a planted ``../``), or a mount it lists is outside that."""
+    if not isinstance(record.id, str) or not RECORD_ID_RE.fullmatch(record.id):
+        return f"state record with id {str(record.id)[:80]!r}: not a sandbox id; left alone"
+    expected = os.path.join(os.path.realpath(run_root), record.id)
+    if not isinstance(record.run_dir, str) or os.path.normpath(record.run_dir) != expected:
+        return (
+            f"state record of {record.id}: run dir {str(record.run_dir)[:200]!r} is not "
+            f"{expected}; left alone"
+        )
+    for m in record.mounts:
+        if not isinstance(m, str) or not os.path.normpath(m).startswith(expected + "/"):
+            return (
+                f"state record of {record.id}: mount {str(m)[:200]!r} is outside {expected}; "
+                "left alone"
+            )
+    return ""
 
 
 def _release(record: SandboxRecord, kill_wait: float) -> list[str]:
@@ -205,6 +235,13 @@ def _release(record: SandboxRecord, kill_wait: float) -> list[str]:
                 linux.umount(m, lazy=True)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOENT):  # unmounted meanwhile
+                problems.append(str(e))
+    # anything else mounted in the run dir (a mount not recorded, a propagated copy)
+    for m in linux.mounts_under(record.run_dir) if not problems else []:
+        try:
+            linux.umount(m, lazy=True)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
                 problems.append(str(e))
     if not problems and linux.mounts_under(record.run_dir):
         problems.append(

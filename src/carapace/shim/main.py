@@ -28,6 +28,7 @@ from carapace.config import load_config
 from carapace.errors import CarapaceError, InvalidArgument, NotFound
 from carapace.oci import Bundle
 from carapace.protocols.containerd import shim_pb2 as api
+from carapace.sandbox.plan import check_id
 from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
 from carapace.shim.events import Publisher
 from carapace.shim.params import (
@@ -157,8 +158,17 @@ def cmd_delete(args: ShimArgs) -> int:
     """Clean up what a dead shim left for this container: the rootfs mount in the
     bundle, and the pod's VM, mounts and run dir if the pod's shim is gone."""
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
-    loaded = read_bundle(bundle)
+    try:
+        loaded = read_bundle(bundle)
+    except InvalidArgument as e:  # clean up what can be found without it
+        print(f"carapace shim delete: {e}", file=sys.stderr)
+        loaded = None
     pod = loaded.spec.pod_id(args.id) if loaded is not None else args.id
+    try:
+        check_id(pod, "pod id")  # from an annotation: checked here as in start
+    except InvalidArgument as e:
+        print(f"carapace shim delete: {e}", file=sys.stderr)
+        pod = ""
     rootfs = loaded.rootfs if loaded is not None else bundle / "rootfs"
     with contextlib.suppress(OSError):
         while linux.is_mountpoint(str(rootfs)):
@@ -169,16 +179,16 @@ def cmd_delete(args: ShimArgs) -> int:
     config = load_config(meta.get("config") or None)
     run_dir = Path(config.runtime.run_dir) / pod
     rec: SandboxRecord | None = None
-    if (run_dir / STATE_FILE).exists():
+    if pod and (run_dir / STATE_FILE).exists():
         try:
             rec = SandboxRecord.load(run_dir)
         except (OSError, ValueError, TypeError) as e:
             print(f"carapace shim delete: unreadable {run_dir / STATE_FILE}: {e}", file=sys.stderr)
     if rec is not None and not pid_alive(rec.owner_pid):
-        problems = release(rec)
+        problems = release(rec, config.runtime.run_dir)
         if problems:
             print(f"carapace shim delete: {'; '.join(problems)}", file=sys.stderr)
-    sock = meta.get("socket") or socket_path(args.address, args.namespace, pod)
+    sock = meta.get("socket") or (pod and socket_path(args.address, args.namespace, pod))
     if os.path.exists(sock) and not connectable(sock):
         with contextlib.suppress(OSError):
             os.unlink(sock)

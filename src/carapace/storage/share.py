@@ -103,6 +103,8 @@ class Mounts(Protocol):
 
     def make_shared(self, target: str) -> None: ...
 
+    def make_slave(self, target: str) -> None: ...
+
     def umount(self, target: str, lazy: bool = False) -> None: ...
 
     def is_mountpoint(self, path: str) -> bool: ...
@@ -119,6 +121,9 @@ class HostMounts:
     def make_shared(self, target: str) -> None:
         linux.make_shared(target)
 
+    def make_slave(self, target: str) -> None:
+        linux.make_slave(target)
+
     def umount(self, target: str, lazy: bool = False) -> None:
         linux.umount(target, lazy=lazy)
 
@@ -128,7 +133,14 @@ class HostMounts:
 
 @dataclass
 class PodShare:
-    """The pod's shared directory and the binds in it."""
+    """The pod's share and the binds in it.
+
+    Two views of one directory tree: ``source_dir`` (``<run dir>/mounts``), where the
+    host makes directories and binds, and ``shared_dir`` (``<run dir>/shared``), what
+    the VM sees: a read-only slave bind of ``source_dir``. Binds made in the source
+    propagate to the view (and to a file daemon's copy of it) with their attributes,
+    so the guest can write only inside a rootfs or volume that is read-write, and can
+    never rename, replace or plant anything in the tree the host walks."""
 
     shared_dir: Path
     record: MountRecord
@@ -138,25 +150,32 @@ class PodShare:
     #: container id -> the host mount points made for it
     _made: dict[str, list[str]] = field(default_factory=dict)
 
-    def create(self, propagate: bool = False) -> None:
-        """Make the shared directory. ``propagate``: make it a shared mount of its own,
-        so binds made in it later reach a file daemon that copied the mount table into
-        a namespace of its own (virtiofsd's sandbox)."""
-        self.shared_dir.mkdir()
-        if propagate:
-            self._record_mount(str(self.shared_dir))
-            self.mounts.bind_mount(str(self.shared_dir), str(self.shared_dir), recursive=False)
-            self.mounts.make_shared(str(self.shared_dir))
+    @property
+    def source_dir(self) -> Path:
+        return self.shared_dir.with_name("mounts")
+
+    def create(self) -> None:
+        """Make the two views: the source a shared mount of its own (nodev, nosuid),
+        the VM's view a read-only slave bind of it."""
+        source, view = str(self.source_dir), str(self.shared_dir)
+        self.source_dir.mkdir(mode=0o755)
+        self.shared_dir.mkdir(mode=0o755)
+        self._record_mount(source)
+        self.mounts.bind_mount(source, source, recursive=False)
+        self.mounts.make_shared(source)
+        self._record_mount(view)
+        self.mounts.bind_mount(source, view, readonly=True, recursive=False)
+        self.mounts.make_slave(view)
 
     def close(self) -> None:
-        """Undo ``create``'s mount of the shared directory (the containers' binds are
-        gone by now; ``state.release`` unmounts whatever a failure left)."""
-        me = str(self.shared_dir)
-        if me in self.record.mounts:
-            with contextlib.suppress(OSError):
-                if self.mounts.is_mountpoint(me):
-                    self.mounts.umount(me, lazy=True)
-            self.record.mounts.remove(me)
+        """Undo ``create``'s mounts (the containers' binds are gone by now;
+        ``state.release`` unmounts whatever a failure left)."""
+        for me in (str(self.shared_dir), str(self.source_dir)):
+            if me in self.record.mounts:
+                with contextlib.suppress(OSError):
+                    if self.mounts.is_mountpoint(me):
+                        self.mounts.umount(me, lazy=True)
+                self.record.mounts.remove(me)
 
     def _record_mount(self, target: str) -> None:
         self.record.mounts.append(target)
@@ -166,7 +185,7 @@ class PodShare:
         """Bind ``rootfs`` into the share; returns where the guest sees it."""
         if not rootfs.is_dir():
             raise NotFound(f"rootfs {rootfs} is not a directory")
-        target = self.shared_dir / container_id / "rootfs"
+        target = self.source_dir / container_id / "rootfs"
         made = self._made.setdefault(container_id, [])
         target.mkdir(parents=True)
         self.record.containers.append(container_id)
@@ -188,7 +207,7 @@ class PodShare:
         for ``unshare``."""
         plan = plan_mounts(mounts, probe, self.own_dirs)
         made = self._made.setdefault(container_id, [])
-        container_dir = self.shared_dir / container_id
+        container_dir = self.source_dir / container_id
         for b in plan.binds:
             target = Path(b.host_target(str(container_dir)))
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -219,7 +238,7 @@ class PodShare:
                 self.record.mounts.remove(m)
         if container_id in self.record.containers:
             self.record.containers.remove(container_id)
-        remove_unmounted(self.shared_dir / container_id)
+        remove_unmounted(self.source_dir / container_id)
         if save:
             with contextlib.suppress(OSError):
                 self.record.save()

@@ -1,4 +1,11 @@
-"""asyncio ttrpc client: many concurrent calls multiplexed over one connection."""
+"""asyncio ttrpc client: many concurrent calls multiplexed over one connection.
+
+The server may be untrusted (the guest agent): anything no conforming server sends (a
+frame of another type than a response, a response on a stream no request opened or
+answered already, an oversize or garbled response) is a protocol violation. The
+client then closes the connection, failing every pending call, and logs one line:
+never a line per frame, never a read of an oversize frame's body.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from carapace.ttrpc.wire import (
     MAX_MESSAGE_SIZE,
     MSG_REQUEST,
     MSG_RESPONSE,
+    Frame,
+    ProtocolError,
     encode_frame,
     oversize_message,
     read_frame,
@@ -44,6 +53,11 @@ class Client:
         self._write_lock = asyncio.Lock()
         self._closed = False
         self._closed_event = asyncio.Event()
+        #: Calls given up on (deadline, cancellation) while their response was due: as
+        #: many late responses may come and are dropped; any other is a violation.
+        self._abandoned = 0
+        #: Why the connection was closed, when the peer broke the protocol.
+        self.violation = ""
         self._reader_task = loop.create_task(self._read_loop(), name="ttrpc-client-reader")
 
     @classmethod
@@ -56,6 +70,10 @@ class Client:
     def closed(self) -> bool:
         """True once the connection is closed (by close() or by the peer)."""
         return self._closed
+
+    def _closed_error(self) -> TtrpcError:
+        why = f": the peer broke the protocol ({self.violation})" if self.violation else ""
+        return TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE + why)
 
     async def call(
         self,
@@ -90,7 +108,7 @@ class Client:
     ) -> bytes:
         """Call service/method with a raw payload, returning the raw reply payload."""
         if self._closed:
-            raise TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE)
+            raise self._closed_error()
         if timeout is not None and timeout <= 0:
             raise TtrpcError(Code.DEADLINE_EXCEEDED, f"{service}/{method}: deadline exceeded")
         request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
@@ -123,7 +141,8 @@ class Client:
                 ) from None
             raise
         finally:
-            self._pending.pop(stream_id, None)
+            if self._pending.pop(stream_id, None) is not None and not self._closed:
+                self._abandoned += 1  # its response may still come: not a violation
             if not future.done():
                 future.cancel()
             elif not future.cancelled():
@@ -135,7 +154,7 @@ class Client:
     async def _send(self, frame: bytes) -> None:
         async with self._write_lock:
             if self._closed or self._writer.is_closing():
-                raise TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE)
+                raise self._closed_error()
             try:
                 self._writer.write(frame)
                 await self._writer.drain()
@@ -145,36 +164,44 @@ class Client:
     async def _read_loop(self) -> None:
         try:
             while True:
-                frame = await read_frame(self._reader)
-                if frame.msg_type != MSG_RESPONSE:
-                    log.warning(
-                        "ttrpc client: ignoring message type %d on stream %d",
-                        frame.msg_type,
-                        frame.stream_id,
-                    )
-                    continue
-                future = self._pending.pop(frame.stream_id, None)
-                if future is None or future.done():
-                    log.debug("ttrpc client: dropping response for stream %d", frame.stream_id)
-                    continue
-                if frame.payload is None:
-                    future.set_exception(
-                        TtrpcError(Code.RESOURCE_EXHAUSTED, oversize_message(frame.length))
-                    )
-                    continue
-                response = ttrpc_pb2.Response()
-                try:
-                    response.ParseFromString(frame.payload)
-                except DecodeError as e:
-                    future.set_exception(TtrpcError(Code.INTERNAL, f"invalid ttrpc response: {e}"))
-                    continue
-                future.set_result(response)
+                self._dispatch(await read_frame(self._reader, discard_oversize=False))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except ProtocolError as e:
+            self.violation = str(e)
+            log.warning("ttrpc client: closing the connection, the peer broke the protocol: %s", e)
         except Exception:
             log.exception("ttrpc client: reader failed")
         finally:
             self._shutdown()
+
+    def _dispatch(self, frame: Frame) -> None:
+        """Hand a response to its call; raises ProtocolError for anything else."""
+        sid = frame.stream_id
+        if frame.msg_type != MSG_RESPONSE:
+            raise ProtocolError(
+                f"a message of type {frame.msg_type} on stream {sid}; a server sends only "
+                f"responses (type {MSG_RESPONSE})"
+            )
+        if sid % 2 == 0 or sid >= self._next_stream_id:
+            raise ProtocolError(f"a response on stream {sid}, which no request opened")
+        future = self._pending.pop(sid, None)
+        if future is None:
+            if self._abandoned == 0:
+                raise ProtocolError(f"a response on stream {sid}, which was answered already")
+            self._abandoned -= 1  # the late answer of a call given up on
+            log.debug("ttrpc client: dropping the late response on stream %d", sid)
+            return
+        if future.done():  # cancelled a moment ago: its call no longer waits
+            return
+        assert frame.payload is not None  # oversize frames raised in read_frame
+        response = ttrpc_pb2.Response()
+        try:
+            response.ParseFromString(frame.payload)
+        except DecodeError as e:
+            future.set_exception(TtrpcError(Code.INTERNAL, f"invalid ttrpc response: {e}"))
+            raise ProtocolError(f"an invalid response on stream {sid}: {e}") from e
+        future.set_result(response)
 
     def _shutdown(self) -> None:
         self._closed = True
@@ -182,7 +209,7 @@ class Client:
         self._pending.clear()
         for future in pending:
             if not future.done():
-                future.set_exception(TtrpcError(Code.UNAVAILABLE, _CLOSED_MESSAGE))
+                future.set_exception(self._closed_error())
         self._writer.close()
         self._closed_event.set()
 

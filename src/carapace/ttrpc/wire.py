@@ -22,6 +22,11 @@ _HEADER = struct.Struct(">IIBB")
 _DISCARD_CHUNK = 64 << 10
 
 
+class ProtocolError(Exception):
+    """The peer sent what no conforming peer sends (an oversize or garbled frame, a
+    message of the wrong type, a response to no request): the connection is broken."""
+
+
 class Frame(NamedTuple):
     """One frame as read off the wire.
 
@@ -60,14 +65,17 @@ def encode_frame(stream_id: int, msg_type: int, payload: bytes) -> bytes:
     return encode_header(len(payload), stream_id, msg_type) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
+async def read_frame(reader: asyncio.StreamReader, discard_oversize: bool = True) -> Frame:
     """Read one frame.
 
     Returns ``Frame(length, stream_id, msg_type, payload)``. An oversize payload
     is consumed and dropped (so the stream stays in sync) and reported as
-    ``payload=None``. Raises asyncio.IncompleteReadError on EOF.
+    ``payload=None``; with ``discard_oversize=False`` it is a ``ProtocolError``
+    instead, raised before any of it is read. Raises asyncio.IncompleteReadError on EOF.
     """
     length, stream_id, msg_type, _flags = decode_header(await reader.readexactly(HEADER_SIZE))
+    if length > MAX_MESSAGE_SIZE and not discard_oversize:
+        raise ProtocolError(f"a frame on stream {stream_id}: {oversize_message(length)}")
     if length > MAX_MESSAGE_SIZE:
         remaining = length
         while remaining:
