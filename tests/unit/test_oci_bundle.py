@@ -85,7 +85,7 @@ def test_a_rootfs_that_is_the_host_is_refused(tmp_path: Path, root: str, inside:
     spec["root"]["path"] = root
     bundle = make_bundle(tmp_path, spec, rootfs=None)
     (bundle / "link-to-root").symlink_to("/")
-    with pytest.raises(InvalidArgument, match="root.path"):
+    with pytest.raises(InvalidArgument, match=r"root\.path"):
         Bundle.load(bundle, check_rootfs=False, rootfs_inside=inside)
 
 
