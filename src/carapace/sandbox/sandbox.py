@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 from carapace import hypervisor
 from carapace.agent.client import AgentClient
 from carapace.config import Config
+from carapace.daemons import CAP_MKNOD, drop_capabilities
 from carapace.errors import (
     AlreadyExists,
     CarapaceError,
@@ -228,6 +229,7 @@ class Sandbox(ContainerVerbs):
             # the VM is in the sandbox's cgroup and has its files limit from its first
             # instruction on
             vm.pre_exec.append(self.placement.join_vm())
+            vm.pre_exec.append(drop_capabilities(CAP_MKNOD))
             if self.plan.files_limit is not None:
                 vm.pre_exec.append(_nofile_setter(self.plan.files_limit))
             self.record.qemu_pid = await vm.start()
