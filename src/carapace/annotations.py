@@ -49,12 +49,12 @@ from carapace.protocols.contract import (
 #: The annotations the allow-list governs (those carapace acts on that a pod can
 #: set), and what each does.
 GOVERNED: dict[str, str] = {
-    SANDBOX_CPU: "the pod VM's CPUs (openEuler)",
-    SANDBOX_MEM: "the pod VM's memory (openEuler)",
-    BLKIO_CGROUP: "block I/O limits of host block devices in the host cgroup (openEuler)",
-    FILES_LIMIT: "QEMU's open files limit on the host (openEuler)",
-    KATA_VCPUS: "the pod VM's vCPUs (Kata)",
-    KATA_MEMORY: "the pod VM's memory in MiB (Kata)",
+    SANDBOX_CPU: "openEuler's: the pod VM's CPUs",
+    SANDBOX_MEM: "openEuler's: the pod VM's memory",
+    BLKIO_CGROUP: "openEuler's: block I/O limits of host block devices in the host cgroup",
+    FILES_LIMIT: "openEuler's: QEMU's open files limit on the host",
+    KATA_VCPUS: "Kata's: the pod VM's vCPUs",
+    KATA_MEMORY: "Kata's: the pod VM's memory in MiB",
 }
 #: The namespaces whose base names the patterns match (Kata matches the part after its
 #: hypervisor prefix; openEuler's keys live under virtcontainers').
@@ -78,8 +78,8 @@ def compile_patterns(patterns: Iterable[object], where: str) -> list[re.Pattern[
     for i, p in enumerate(patterns):
         if not isinstance(p, str):
             raise InvalidArgument(
-                f"{where}[{i}]: {shown(p)} is a {type(p).__name__}; accepted: a string "
-                "holding a regular expression over annotation names"
+                f"{where}[{i}]: {shown(p)} is not a string; accepted: a string holding a "
+                "regular expression over annotation names"
             )
         try:
             out.append(re.compile(p))
@@ -107,10 +107,9 @@ def check_enabled(
         if key in annotations and not is_enabled(key, patterns):
             listed = "[" + ", ".join(repr(p) for p in enable) + "]"
             raise InvalidArgument(
-                f"{owner}: annotation {key}={shown(annotations[key])} ({GOVERNED[key]}) is "
-                f"not enabled on this host: configuration [hypervisor] enable_annotations = "
-                f"{listed} does not match it; accepted: annotations that list matches "
-                f"(the default: {', '.join(repr(p) for p in DEFAULT_ENABLE_ANNOTATIONS)}); "
-                f"an administrator enables this one by adding e.g. "
+                f"{owner}: annotation {key}={shown(annotations[key])} is not enabled on this "
+                f"host ({GOVERNED[key]}): configuration [hypervisor] enable_annotations = "
+                f"{listed} does not match it; accepted: annotations that list matches; an "
+                f"administrator enables this one by adding e.g. "
                 f"'^{re.escape(base_name(key))}$' to it"
             )

@@ -3,16 +3,13 @@
 The rules are openEuler's for secure containers ("Configuring Resources for a Secure
 Container") and Kubernetes' sizing:
 
-* **The pod VM's size** comes from, lowest precedence first: configuration.toml
-  (``default_vcpus``, ``default_memory``); containerd's sizing annotations
-  (``io.kubernetes.cri.sandbox-cpu-quota/period``, ``io.kubernetes.cri.sandbox-memory``:
-  the sum of the pod's container limits) which can only grow the VM beyond the default,
-  since the default vCPU and memory of the pause container are shared with the pod's
-  containers; Kata's ``io.katacontainers.config.hypervisor.default_vcpus/default_memory``;
-  and ``com.github.containers.virtcontainers.sandbox_cpu/sandbox_mem``, which set the VM
-  size outright. CPU: at least 0.5, at most the host's usable CPUs (isolated cores
-  excluded); a fractional amount boots ceil(n) vCPUs whose host threads are capped to n
-  CPUs of time. Memory: default 1G, at least 1G, at most 256G.
+* **The pod VM's size** (carapace.vmsize, re-exported here) comes from, lowest
+  precedence first: configuration.toml (``default_vcpus``, ``default_memory``);
+  containerd's sizing annotations; Kata's ``default_vcpus/default_memory``; openEuler's
+  ``sandbox_cpu/sandbox_mem``; the caller's flags. CPU: at least 0.5, memory at least 1G
+  (default 1G); at most the ``SizeCap``: by default the host's usable CPUs (isolated
+  cores excluded) and memory, never above 256G. Which of these annotations a pod may
+  use at all is the configuration's ``enable_annotations`` (carapace.annotations).
 * **Sandbox-only annotations** (sandbox_cpu, sandbox_mem, blkio_cgroup, files_limit)
   belong to the pause container; on another container they are an error unless they
   repeat the pod's value (containerd's CRI copies pod annotations to every container).
@@ -30,15 +27,15 @@ Container") and Kubernetes' sizing:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from carapace.errors import InvalidArgument
+from carapace.errors import InvalidArgument, shown
 from carapace.hypervisor.base import MEMORY_BLOCK_MIB
 from carapace.protocols.contract import (
     BLKIO_CGROUP,
-    CFS_PERIOD_US,
     CRI_CPU_PERIOD,
     CRI_CPU_QUOTA,
     CRI_CPU_SHARES,
@@ -49,7 +46,19 @@ from carapace.protocols.contract import (
     SANDBOX_CPU,
     SANDBOX_MEM,
 )
-from carapace.sizing import GiB, MiB, format_size, parse_size
+from carapace.sizing import MiB, ascii_int, format_size
+from carapace.vmsize import (
+    DEFAULT_CPU_PERIOD,
+    DEFAULT_MEMORY,
+    MAX_MEMORY,
+    MIN_CPUS,
+    MIN_MEMORY,
+    SandboxSize,
+    SizeCap,
+    cri_workload,
+    sandbox_size,
+    vcpus_for,
+)
 
 if TYPE_CHECKING:
     from carapace.oci.bundle import Namespace
@@ -60,11 +69,20 @@ __all__ = [
     "CRI_CPU_QUOTA",
     "CRI_CPU_SHARES",
     "CRI_MEMORY",
+    "DEFAULT_MEMORY",
     "FILES_LIMIT",
     "KATA_MEMORY",
     "KATA_VCPUS",
+    "MAX_MEMORY",
+    "MIN_CPUS",
+    "MIN_MEMORY",
     "SANDBOX_CPU",
     "SANDBOX_MEM",
+    "SandboxSize",
+    "SizeCap",
+    "cri_workload",
+    "sandbox_size",
+    "vcpus_for",
 ]
 
 # -- annotations (their names are contract constants) --------------------------------
@@ -74,10 +92,6 @@ SANDBOX_ONLY = (SANDBOX_CPU, SANDBOX_MEM, BLKIO_CGROUP, FILES_LIMIT)
 
 # -- limits --------------------------------------------------------------------------
 
-MIN_CPUS = 0.5
-MIN_MEMORY = 1 * GiB
-MAX_MEMORY = 256 * GiB
-DEFAULT_MEMORY = 1 * GiB
 #: Hot-added memory comes in whole guest memory blocks (the hypervisor's block size).
 MEMORY_BLOCK = MEMORY_BLOCK_MIB * MiB
 #: Below this, a files limit is raised to it.
@@ -87,35 +101,6 @@ FILES_LIMIT_DIVISOR = 400
 #: Namespaces a container may not share with the host (the VM has its own kernel).
 HOST_NAMESPACES_REFUSED = ("network", "ipc", "pid", "uts")
 _NS_FLAG = {"network": "--net", "ipc": "--ipc", "pid": "--pid", "uts": "--uts"}
-DEFAULT_CPU_PERIOD = CFS_PERIOD_US
-
-
-@dataclass(frozen=True)
-class SandboxSize:
-    """The pod VM's size and where each part came from (for messages)."""
-
-    cpus: float
-    memory: int  # bytes, a whole number of MiB
-    cpu_source: str = "default"
-    memory_source: str = "default"
-
-    @property
-    def vcpus(self) -> int:
-        """vCPUs to boot: a fractional amount boots ceil(n)."""
-        return vcpus_for(self.cpus)
-
-    @property
-    def cpu_cap(self) -> float | None:
-        """Host CPU time the vCPU threads may use when the amount is fractional."""
-        return None if self.cpus == self.vcpus else self.cpus
-
-    @property
-    def memory_mib(self) -> int:
-        return self.memory // MiB
-
-
-def vcpus_for(cpus: float) -> int:
-    return max(1, math.ceil(round(cpus, 6)))
 
 
 def usable_cpus(affinity: Iterable[int], isolated: str) -> int:
@@ -124,135 +109,42 @@ def usable_cpus(affinity: Iterable[int], isolated: str) -> int:
     return len(set(affinity) - parse_cpu_list(isolated, "isolated CPUs"))
 
 
+#: The largest CPU id (or memory node id) a list may name: Linux's NR_CPUS is at most
+#: 8192. Bounds the list before it is expanded ("0-4294967295" is refused, not built).
+MAX_CPU_ID = 8191
+_CPU_RANGE_RE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", re.ASCII)
+#: The integers OCI writes: signed and unsigned 64 bits.
+INT64 = (-(1 << 63), (1 << 63) - 1)
+UINT64 = (0, (1 << 64) - 1)
+
+
 def parse_cpu_list(text: str, what: str) -> set[int]:
-    """A kernel cpu list (``0-3,5``; empty means none) as a set of ids."""
+    """A kernel cpu list (``0-3,5``; empty means none) as a set of ids (0 to MAX_CPU_ID)."""
+    if not isinstance(text, str):
+        raise InvalidArgument(
+            f"{what}: {shown(text)} is a {type(text).__name__}; accepted: a string of ids "
+            "and ranges such as 0-3,5"
+        )
     out: set[int] = set()
     text = text.strip()
     if not text:
         return out
     for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if sep else a
-        except ValueError:
+        m = _CPU_RANGE_RE.fullmatch(part.strip())
+        if m is None:
             raise InvalidArgument(
-                f"{what}: {text!r} is not a CPU list; accepted: ids and ranges such as 0-3,5"
-            ) from None
-        if a < 0 or b < a:
+                f"{what}: {shown(text)} is not a CPU list; accepted: ids and ranges such as "
+                f"0-3,5 (ids 0 to {MAX_CPU_ID})"
+            )
+        a = int(m[1])
+        b = int(m[2]) if m[2] is not None else a
+        if b < a or b > MAX_CPU_ID:
             raise InvalidArgument(
-                f"{what}: {text!r} has the range {part.strip()!r}; accepted: ascending "
-                "ranges of non-negative ids such as 0-3,5"
+                f"{what}: {shown(text)} has the range {shown(part.strip())}; accepted: "
+                f"ascending ranges of ids 0 to {MAX_CPU_ID} such as 0-3,5"
             )
         out.update(range(a, b + 1))
     return out
-
-
-# -- the pod VM's size ----------------------------------------------------------------
-
-
-def _cpus(value: object, what: str, host_cpus: int) -> float:
-    try:
-        n = float(str(value).strip())
-    except ValueError:
-        n = math.nan
-    if not math.isfinite(n) or n < MIN_CPUS or n > host_cpus:
-        raise InvalidArgument(
-            f"{what}: {value!r} is not a valid CPU amount; accepted: a number from "
-            f"{MIN_CPUS:g} to {host_cpus} (the host's usable CPUs), e.g. 2 or 1.5"
-        )
-    return n
-
-
-def _memory(value: object, what: str, bare_unit: int = 1) -> int:
-    """Bytes from a size; a bare number counts ``bare_unit`` bytes (1, or MiB for Kata)."""
-    text = str(value).strip()
-    try:
-        n = int(text) * bare_unit if text.isdigit() else parse_size(text, what)
-    except InvalidArgument:
-        n = -1
-    if n < MIN_MEMORY or n > MAX_MEMORY:
-        unit = " (a bare number is MiB)" if bare_unit == MiB else ""
-        raise InvalidArgument(
-            f"{what}: {value!r} is not a valid VM memory size; accepted: "
-            f"{format_size(MIN_MEMORY)} to {format_size(MAX_MEMORY)}, written like 1G, "
-            f"2048m or 1073741824{unit}"
-        )
-    return math.ceil(n / MiB) * MiB
-
-
-def _cri_int(annotations: Mapping[str, str], key: str) -> int | None:
-    raw = annotations.get(key)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise InvalidArgument(
-            f"annotation {key}: {raw!r} is not an integer; accepted: an integer as "
-            "containerd writes it"
-        ) from None
-
-
-def cri_workload(annotations: Mapping[str, str]) -> tuple[float | None, int | None]:
-    """The pod's CPUs and memory from containerd's sandbox sizing annotations (the sum
-    of its containers' limits); None where the pod sets no limit."""
-    quota = _cri_int(annotations, CRI_CPU_QUOTA)
-    period = _cri_int(annotations, CRI_CPU_PERIOD)
-    shares = _cri_int(annotations, CRI_CPU_SHARES)
-    memory = _cri_int(annotations, CRI_MEMORY)
-    for key, v in ((CRI_CPU_PERIOD, period), (CRI_CPU_SHARES, shares), (CRI_MEMORY, memory)):
-        if v is not None and v < 0:
-            raise InvalidArgument(f"annotation {key}: {v} is negative; accepted: 0 or more")
-    cpus = None
-    if quota is not None and quota > 0:
-        cpus = quota / (period or DEFAULT_CPU_PERIOD)
-    return cpus, (memory or None)
-
-
-def sandbox_size(
-    annotations: Mapping[str, str],
-    *,
-    default_cpus: float,
-    default_memory_mib: int,
-    host_cpus: int,
-    cpus: float | str | None = None,
-    memory: int | str | None = None,
-) -> SandboxSize:
-    """The pod VM's size from the configuration, the sandbox container's annotations and
-    the caller's own request (``cpus``/``memory``: ``carapace run --cpus/--memory``, the
-    Python API), which like sandbox_cpu/sandbox_mem sets the size outright."""
-    size_cpus = _cpus(default_cpus, "configuration default_vcpus", host_cpus)
-    size_mem = _memory(default_memory_mib, "configuration default_memory", MiB)
-    cpu_src = mem_src = "configuration"
-    cri_cpus, cri_mem = cri_workload(annotations)
-    if cri_cpus is not None and vcpus_for(cri_cpus) > size_cpus:
-        size_cpus = _cpus(
-            vcpus_for(cri_cpus), f"annotations {CRI_CPU_QUOTA}/{CRI_CPU_PERIOD}", host_cpus
-        )
-        cpu_src = "containerd sandbox annotations"
-    if cri_mem is not None and cri_mem > size_mem:
-        size_mem = _memory(cri_mem, f"annotation {CRI_MEMORY}")
-        mem_src = "containerd sandbox annotations"
-    for key, what_cpu in ((KATA_VCPUS, True), (KATA_MEMORY, False)):
-        if key in annotations:
-            if what_cpu:
-                size_cpus, cpu_src = _cpus(annotations[key], f"annotation {key}", host_cpus), key
-            else:
-                size_mem, mem_src = _memory(annotations[key], f"annotation {key}", MiB), key
-    if SANDBOX_CPU in annotations:
-        size_cpus = _cpus(annotations[SANDBOX_CPU], f"annotation {SANDBOX_CPU}", host_cpus)
-        cpu_src = SANDBOX_CPU
-    if SANDBOX_MEM in annotations:
-        size_mem, mem_src = (
-            _memory(annotations[SANDBOX_MEM], f"annotation {SANDBOX_MEM}"),
-            (SANDBOX_MEM),
-        )
-    if cpus is not None:
-        size_cpus, cpu_src = _cpus(cpus, "--cpus", host_cpus), "--cpus"
-    if memory is not None:
-        size_mem, mem_src = _memory(memory, "--memory"), "--memory"
-    return SandboxSize(size_cpus, size_mem, cpu_src, mem_src)
 
 
 def check_sandbox_only(
@@ -263,9 +155,9 @@ def check_sandbox_only(
     for key in SANDBOX_ONLY:
         if key in annotations and annotations[key] != pod.get(key):
             raise InvalidArgument(
-                f"container {container_id}: annotation {key}={annotations[key]!r} can be "
-                "set only on the pod's sandbox (pause) container, where it sizes the VM"
-                + (f" (the pod has {pod[key]!r})" if key in pod else "")
+                f"container {container_id}: annotation {key}={shown(annotations[key])} can "
+                "be set only on the pod's sandbox (pause) container, where it sizes the VM"
+                + (f" (the pod has {shown(pod[key])})" if key in pod else "")
             )
 
 
@@ -312,46 +204,57 @@ class ContainerResources:
     memory: int | None = None  # bytes
 
 
-def _int_field(section: Mapping[str, Any], key: str, what: str) -> int | None:
+def _int_field(
+    section: Mapping[str, Any], key: str, what: str, bounds: tuple[int, int] = INT64
+) -> int | None:
     v = section.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidArgument(f"{what}.{key}: {v!r} is not an integer")
+    lo, hi = bounds
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        why = "out of range" if isinstance(v, int) and not isinstance(v, bool) else "not an integer"
+        raise InvalidArgument(
+            f"{what}.{key}: {shown(v)} is {why}; accepted: an integer from {lo} to {hi}"
+        )
     return v
 
 
-def container_resources(
-    resources: Mapping[str, Any] | None, container_id: str
-) -> ContainerResources:
-    """Parse OCI linux.resources (only what sizing and checks need)."""
-    if not resources:
-        return ContainerResources()
+def _cpu_list(section: Mapping[str, Any], key: str, what: str) -> frozenset[int] | None:
+    v = section.get(key)
+    if v is None or v == "":
+        return None
+    return frozenset(parse_cpu_list(v, what))
+
+
+def container_resources(resources: object, container_id: str) -> ContainerResources:
+    """Parse OCI linux.resources (only what sizing and checks need); anything that is
+    not what OCI says (a type, a value out of its range) raises InvalidArgument."""
     what = f"container {container_id}: linux.resources"
+    if resources is None:
+        return ContainerResources()
+    if not isinstance(resources, Mapping):
+        raise InvalidArgument(f"{what}: {shown(resources)}; accepted: a JSON object")
     cpu = resources.get("cpu")
     mem = resources.get("memory")
     cpu = {} if cpu is None else cpu
     mem = {} if mem is None else mem
-    if not isinstance(cpu, dict) or not isinstance(mem, dict):
-        raise InvalidArgument(f"{what}: cpu and memory must be objects")
+    if not isinstance(cpu, Mapping) or not isinstance(mem, Mapping):
+        raise InvalidArgument(
+            f"{what}: cpu and memory must be objects; seen: cpu {shown(cpu)}, memory {shown(mem)}"
+        )
     quota = _int_field(cpu, "quota", f"{what}.cpu")
-    period = _int_field(cpu, "period", f"{what}.cpu")
-    shares = _int_field(cpu, "shares", f"{what}.cpu")
+    period = _int_field(cpu, "period", f"{what}.cpu", UINT64)
+    shares = _int_field(cpu, "shares", f"{what}.cpu", UINT64)
     limit = _int_field(mem, "limit", f"{what}.memory")
     cpus = None
     if quota is not None and quota > 0:
         if period is not None and period <= 0:
-            raise InvalidArgument(f"{what}.cpu.period: {period} must be positive")
+            raise InvalidArgument(
+                f"{what}.cpu.period: {period} must be positive; accepted: microseconds, 1 or more"
+            )
         cpus = quota / (period or DEFAULT_CPU_PERIOD)
-    cpuset_cpus = cpuset_mems = None
-    if cpu.get("cpus"):
-        cpuset_cpus = frozenset(
-            parse_cpu_list(str(cpu["cpus"]), f"{what}.cpu.cpus (--cpuset-cpus)")
-        )
-    if cpu.get("mems"):
-        cpuset_mems = frozenset(
-            parse_cpu_list(str(cpu["mems"]), f"{what}.cpu.mems (--cpuset-mems)")
-        )
+    cpuset_cpus = _cpu_list(cpu, "cpus", f"{what}.cpu.cpus (--cpuset-cpus)")
+    cpuset_mems = _cpu_list(cpu, "mems", f"{what}.cpu.mems (--cpuset-mems)")
     memory = limit if limit is not None and limit > 0 else None
     return ContainerResources(cpus, shares, cpuset_cpus, cpuset_mems, memory)
 
@@ -441,7 +344,7 @@ def pod_limits(containers: Iterable[ContainerResources]) -> tuple[float | None, 
 # -- the hypervisor's open files -------------------------------------------------------------
 
 
-def files_limit_value(asked: int | None, annotations: Mapping[str, str]) -> int | None:
+def files_limit_value(asked: int | None, annotations: Mapping[str, object]) -> int | None:
     """The files limit asked for: ``asked`` (the spec's ``linux.resources.files.limit``,
     as openEuler's ``--files-limit`` carries it, checked by the OCI edge) or the
     files_limit annotation."""
@@ -450,13 +353,10 @@ def files_limit_value(asked: int | None, annotations: Mapping[str, str]) -> int 
     if FILES_LIMIT not in annotations:
         return None
     raw, what = annotations[FILES_LIMIT], f"annotation {FILES_LIMIT}"
-    try:
-        n = int(str(raw).strip())
-    except ValueError:
-        n = -1
-    if n < 0:
+    n = ascii_int(raw) if isinstance(raw, str) else None
+    if n is None or n < 0:
         raise InvalidArgument(
-            f"{what}: {raw!r} is not a valid files limit; accepted: 0 (fs.file-max / "
+            f"{what}: {shown(raw)} is not a valid files limit; accepted: 0 (fs.file-max / "
             f"{FILES_LIMIT_DIVISOR}) or a positive number of open files"
         )
     return n

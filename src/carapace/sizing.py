@@ -51,6 +51,21 @@ def parse_size(value: str | int, what: str = "size") -> int:
     return n
 
 
+def ascii_int(raw: object, digits: int = 20) -> int | None:
+    """An integer from a string of ASCII digits with an optional sign and at most
+    ``digits`` digits (``int()`` would also take other scripts' digits and thousands of
+    them); an int as it is; None for anything else (a bool, a float, other text)."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if not isinstance(raw, str):
+        return None
+    text = raw.strip()
+    body = text[1:] if text[:1] in "+-" else text
+    if not body.isascii() or not body.isdigit() or len(body) > digits:
+        return None
+    return int(text)
+
+
 def format_size(n: int) -> str:
     for unit, size in (("G", GiB), ("M", MiB), ("K", 1 << 10)):
         if n >= size and n % size == 0:

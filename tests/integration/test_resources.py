@@ -33,6 +33,18 @@ T = TypeVar("T")
 CGROUP = Path("/sys/fs/cgroup")
 
 
+def enabling(*patterns: str) -> Config:
+    """The host's configuration with these annotations enabled too (blkio_cgroup,
+    files_limit and Kata's are off by default)."""
+    cfg = load_config()
+    enable = [*cfg.hypervisor.enable_annotations, *patterns]
+    cfg.hypervisor = dataclasses.replace(cfg.hypervisor, enable_annotations=enable)
+    return cfg
+
+
+ALL_ANNOTATIONS = ("blkio_cgroup", "files_limit", "default_vcpus", "default_memory")
+
+
 def call(sb: carapace.Sandbox, coro: Coroutine[Any, Any, T]) -> T:
     return sb._call(coro)
 
@@ -113,6 +125,7 @@ def test_seed_half_a_cpu_boots_one_vcpu_capped_on_the_host() -> None:
             "/dev/null",
         ),
         ({r.FILES_LIMIT: "-1"}, r.FILES_LIMIT),
+        ({r.SANDBOX_MEM: "256G"}, "at most"),  # more than this host has
     ],
 )
 def test_bad_sandbox_annotations_refused_before_anything_exists(
@@ -122,8 +135,17 @@ def test_bad_sandbox_annotations_refused_before_anything_exists(
         ann = {r.SANDBOX_CPU: str(len(os.sched_getaffinity(0)) + 1)}
     qemus = qemu_pids()
     with pytest.raises(InvalidArgument) as e:
-        carapace.Sandbox(sandbox_id="bad-ann", annotations=ann)
+        carapace.Sandbox(sandbox_id="bad-ann", annotations=ann, config=enabling(*ALL_ANNOTATIONS))
     assert needle in str(e.value)
+    assert qemu_pids() == qemus
+    nothing_of("bad-ann")
+
+
+def test_annotations_not_enabled_are_refused_before_anything_exists() -> None:
+    qemus = qemu_pids()
+    with pytest.raises(InvalidArgument) as e:
+        carapace.Sandbox(sandbox_id="bad-ann", annotations={r.FILES_LIMIT: "4096"})
+    assert r.FILES_LIMIT in str(e.value) and "enable_annotations" in str(e.value)
     assert qemu_pids() == qemus
     nothing_of("bad-ann")
 
@@ -274,7 +296,7 @@ def test_seed_blkio_cgroup_limits_in_the_host_cgroup() -> None:
             ]
         }
     )
-    with carapace.Sandbox(annotations={r.BLKIO_CGROUP: value}) as sb:
+    with carapace.Sandbox(annotations={r.BLKIO_CGROUP: value}, config=enabling("blkio")) as sb:
         cg = sandbox_cgroup(sb, "blkio")
         assert str(sb.qemu_pid) in (cg / "cgroup.procs").read_text().split()
         bps = str(400 << 20)
@@ -306,7 +328,7 @@ def test_seed_files_limit_on_the_qemu_process(value: str, expected: int | None) 
         from carapace import hostinfo
 
         expected = min(max(hostinfo.file_max() // 400, 1024), hostinfo.nofile_cap())
-    with carapace.Sandbox(annotations={r.FILES_LIMIT: value}) as sb:
+    with carapace.Sandbox(annotations={r.FILES_LIMIT: value}, config=enabling("files")) as sb:
         assert nofile(sb.qemu_pid) == (expected, expected)
 
 

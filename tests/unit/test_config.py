@@ -276,3 +276,45 @@ def test_shared_fs_default_and_refused() -> None:
     assert parse_config("").hypervisor.shared_fs == "virtio-fs"
     with pytest.raises(InvalidArgument, match="shared_fs: '9p'; accepted: virtio-fs, virtio-9p"):
         parse_config("[hypervisor]\nshared_fs = '9p'\n")
+
+
+# -- hostile or mistaken values (issue 14) -------------------------------------------------
+
+
+def test_enable_annotations_default_is_openeulers_sizing_keys() -> None:
+    assert Config().hypervisor.enable_annotations == ["^sandbox_cpu$", "^sandbox_mem$"]
+    cfg = parse_config('[hypervisor]\nenable_annotations = ["files_limit", "^default_"]\n')
+    assert cfg.hypervisor.enable_annotations == ["files_limit", "^default_"]
+    assert (
+        parse_config("[hypervisor]\nenable_annotations = []\n").hypervisor.enable_annotations == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "seen"),
+    [
+        ('enable_annotations = ["("]', "enable_annotations[0]: '('"),
+        ('enable_annotations = ["a{4294967296}"]', "not a regular expression"),
+        ("enable_annotations = [1]", "enable_annotations[0]: 1 is not a string"),
+        ('enable_annotations = "sandbox_cpu"', "is a str; expected a list"),
+        ("default_vcpus = 1e400", "accepted: a finite number"),
+        ("default_vcpus = nan", "accepted: a finite number"),
+        ("default_memory = 99999999999999999999", "accepted: a 64-bit integer"),
+        ("boot_timeout = -1.0", "a positive number of seconds"),
+        ('kernel_params = "a\\u0000b"', "NUL"),
+    ],
+)
+def test_hostile_values_are_refused_naming_the_key(toml: str, seen: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        parse_config(f"[hypervisor]\n{toml}\n")
+    assert seen in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[hypervisor]\ndefault_memory = " + "9" * 5000, "a = " + "[" * 5000],
+)
+def test_toml_that_python_cannot_read_is_invalid_argument(text: str) -> None:
+    # before: ValueError (an int of 5000 digits) and RecursionError escaped
+    with pytest.raises(InvalidArgument, match="not valid TOML"):
+        parse_config(text)

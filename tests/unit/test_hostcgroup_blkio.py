@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from carapace.errors import InvalidArgument
+from carapace.errors import InvalidArgument, shown
 from carapace.hostcgroup import (
     BLKIO_CGROUP_ANNOTATION,
     BlkioItem,
@@ -93,9 +93,10 @@ def lim(kind: object, value: object) -> str:
         ('{"blkiocgroup": [{"path": "/dev/vda"}]}', "limits is null", "non-empty list"),
         ('{"blkiocgroup": [{"path": "/dev/vda", "limits": []}]}', "limits is []", "non-empty"),
         ('{"blkiocgroup": [{"path": "/dev/vda", "limits": {}}]}', "limits is {}", "non-empty list"),
-        ('{"blkiocgroup": [{"path": 7, "limits": []}]}', "path is 7", "absolute device path"),
-        ('{"blkiocgroup": [{"path": "", "limits": []}]}', "path is ''", "absolute device path"),
-        ('{"blkiocgroup": [{"path": "dev/vda", "limits": []}]}', "'dev/vda'", "absolute"),
+        ('{"blkiocgroup": [{"path": 7, "limits": []}]}', "path is 7", "under /dev"),
+        ('{"blkiocgroup": [{"path": "", "limits": []}]}', "path is ''", "under /dev"),
+        ('{"blkiocgroup": [{"path": "dev/vda", "limits": []}]}', "'dev/vda'", "under /dev"),
+        ('{"blkiocgroup": [{"path": "/etc/shadow", "limits": []}]}', "'/etc/shadow'", "/dev"),
         (lim("throttle_read", 1), "unknown type 'throttle_read'", "throttle_read_bps, "),
         (lim(5, 1), "unknown type 5", "blkio_leaf_weight"),
         (lim("throttle_read_bps", -1), "value -1", "non-negative integer"),
@@ -164,33 +165,84 @@ def block_device() -> str:
     pytest.skip("no block device on this machine")
 
 
+def dev_tree(tmp_path: Path) -> tuple[Path, Device]:
+    """A /dev of the test's own: a block device node ``vdz`` (7:99) and a symlink to it
+    under disk/by-id, as udev makes them."""
+    dev = tmp_path / "dev"
+    (dev / "disk" / "by-id").mkdir(parents=True)
+    try:
+        os.mknod(dev / "vdz", stat.S_IFBLK | 0o600, os.makedev(7, 99))
+    except PermissionError:
+        pytest.skip("cannot make a device node here")
+    (dev / "disk" / "by-id" / "virtio-x").symlink_to("../../vdz")
+    return dev, Device(7, 99)
+
+
 def test_resolve_devices_gives_major_minor(tmp_path: Path) -> None:
-    dev = block_device()
-    st = os.stat(dev)
-    link = tmp_path / "disk-by-id"
-    link.symlink_to(dev)
-    items = [BlkioItem(str(link), THROTTLES), BlkioItem(None, (BlkioLimit("blkio_weight", 78),))]
-    resolved = resolve_devices(items, sys_root=str(tmp_path))
+    dev, vdz = dev_tree(tmp_path)
+    link = str(dev / "disk" / "by-id" / "virtio-x")
+    weight = (BlkioLimit("blkio_weight", 78),)
+    items = [BlkioItem(link, THROTTLES), BlkioItem(None, weight)]
+    resolved = resolve_devices(items, sys_root=str(tmp_path), dev_root=str(dev))
     assert resolved == [
-        ResolvedBlkioItem(str(link), Device(os.major(st.st_rdev), os.minor(st.st_rdev)), THROTTLES),
-        ResolvedBlkioItem(None, None, (BlkioLimit("blkio_weight", 78),)),
+        ResolvedBlkioItem(link, vdz, THROTTLES),
+        ResolvedBlkioItem(None, None, weight),
     ]
 
 
-def test_resolve_devices_refuses_missing_non_block_and_partitions(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match=r"device '/nonexistent/sdz' cannot be used: No such"):
-        resolve_devices([BlkioItem("/nonexistent/sdz", THROTTLES)])
-    with pytest.raises(InvalidArgument, match=r"'/dev/null' is not a block device \(mode c"):
+def test_resolve_devices_takes_the_hosts_dev() -> None:
+    disk = block_device()
+    st = os.stat(disk)
+    got = resolve_devices([BlkioItem(disk, THROTTLES)], sys_root="/nonexistent")
+    assert got[0].device == Device(os.major(st.st_rdev), os.minor(st.st_rdev))
+
+
+def test_resolve_devices_reveals_nothing_of_host_files(tmp_path: Path) -> None:
+    # before: "'/etc/shadow' is not a block device (mode -rw-r-----)", and "No such file
+    # or directory" for a missing path: the pod could probe any host path's existence,
+    # type and mode. Now only block devices under /dev are looked at, and every refusal
+    # reads the same whatever the host has at the path.
+    dev, _ = dev_tree(tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    secret.chmod(0o640)
+    (dev / "evil").symlink_to(secret)  # a symlink under /dev that leaves it
+    (dev / "fifo").mkdir()
+    paths = [
+        "/etc/shadow",
+        "/nonexistent/sdz",
+        str(secret),
+        str(tmp_path / "missing"),
+        str(dev / "evil"),
+        str(dev / "fifo"),
+        str(dev / "missing"),
+        str(dev / ".." / "secret"),
+        str(dev) + "/vdz\x00",
+    ]
+    messages = []
+    for path in paths:
+        with pytest.raises(InvalidArgument) as e:
+            resolve_devices([BlkioItem(path, THROTTLES)], dev_root=str(dev))
+        msg = str(e.value)
+        assert "mode" not in msg and "-rw" not in msg and "No such" not in msg
+        assert "not a block device under /dev" in msg
+        messages.append(msg.replace(shown(path), "PATH"))
+    assert len(set(messages)) == 1, messages
+    # the host's own /dev: a character device is refused the same way
+    with pytest.raises(InvalidArgument) as e:
         resolve_devices([BlkioItem("/dev/null", THROTTLES)])
-    with pytest.raises(InvalidArgument, match="is not a block device"):
-        resolve_devices([BlkioItem(str(tmp_path), THROTTLES)])
-    dev = block_device()
-    st = os.stat(dev)
-    part = tmp_path / "dev" / "block" / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    assert str(e.value).replace("'/dev/null'", "PATH") == messages[0]
+
+
+def test_resolve_devices_refuses_partitions(tmp_path: Path) -> None:
+    dev, vdz = dev_tree(tmp_path)
+    part = tmp_path / "dev" / "block" / str(vdz)
     part.mkdir(parents=True)
     (part / "partition").write_text("1\n")
     with pytest.raises(InvalidArgument, match="is a partition"):
-        resolve_devices([BlkioItem(dev, THROTTLES)], sys_root=str(tmp_path))
+        resolve_devices(
+            [BlkioItem(str(dev / "vdz"), THROTTLES)], sys_root=str(tmp_path), dev_root=str(dev)
+        )
 
 
 # ------------------------------------------------------------------ file lines

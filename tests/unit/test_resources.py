@@ -16,7 +16,11 @@ HOST = 8  # usable host CPUs in these tables
 
 
 def size(annotations: dict[str, str] | None = None, **kw: object) -> r.SandboxSize:
-    args: dict[str, object] = {"default_cpus": 1, "default_memory_mib": 1024, "host_cpus": HOST}
+    args: dict[str, object] = {
+        "default_cpus": 1,
+        "default_memory_mib": 1024,
+        "cap": r.SizeCap(HOST),
+    }
     args.update(kw)
     return r.sandbox_size(annotations or {}, **args)  # type: ignore[arg-type]
 
@@ -91,6 +95,31 @@ def test_cpu_list_malformed(text: str) -> None:
     assert repr(text) in bad(r.parse_cpu_list, text, "--cpuset-cpus")
 
 
+def test_cpu_lists_are_bounded_before_they_are_expanded() -> None:
+    # before: "0-4294967295" built a set of 4 billion ids (MemoryError)
+    msg = bad(r.parse_cpu_list, "0-4294967295", "--cpuset-cpus")
+    assert "'0-4294967295'" in msg and "ids 0 to 8191" in msg
+    assert "'8192'" in bad(r.parse_cpu_list, "8192", "x")
+    assert r.parse_cpu_list("8190-8191", "x") == {8190, 8191}
+    assert "a list" in bad(r.parse_cpu_list, ["0"], "x")  # not a string
+    assert "'٣'" in bad(r.parse_cpu_list, "٣", "x")  # other scripts' digits
+
+
+@pytest.mark.parametrize(
+    ("res", "needle"),
+    [
+        ({"cpu": {"quota": 10**400}}, "cpu.quota: 1000000000"),  # before: OverflowError
+        ({"cpu": {"quota": 1000, "period": 2**64}}, "cpu.period"),
+        ({"memory": {"limit": -(2**63) - 1}}, "memory.limit"),
+        ([{"cpu": {}}], "a JSON object"),  # before: AttributeError
+        ({"cpu": {"cpus": 3}}, "cpu.cpus"),
+    ],
+)
+def test_container_resources_out_of_range(res: object, needle: str) -> None:
+    msg = bad(r.container_resources, res, "c")
+    assert needle in msg and "accepted" in msg and len(msg) < 300
+
+
 # -- "sandbox_mem=4G" / "minimum memory size of a pod ... is 1 GB, maximum 256 GB" ------
 
 
@@ -114,6 +143,28 @@ def test_seed_sandbox_mem_sizes(value: str, nbytes: int) -> None:
 def test_seed_sandbox_mem_out_of_range_or_malformed(value: str) -> None:
     msg = bad(size, {r.SANDBOX_MEM: value})
     assert r.SANDBOX_MEM in msg and repr(value) in msg and "1G to 256G" in msg
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["9" * 400 + "G", "9" * 5000, "²", "٣G", 3, ["1G"], None, 1.5, "1e400"],
+)
+def test_hostile_sandbox_mem_is_refused_with_a_short_message(value: object) -> None:
+    # before: OverflowError ("9"*400+"G"), ValueError ("²", 5000 digits), AttributeError
+    msg = bad(size, {r.SANDBOX_MEM: value})
+    assert r.SANDBOX_MEM in msg and "accepted" in msg and len(msg) < 400
+
+
+def test_a_size_above_the_cap_names_the_cap() -> None:
+    cap = r.SizeCap(2, 4 * GiB, "the host's usable CPUs", "the host's memory")
+    msg = bad(size, {r.SANDBOX_MEM: "8G"}, cap=cap)
+    assert "'8G'" in msg and "at most 4G (the host's memory)" in msg
+    msg = bad(size, {r.CRI_MEMORY: str(8 * GiB)}, cap=cap)
+    assert r.CRI_MEMORY in msg and "at most 4G" in msg
+    msg = bad(size, {r.KATA_VCPUS: "3"}, cap=cap)
+    assert "'3'" in msg and "at most 2 (the host's usable CPUs)" in msg
+    assert "1G to 256G" in bad(size, {r.SANDBOX_MEM: "512m"}, cap=cap)
+    assert size({r.SANDBOX_MEM: "4G", r.SANDBOX_CPU: "2"}, cap=cap).memory == 4 * GiB
 
 
 def test_configured_defaults_are_checked_too() -> None:

@@ -399,6 +399,29 @@ def test_sandbox_only_annotations_are_refused_on_other_containers(rig: Rig) -> N
     run(go())
 
 
+def test_container_and_exec_ids_with_a_trailing_newline_are_refused(rig: Rig) -> None:
+    # ``ID_RE.match`` with ``$`` took "abc\n" (issue 14): refused before the agent is asked
+    async def go() -> None:
+        sb = rig.sandbox(sandbox_id="pod6")
+        await sb.start()
+        try:
+            rootfs = rig.tmp / "image" / "rootfs"
+            with pytest.raises(InvalidArgument, match=r"^container id 'abc\\n'"):
+                await sb.create_container("abc\n", spec(), rootfs)
+            assert rig.agent.containers == {}
+            await sb.create_container("c1", spec(), rootfs)
+            calls = list(rig.agent.calls)
+            with pytest.raises(InvalidArgument, match=r"^exec id 'abc\\n'"):
+                await sb.start_exec("c1", "abc\n", {"args": ["true"]})
+            with pytest.raises(InvalidArgument, match=r"^exec id 'abc\\n'"):
+                await sb.exec("c1", "abc\n", {"args": ["true"]})
+            assert rig.agent.calls == calls
+        finally:
+            await sb.destroy()
+
+    run(go())
+
+
 def test_a_lost_vm_is_seen_by_wait_vm(rig: Rig) -> None:
     async def go() -> None:
         sb = rig.sandbox(sandbox_id="pod5")

@@ -60,9 +60,7 @@ class HypervisorConfig:
     #: The pod annotations carapace honours (Kata's allow-list): regular expressions
     #: over the annotation names carapace acts on (see carapace.annotations); a pod
     #: carrying one that no expression matches is refused.
-    enable_annotations: list[str] = field(
-        default_factory=lambda: list(DEFAULT_ENABLE_ANNOTATIONS)
-    )
+    enable_annotations: list[str] = field(default_factory=lambda: list(DEFAULT_ENABLE_ANNOTATIONS))
 
 
 @dataclass
@@ -82,6 +80,10 @@ class RuntimeConfig:
     #: container's cgroup <pod>/<container_cgroup_prefix><id>. cgroup v1 only.
     sandbox_cgroup_only: bool = True
     container_cgroup_prefix: str = "carapace_"
+    #: Seconds a SIGKILL of a process waits for the guest to end it (for the pod's
+    #: sandbox container: every process of the pod); after that the shim stops the VM
+    #: from the host and reports the pod's processes exited with 137.
+    kill_timeout: float = 10.0
 
 
 @dataclass
@@ -121,8 +123,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
             raise InvalidArgument(f"{where}.{key}: {value}; accepted: a finite number")
         if isinstance(value, str) and "\x00" in value:
             raise InvalidArgument(
-                f"{where}.{key}: {shown(value)} holds a NUL character; accepted: text "
-                "without one"
+                f"{where}.{key}: {shown(value)} holds a NUL character; accepted: text without one"
             )
         if isinstance(value, list):
             compile_patterns(value, f"{where}.{key}")
@@ -165,6 +166,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 f"{source} [hypervisor] {key}: {getattr(cfg.hypervisor, key)}; accepted: 0 "
                 "(the host's size) or a positive number"
             )
+    if not 0 < cfg.runtime.kill_timeout <= 3600:
+        raise InvalidArgument(
+            f"{source} [runtime] kill_timeout: {cfg.runtime.kill_timeout!r}; accepted: "
+            "seconds, more than 0 and at most 3600"
+        )
     if cfg.runtime.sandbox_cgroup_prefix not in SANDBOX_CGROUP_PREFIXES:
         raise InvalidArgument(
             f"{source} [runtime] sandbox_cgroup_prefix: {cfg.runtime.sandbox_cgroup_prefix!r}; "

@@ -23,12 +23,14 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from carapace.errors import InvalidArgument
+from carapace.errors import SHOWN_LIMIT, InvalidArgument, shown
 from carapace.protocols.contract import BLKIO_CGROUP
 
 from .files import Version
 
 BLKIO_CGROUP_ANNOTATION = BLKIO_CGROUP
+#: Where the devices an item may name live (nothing else on the host is looked at).
+DEV_ROOT = "/dev"
 
 THROTTLE_TYPES = (
     "throttle_read_bps",
@@ -126,8 +128,16 @@ class BlkioResult:
 
 
 def _bad(annotation: str, what: str, seen: object, accepted: str) -> InvalidArgument:
-    shown = json.dumps(seen) if not isinstance(seen, str) else repr(seen)
-    return InvalidArgument(f"annotation {annotation}: {what} {shown}; {accepted}")
+    if isinstance(seen, str):
+        text = shown(seen)
+    else:
+        try:
+            text = json.dumps(seen)
+        except (ValueError, RecursionError):
+            text = shown(seen)
+        if len(text) > SHOWN_LIMIT:
+            text = f"{text[:SHOWN_LIMIT]}... ({len(text)} characters)"
+    return InvalidArgument(f"annotation {annotation}: {what} {text}; {accepted}")
 
 
 def _check_keys(annotation: str, where: str, obj: dict[str, Any], allowed: Collection[str]) -> None:
@@ -184,9 +194,9 @@ def parse_blkio_cgroup(text: str, annotation: str = BLKIO_CGROUP_ANNOTATION) -> 
     given twice for one device (or twice for the whole cgroup) is refused."""
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of 4301 digits
         raise InvalidArgument(
-            f"annotation {annotation}: not valid JSON ({exc}): {text!r}"
+            f"annotation {annotation}: not valid JSON ({str(exc)[:120]}): {shown(text)}"
         ) from None
     if not isinstance(doc, dict):
         raise _bad(
@@ -210,12 +220,12 @@ def parse_blkio_cgroup(text: str, annotation: str = BLKIO_CGROUP_ANNOTATION) -> 
             )
         _check_keys(annotation, where, raw, ("path", "limits"))
         path = raw.get("path")
-        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+        if path is not None and (not isinstance(path, str) or not path.startswith("/dev/")):
             raise _bad(
                 annotation,
                 f"{where}.path is",
                 path,
-                "an absolute device path such as '/dev/vda' is expected",
+                "the path of a block device under /dev such as '/dev/vda' is expected",
             )
         raw_limits = raw.get("limits")
         if not isinstance(raw_limits, list) or not raw_limits:
@@ -251,39 +261,53 @@ def parse_blkio_cgroup(text: str, annotation: str = BLKIO_CGROUP_ANNOTATION) -> 
 # ------------------------------------------------------------------ device resolution
 
 
+def _not_a_device(annotation: str, path: str) -> InvalidArgument:
+    # one message for every refusal: it must not tell what the host has at a path
+    # (whether it exists, its type or mode) beyond "not a block device under /dev"
+    return InvalidArgument(
+        f"annotation {annotation}: {shown(path)} is not a block device under /dev; "
+        "accepted: the path of a whole-disk block device under /dev such as /dev/vda "
+        "(a symlink under /dev to one, such as /dev/disk/by-id/..., too)"
+    )
+
+
 def resolve_devices(
     items: Iterable[BlkioItem],
     annotation: str = BLKIO_CGROUP_ANNOTATION,
     sys_root: str = "/sys",
+    dev_root: str = DEV_ROOT,
 ) -> list[ResolvedBlkioItem]:
-    """Turn each item's path into its block device's major:minor (symlinks followed).
-    A missing path, a non-block file or a partition (the kernel throttles whole disks
-    only) is refused with InvalidArgument naming the annotation and the path."""
+    """Turn each item's path into its block device's major:minor. The path, and where
+    its symlinks lead, must lie under ``dev_root`` (/dev) and be a block device: the
+    annotation comes from the pod, so the host's other files are never looked at and
+    any refusal says only that (never whether the path exists, nor its mode). A
+    partition (the kernel throttles whole disks only) is refused naming its device."""
+    root = os.path.normpath(dev_root)
+    real_root = os.path.realpath(root)
     out = []
     for item in items:
         if item.path is None:
             out.append(ResolvedBlkioItem(None, None, item.limits))
             continue
+        path = item.path
+        if "\x00" in path or not os.path.normpath(path).startswith(root + "/"):
+            raise _not_a_device(annotation, path)
+        real = os.path.realpath(os.path.normpath(path))
+        if not real.startswith(real_root + "/"):
+            raise _not_a_device(annotation, path)
         try:
-            st = os.stat(item.path)
-        except OSError as exc:
-            raise InvalidArgument(
-                f"annotation {annotation}: device {item.path!r} cannot be used: "
-                f"{exc.strerror}; a block device path such as /dev/vda is expected"
-            ) from None
+            st = os.stat(real)
+        except (OSError, ValueError):
+            raise _not_a_device(annotation, path) from None
         if not stat.S_ISBLK(st.st_mode):
-            raise InvalidArgument(
-                f"annotation {annotation}: {item.path!r} is not a block device "
-                f"(mode {stat.filemode(st.st_mode)}); a block device path such as /dev/vda "
-                "is expected"
-            )
+            raise _not_a_device(annotation, path)
         dev = Device(os.major(st.st_rdev), os.minor(st.st_rdev))
         if os.path.exists(os.path.join(sys_root, "dev", "block", str(dev), "partition")):
             raise InvalidArgument(
-                f"annotation {annotation}: {item.path!r} ({dev}) is a partition; the kernel "
+                f"annotation {annotation}: {shown(path)} ({dev}) is a partition; the kernel "
                 "limits I/O of whole disks only: name the disk it belongs to"
             )
-        out.append(ResolvedBlkioItem(item.path, dev, item.limits))
+        out.append(ResolvedBlkioItem(path, dev, item.limits))
     return out
 
 

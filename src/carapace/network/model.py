@@ -18,11 +18,11 @@ from typing import Any
 from carapace.errors import InvalidArgument
 from carapace.protocols import agent_pb2 as pb
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 #: The taps carapace makes in a pod's network namespace: tap0_carapace, tap1_carapace, ...
 TAP_SUFFIX = "_carapace"
-_TAP_RE = re.compile(r"^tap(\d{1,3})_carapace$")
+_TAP_RE = re.compile(r"tap([0-9]{1,3})_carapace")
 #: The most taps one namespace can have (an interface name has at most 15 characters).
 MAX_TAPS = 1000
 
@@ -36,14 +36,14 @@ def tap_name(index: int) -> str:
 
 def tap_index(name: str) -> int | None:
     """The index of a carapace tap's name, None for any other name."""
-    m = _TAP_RE.match(name)
+    m = _TAP_RE.fullmatch(name)
     return int(m[1]) if m else None
 
 
 def normal_mac(mac: str) -> str:
     """``aa:bb:cc:dd:ee:ff`` in lower case (how the guest finds a NIC)."""
     text = mac.strip().lower()
-    if not _MAC_RE.match(text):
+    if not _MAC_RE.fullmatch(text):
         raise InvalidArgument(f"MAC address {mac!r}; accepted: six hex bytes, aa:bb:cc:dd:ee:ff")
     return text
 

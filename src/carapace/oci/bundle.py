@@ -16,10 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from carapace.errors import InvalidArgument, NotFound
+from carapace.errors import InvalidArgument, NotFound, shown
 from carapace.protocols import contract
+from carapace.sizing import ascii_int
 
 CONFIG_FILE = "config.json"
+#: The deepest nesting of objects and lists a spec may have: OCI's own is under 10;
+#: a deeper document (a hostile one) would exhaust the recursion of whatever walks it.
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,25 @@ class Mount:
 
 
 def _field(where: str, name: str, value: object, expected: str) -> InvalidArgument:
-    return InvalidArgument(f"{where}: {name} is {value!r}; accepted: {expected}")
+    return InvalidArgument(f"{where}: {name} is {shown(value)}; accepted: {expected}")
+
+
+def _check_depth(data: object, where: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH (walked without recursion)."""
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children: list[object] = []
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        if children and depth >= MAX_DEPTH:
+            raise InvalidArgument(
+                f"{where}: the document is nested more than {MAX_DEPTH} levels deep; "
+                f"accepted: an OCI spec (nested at most {MAX_DEPTH} levels)"
+            )
+        stack.extend((c, depth + 1) for c in children)
 
 
 def _object(data: Mapping[str, Any], key: str, where: str, name: str) -> dict[str, Any]:
@@ -82,8 +104,8 @@ def _string(data: Mapping[str, Any], key: str, where: str, name: str) -> str:
 def _annotations(data: Mapping[str, Any], where: str) -> dict[str, str]:
     raw = _object(data, "annotations", where, "annotations")
     for k, v in raw.items():
-        if not isinstance(v, str):
-            raise _field(where, f"annotations[{k!r}]", v, "a string")
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise _field(where, f"annotations[{shown(k)}]", v, "a string")
     return dict(raw)
 
 
@@ -143,11 +165,8 @@ def _files_limit(resources: Mapping[str, Any], where: str) -> int | None:
     raw = files.get("limit")
     if raw is None:
         return None
-    try:
-        n = int(str(raw).strip()) if not isinstance(raw, bool) else -1
-    except ValueError:
-        n = -1
-    if n < 0:
+    n = ascii_int(raw)
+    if n is None or n < 0:
         raise _field(where, name, raw, "0 (fs.file-max / 400) or a positive number of open files")
     return n
 
@@ -176,6 +195,7 @@ class Spec:
         naming the field, the value and what is accepted."""
         if not isinstance(data, dict):
             raise _field(where, "the document", type(data).__name__, "a JSON object")
+        _check_depth(data, where)
         process = data.get("process")
         if not isinstance(process, dict):
             raise _field(where, "process", process, "an object (the container's process)")
@@ -293,8 +313,10 @@ def _read_config(path: Path) -> object:
         raise InvalidArgument(f"bundle {path.parent}: cannot read {CONFIG_FILE}: {e}") from e
     try:
         return json.loads(text)
-    except ValueError as e:
-        raise InvalidArgument(f"bundle {path.parent}: {CONFIG_FILE} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # also an int of 4301 digits, deep nesting
+        raise InvalidArgument(
+            f"bundle {path.parent}: {CONFIG_FILE} is not valid JSON: {str(e)[:200]}"
+        ) from e
 
 
 #: Host trees a rootfs may never be (nor lie in).

@@ -19,6 +19,7 @@ from carapace import resources
 from carapace.agent.client import AgentClient
 from carapace.errors import AlreadyExists, CarapaceError, InvalidArgument, NotFound, StateError
 from carapace.hostcgroup import CgroupStats
+from carapace.hypervisor import VM
 from carapace.image.store import GuestImage
 from carapace.oci.bundle import Spec
 from carapace.protocols import agent_pb2 as pb
@@ -49,6 +50,7 @@ class ContainerVerbs:
     plan: SandboxPlan
     host: HostFacts
     agent: AgentClient | None
+    vm: VM | None
     containers: dict[str, PodContainer]
     share: PodShare
     resizer: Resizer
@@ -186,6 +188,7 @@ class ContainerVerbs:
         """Run an extra process in a running container; returns its exit status."""
         agent = self._running_agent("exec")
         self._container(container_id)
+        check_id(exec_id, "exec id")
         try:
             return await self.relay(
                 container_id,
@@ -200,6 +203,7 @@ class ContainerVerbs:
     async def start_exec(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
         """Start an extra process in a container (its streams wait in the guest)."""
         self._container(container_id)
+        check_id(exec_id, "exec id")
         return await self._running_agent("start_exec").exec_process(container_id, exec_id, process)
 
     async def remove_exec(self, container_id: str, exec_id: str) -> None:
@@ -249,6 +253,19 @@ class ContainerVerbs:
             raise
         c.resources = merged
         await self.resizer.refit(self.state is Runstate.RUNNING)
+
+    def kill_vm(self) -> None:
+        """Stop the VM now, from the host (SIGKILL to its process): for a guest that
+        does not do what it is asked. ``destroy`` still releases the rest."""
+        if self.vm is not None:
+            self.vm.kill()
+
+    async def agent_closed(self) -> str:
+        """Wait until the agent's connection is gone; returns how the guest broke the
+        protocol if it did, else ""."""
+        agent = self._running_agent("agent_closed")
+        await agent.wait_closed()
+        return agent.violation
 
     async def oom_event(self) -> str:
         """Wait for the next OOM kill in any container; returns the container's id."""

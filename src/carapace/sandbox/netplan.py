@@ -22,7 +22,8 @@ from carapace.oci.bundle import Spec
 
 MODES = ("none", "user", "netns:PATH")
 _PORT_RE = re.compile(
-    r"^(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>\d+):(?P<guest>\d+)(?:/(?P<proto>[a-z]+))?$"
+    r"(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>[0-9]{1,5}):(?P<guest>[0-9]{1,5})"
+    r"(?:/(?P<proto>[a-z]+))?"
 )
 
 
@@ -43,7 +44,7 @@ def _port(value: str, what: str, text: str) -> int:
 def parse_port_forward(text: str) -> PortForward:
     """``[IP:]HOSTPORT:GUESTPORT[/tcp|udp]`` (docker's -p); the host side is bound to
     127.0.0.1 unless an IP is given."""
-    m = _PORT_RE.match(text.strip())
+    m = _PORT_RE.fullmatch(text.strip())
     if m is None:
         raise InvalidArgument(
             f"-p {text!r} is not a port forward; accepted: [IP:]HOSTPORT:GUESTPORT[/tcp|udp], "

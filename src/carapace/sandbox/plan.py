@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carapace import annotations as pod_annotations
 from carapace import hostinfo, resources, sizing
-from carapace.config import Config
-from carapace.errors import InvalidArgument
+from carapace.config import Config, HypervisorConfig
+from carapace.errors import InvalidArgument, shown
 from carapace.hostcgroup import (
     BlkioItem,
     ResolvedBlkioItem,
@@ -29,15 +30,16 @@ from carapace.protocols.contract import SHARED_FS_VIRTIOFS
 from carapace.resources import ContainerResources
 from carapace.sandbox.netplan import NetworkPlan, plan_network
 
-#: containerd's identifiers are at most 76 characters; so are ours.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
+#: containerd's identifiers are at most 76 characters; so are ours. Matched whole
+#: (``fullmatch``: with ``match``, ``$`` also accepts a trailing newline).
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}", re.ASCII)
 
 
 def check_id(value: str, what: str) -> str:
-    if not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise InvalidArgument(
-            f"{what} {value!r} is not valid; accepted: 1-76 characters of letters, digits, "
-            "'_', '.', '-', starting with a letter or digit"
+            f"{what} {shown(value)} is not valid; accepted: 1-76 characters of letters, "
+            "digits, '_', '.', '-', starting with a letter or digit"
         )
     return value
 
@@ -171,6 +173,20 @@ class SandboxPlan:
         return vcpus, memory // sizing.MiB
 
 
+def size_cap(hv: HypervisorConfig, host: HostFacts) -> resources.SizeCap:
+    """The most a pod VM may have on this host: ``default_maxvcpus`` and
+    ``default_maxmemory`` when set, never more than the host's usable CPUs and memory
+    (nor 256G); by default the host's."""
+    cpus, cpus_why = host.usable_cpus, "the host's usable CPUs"
+    if 0 < hv.default_maxvcpus < cpus:
+        cpus, cpus_why = hv.default_maxvcpus, "configuration default_maxvcpus"
+    memory = min(host.memory_total // sizing.MiB * sizing.MiB, resources.MAX_MEMORY)
+    memory_why = "the host's memory" if memory < resources.MAX_MEMORY else "the largest VM"
+    if 0 < hv.default_maxmemory * sizing.MiB < memory:
+        memory, memory_why = hv.default_maxmemory * sizing.MiB, "configuration default_maxmemory"
+    return resources.SizeCap(cpus, memory, cpus_why, memory_why)
+
+
 def plan_sandbox(
     config: Config,
     options: SandboxOptions,
@@ -182,11 +198,14 @@ def plan_sandbox(
     sandbox_id = check_id(options.sandbox_id or secrets.token_hex(6), "sandbox id")
     spec = options.sandbox_spec
     annotations = dict(spec.annotations if spec is not None else options.annotations)
+    # only the annotations the configuration enables are honoured; any other is refused
+    pod_annotations.check_enabled(annotations, hv.enable_annotations, f"sandbox {sandbox_id}")
+    cap = size_cap(hv, host)
     size = resources.sandbox_size(
         annotations,
         default_cpus=hv.default_vcpus,
         default_memory_mib=hv.default_memory,
-        host_cpus=host.usable_cpus,
+        cap=cap,
         cpus=options.cpus,
         memory=options.memory,
     )
@@ -196,10 +215,9 @@ def plan_sandbox(
         sandbox_resources = resources.container_resources(spec.resources, sandbox_id)
     max_vcpus, max_memory_mib = size.vcpus, size.memory_mib
     if hv.enable_cpu_memory_hotplug:
-        max_vcpus = max(size.vcpus, min(hv.default_maxvcpus or host.usable_cpus, host.usable_cpus))
-        # by default the host's memory, at most the largest VM (256G)
-        host_mib = min(host.memory_total, resources.MAX_MEMORY) // sizing.MiB
-        wanted = max(size.memory_mib, hv.default_maxmemory or host_mib)
+        # up to the cap: by default the host's CPUs and memory, at most the largest VM
+        max_vcpus = max(size.vcpus, cap.cpus)
+        wanted = max(size.memory_mib, cap.memory // sizing.MiB)
         max_memory_mib = size.memory_mib + memory_headroom_mib(size.memory_mib, wanted)
     warnings: list[str] = []
     asked = options.files_limit
@@ -212,7 +230,13 @@ def plan_sandbox(
         warnings.append(warning)
     blkio: tuple[ResolvedBlkioItem, ...] = ()
     if resources.BLKIO_CGROUP in annotations:
-        items = parse_blkio_cgroup(annotations[resources.BLKIO_CGROUP])
+        raw = annotations[resources.BLKIO_CGROUP]
+        if not isinstance(raw, str):
+            raise InvalidArgument(
+                f"annotation {resources.BLKIO_CGROUP}: {shown(raw)}; accepted: a string "
+                "holding openEuler's BlkioCgroup JSON"
+            )
+        items = parse_blkio_cgroup(raw)
         blkio = tuple(resolve_blkio(items))
     # where the host cgroups go (worked out here, so a bad cgroupsPath is refused before
     # anything exists): the pod cgroup is the parent of the sandbox container's; legacy
