@@ -9,10 +9,12 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from carapace.config import Config
 from carapace.errors import HostError, InvalidArgument
 from carapace.hostcgroup import (
     BlkioLimit,
@@ -26,6 +28,10 @@ from carapace.hostcgroup import (
     driver,
 )
 from carapace.hostcgroup.driver import parse_proc_cgroup
+from carapace.hostcgroup.fs import CgroupGone
+from carapace.sandbox.placement import SandboxCgroupPlacement
+from carapace.sandbox.plan import HostFacts, SandboxOptions, plan_sandbox
+from carapace.sandbox.state import SandboxRecord
 
 V1_HIERARCHIES = ("blkio", "cpu,cpuacct", "cpuset", "memory", "pids", "freezer")
 V1_FILES = {
@@ -594,3 +600,230 @@ def test_member_dirs_name_where_a_process_is_in_each_hierarchy(tmp_path: Path) -
         f"{t}/pids/x",
     ]
     assert CgroupV2(str(tmp_path), fs).member_dirs({"": "/a/b"}, ["cpu"]) == [f"{t}/a/b"]
+
+
+# ------------------------------------------------------------------ concurrent owners
+# Sandboxes without a cgroupsPath share carapace's own parent (``carapace/``): the last
+# one out removes it while others are creating below it. On a real cgroup v2 kernel
+# (tests/integration/test_cgroup_v2_guest.py, three processes creating and removing in
+# a loop) a fifth of the rounds failed: the parent vanished while controllers were
+# being enabled in it (ENOENT, or ENODEV from a cgroup being removed), mkdir found it
+# existing and then not ("a non-directory is in the way"), or two owners' rmdirs of it
+# crossed (ENOENT).
+
+
+class RemovedByAnotherOwnerFs(KernelLikeFs):
+    """Another owner removes ``victim`` (and what is in it) just before this process
+    touches ``trigger`` (a read, write or rmdir of that path), ``times`` times."""
+
+    def __init__(self, root: Path, trigger: str, times: int = 1, errno_: int = errno.ENOENT):
+        super().__init__(root, "v2", {})
+        self.trigger, self.times, self.errno_ = trigger, times, errno_
+
+    def _race(self, path: str) -> None:
+        if path == self.trigger and self.times > 0:
+            self.times -= 1
+            shutil.rmtree(Path(self.trigger).parent if Path(path).is_file() else path)
+            if self.errno_ == errno.ENODEV:  # the kernel's answer mid-removal
+                raise CgroupGone(f"cannot read {path}: {os.strerror(errno.ENODEV)}")
+
+    def read(self, path: str) -> str:
+        self._race(path)
+        return super().read(path)
+
+    def write(self, path: str, value: str) -> None:
+        self._race(path)
+        super().write(path, value)
+
+    def rmdir(self, path: str) -> None:
+        if path == self.trigger and self.times > 0:
+            self.times -= 1
+            shutil.rmtree(path)
+        super().rmdir(path)
+
+
+def shared_parent_tree(
+    tmp_path: Path, trigger: str, times: int = 1, errno_: int = errno.ENOENT
+) -> RemovedByAnotherOwnerFs:
+    """carapace/ made by another sandbox, which is on its way out."""
+    v2_tree(tmp_path)
+    fs = RemovedByAnotherOwnerFs(tmp_path, str(tmp_path / trigger), 0, errno_)
+    CgroupV2(str(tmp_path), fs).create("carapace/other", ["cpu", "pids"], own_parents=1)
+    shutil.rmtree(tmp_path / "carapace" / "other")
+    fs.times = times
+    return fs
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOENT, errno.ENODEV])
+@pytest.mark.parametrize(
+    "trigger", ["carapace/cgroup.controllers", "carapace/cgroup.subtree_control"]
+)
+def test_v2_create_retries_when_the_shared_parent_is_removed_under_it(
+    tmp_path: Path, trigger: str, errno_: int
+) -> None:
+    fs = shared_parent_tree(tmp_path, trigger, times=2, errno_=errno_)
+    h = CgroupV2(str(tmp_path), fs).create("carapace/sb", ["cpu", "pids"], own_parents=1)
+    assert fs.times == 0  # removed under it twice
+    assert h.created == [f"{tmp_path}/carapace", f"{tmp_path}/carapace/sb"]  # once each
+    assert read(tmp_path / "carapace" / "cgroup.subtree_control") == "cpu pids"
+    assert (tmp_path / "carapace" / "sb" / "cpu.max").exists()
+    h.remove()
+    assert not (tmp_path / "carapace").exists()
+
+
+def test_create_gives_up_when_the_parent_keeps_vanishing(tmp_path: Path) -> None:
+    fs = shared_parent_tree(tmp_path, "carapace/cgroup.controllers", times=100)
+    with pytest.raises(
+        HostError,
+        match=r"cannot create cgroup .*/carapace/sb: a parent was removed under us 10 times "
+        r"\(by another owner, concurrently\); last: cannot read .*: No such file",
+    ):
+        CgroupV2(str(tmp_path), fs).create("carapace/sb", ["cpu"], own_parents=1)
+
+
+def test_remove_of_a_shared_parent_its_other_owner_removed_first(tmp_path: Path) -> None:
+    """Two sandboxes end at once: both remove carapace/, one finds it gone (ENOENT)."""
+    fs = shared_parent_tree(tmp_path, "carapace", times=0)
+    h = CgroupV2(str(tmp_path), fs).create("carapace/sb", ["cpu"], own_parents=1)
+    fs.times = 1
+    h.remove()
+    assert h.created == []
+    assert not (tmp_path / "carapace").exists()
+
+
+def test_mkdir_of_a_directory_removed_after_it_was_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkdir says EEXIST, then the directory is gone (its owner removed it): it is
+    made, not reported as "a non-directory in the way"."""
+    real_mkdir = os.mkdir
+    calls: list[str] = []
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    target = tmp_path / "carapace"
+    assert CgroupFs().mkdir(str(target)) is True
+    assert target.is_dir() and len(calls) == 2
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(HostError, match="a non-directory is in the way"):
+        CgroupFs().mkdir(str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOENT, errno.ENODEV])
+def test_cgroupfs_reports_a_vanished_cgroup_as_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    """ENOENT, and ENODEV (a file or a mkdir in a cgroup the kernel is removing), are
+    CgroupGone: the creator retries. Anything else stays a plain HostError."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    fs = CgroupFs()
+    f = tmp_path / "cgroup.controllers"
+    f.write_text("cpu\n")
+    for call in (
+        lambda: fs.read(str(f)),
+        lambda: fs.write(str(f), "+cpu"),
+        lambda: fs.mkdir(str(tmp_path / "x")),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr("builtins.open", fail)
+            m.setattr(os, "open", fail)
+            m.setattr(os, "mkdir", fail)
+            with pytest.raises(CgroupGone, match=os.strerror(errno_)):
+                call()
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "no")))
+        with pytest.raises(HostError) as info:
+            fs.write(str(f), "+cpu")
+        assert not isinstance(info.value, CgroupGone)
+
+
+# ------------------------------------------------------------------ the sandbox's placement
+
+
+class GoneThreadFs(KernelLikeFs):
+    """cgroup.threads refuses thread ``gone`` (it exited: ESRCH), and ``on_mkdir`` sees
+    every directory just before it is made."""
+
+    def __init__(self, root: Path, gone: int, on_mkdir: Callable[[str], None]):
+        super().__init__(root, "v2", {})
+        self.gone, self.on_mkdir = gone, on_mkdir
+
+    def mkdir(self, path: str) -> bool:
+        self.on_mkdir(path)
+        return super().mkdir(path)
+
+    def write(self, path: str, value: str) -> None:
+        if path.endswith("/cgroup.threads") and value == str(self.gone):
+            raise HostError(f"cannot write {value!r} to {path}: No such process")
+        super().write(path, value)
+
+
+def test_the_vcpus_child_is_recorded_before_it_is_made_and_released_after_a_failure(
+    tmp_path: Path,
+) -> None:
+    """On the guest's cgroup v2 kernel, placing a vCPU thread that had exited failed
+    half-way (ESRCH) after the vcpus child was made; the record did not list it, so
+    release could not remove the sandbox cgroup ("holds cgroups it did not create:
+    vcpus") and left it, its parents and the run dir behind."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    v2_tree(root)
+    run_dir = tmp_path / "run" / "sb1"
+    run_dir.mkdir(parents=True)
+    child = f"{root}/carapace/sb1/vcpus"
+    listed_at_mkdir: list[bool] = []
+
+    def on_mkdir(path: str) -> None:
+        if path == child:  # what a crash right now would leave on disk for release
+            saved = SandboxRecord.load(run_dir).cgroup
+            listed_at_mkdir.append(child in saved["created"])
+
+    fs = GoneThreadFs(root, gone=666, on_mkdir=on_mkdir)
+    plan = plan_sandbox(
+        Config(),
+        SandboxOptions(cpus=0.5, sandbox_id="sb1"),
+        HostFacts(usable_cpus=4, memory_total=8 << 30, file_max=1 << 20, nofile_cap=1 << 20),
+    )
+    record = SandboxRecord(id="sb1", run_dir=str(run_dir))
+    placement = SandboxCgroupPlacement(plan, record, "carapace_", lambda: CgroupV2(str(root), fs))
+    placement.make()
+    with pytest.raises(HostError, match="No such process"):
+        placement.place_vcpus({0: 10, 1: 666}, 0.5)
+    assert listed_at_mkdir == [True]
+    assert child in SandboxRecord.load(run_dir).cgroup["created"]
+    # the VM is gone: release's view of the record removes everything
+    (root / "carapace" / "sb1" / "vcpus" / "cgroup.threads").write_text("")
+    CgroupHandle.from_record(SandboxRecord.load(run_dir).cgroup, fs).remove(timeout=0.05)
+    assert not (root / "carapace").exists()
+
+
+def test_thread_child_dirs_name_what_add_threads_makes(tmp_path: Path) -> None:
+    v2 = CgroupV2(str(tmp_path / "v2"), v2_tree(_mkdir(tmp_path / "v2"))).create("a/sb", ["cpu"])
+    assert v2.thread_child_dirs() == [f"{tmp_path}/v2/a/sb/vcpus"]
+    assert v2.thread_child_dirs("x/y") == [f"{tmp_path}/v2/a/sb/x", f"{tmp_path}/v2/a/sb/x/y"]
+    v2.add_threads([1], child="x/y")
+    assert [d for d in v2.created if "/x" in d] == v2.thread_child_dirs("x/y")
+    v1 = CgroupV1(str(tmp_path / "v1"), v1_tree(_mkdir(tmp_path / "v1")))
+    h = v1.create("sb", ["cpu", "cpuacct", "memory", "cpuset"])
+    assert h.thread_child_dirs() == [
+        f"{tmp_path}/v1/cpu/sb/vcpus",
+        f"{tmp_path}/v1/cpuset/sb/vcpus",
+    ]
+    h.add_threads([1])
+    assert sorted(d for d in h.created if d.endswith("/vcpus")) == h.thread_child_dirs()
+    with pytest.raises(InvalidArgument, match="child name"):
+        h.thread_child_dirs("../x")
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -30,13 +30,14 @@ from carapace.protocols.contract import VCPU_CGROUP
 from . import files
 from .blkio import BlkioResult, ResolvedBlkioItem, active_schedulers, blkio_writes
 from .files import Version
-from .fs import CgroupFs
+from .fs import CgroupFs, CgroupGone
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
 DEFAULT_THREAD_CHILD = VCPU_CGROUP
 _POLL_S = 0.01
-#: Attempts at creating a path whose shared parent another owner may be removing.
-_CREATE_ATTEMPTS = 3
+#: Attempts at creating a path whose shared parent another owner may be removing (each
+#: one fails only if a removal lands in the few system calls between two of ours).
+_CREATE_ATTEMPTS = 10
 
 
 def detect(root: str = DEFAULT_ROOT) -> Version:
@@ -196,6 +197,16 @@ class CgroupHandle:
         <cg>/<child> a threaded cgroup and writes to its cgroup.threads."""
         self.driver.add_threads(self, list(tids), check_relative_path(child, "child name"))
 
+    def thread_child_dirs(self, child: str = DEFAULT_THREAD_CHILD) -> list[str]:
+        """The directories ``add_threads(..., child)`` makes, parents first (to be
+        recorded before they exist)."""
+        parts = check_relative_path(child, "child name").split("/")
+        if self.version == "v1":
+            tops = {d for c, d in self.dirs.items() if c in files.THREADED_CONTROLLERS_V1}
+        else:
+            tops = set(self.leaves()[:1])
+        return [os.path.join(t, *parts[: i + 1]) for t in sorted(tops) for i in range(len(parts))]
+
     def place_threads(self, tids: Iterable[int]) -> None:
         """Move single threads into this cgroup itself (v1: its ``tasks`` in the cpu,
         cpuacct and cpuset hierarchies), leaving the rest of their process where it is.
@@ -294,6 +305,8 @@ class CgroupHandle:
                     fs.rmdir(d)
                     break
                 except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        break  # a shared parent its other owner removed meanwhile
                     subdirs = fs.subdirs(d)
                     if any(os.path.join(d, s) in left for s in subdirs):
                         left.append(d)  # below it is one of ours that could not go
@@ -424,18 +437,21 @@ class CgroupDriver(ABC):
                 for i, part in enumerate(rel.split("/")):
                     current = os.path.join(current, part)
                     self._before_mkdir(os.path.dirname(current))
-                    if self.fs.mkdir(current):
+                    made = self.fs.mkdir(current)
+                    if (made or i < own) and current not in created:
                         created.append(current)
+                    if made:
                         self._after_mkdir(current)
-                    elif i < own and current not in created:
-                        created.append(current)
                     chain.append(current)
                 return chain
-            except FileNotFoundError:
+            except (CgroupGone, FileNotFoundError) as exc:
+                # a parent went (or is going) away under us: its other owner removed it
+                # as we came down (on v2 also while we enabled controllers in it)
                 if attempt == _CREATE_ATTEMPTS - 1 or not self.fs.isdir(top):
+                    why = exc.strerror if isinstance(exc, OSError) else str(exc)
                     raise HostError(
-                        f"cannot create cgroup {current}: its parent disappeared "
-                        f"{_CREATE_ATTEMPTS} times (removed concurrently?)"
+                        f"cannot create cgroup {current}: a parent was removed under us "
+                        f"{attempt + 1} times (by another owner, concurrently); last: {why}"
                     ) from None
             except OSError as exc:
                 raise HostError(f"cannot create cgroup {current}: {exc.strerror}") from None

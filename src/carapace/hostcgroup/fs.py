@@ -2,29 +2,58 @@
 
 Unit tests substitute a subclass that does on a temporary tree what the kernel does
 on cgroupfs (interface files appear on mkdir, rmdir refuses a populated cgroup).
+
+Another owner may remove a shared parent cgroup (the runtime's own ``carapace``) at
+any moment: what that does to a call here (ENOENT; ENODEV from a cgroup the kernel is
+removing, seen on cgroup v2) is raised as ``CgroupGone``, so that a creator can retry.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 from carapace.errors import HostError
+
+#: errno values meaning "this cgroup was removed (or is being removed) meanwhile".
+_GONE = (errno.ENOENT, errno.ENODEV)
+#: mkdir attempts when the path exists, then does not (another owner removing it).
+_MKDIR_ATTEMPTS = 3
+
+
+class CgroupGone(HostError):
+    """A cgroup, or a cgroup a path is in, is gone: removed by another owner meanwhile."""
+
+
+def _error(message: str, exc: OSError) -> HostError:
+    cls = CgroupGone if exc.errno in _GONE else HostError
+    return cls(f"{message}: {exc.strerror}")
 
 
 class CgroupFs:
     """Directory and file operations on a cgroup hierarchy, errors made readable."""
 
     def mkdir(self, path: str) -> bool:
-        """Create ``path``; True if this call created it, False if it existed."""
-        try:
-            os.mkdir(path, 0o755)
-        except FileExistsError:
-            if not os.path.isdir(path):
-                raise HostError(
-                    f"cannot create cgroup {path}: a non-directory is in the way"
-                ) from None
-            return False
-        return True
+        """Create ``path``; True if this call created it, False if it existed. Raises
+        CgroupGone when its parent is gone (or being removed)."""
+        for _ in range(_MKDIR_ATTEMPTS):
+            try:
+                os.mkdir(path, 0o755)
+                return True
+            except FileExistsError:
+                if os.path.isdir(path):
+                    return False
+                if os.path.lexists(path):
+                    raise HostError(
+                        f"cannot create cgroup {path}: a non-directory is in the way"
+                    ) from None
+                # it existed, then another owner removed it: make it ourselves
+            except OSError as exc:
+                raise _error(f"cannot create cgroup {path}", exc) from None
+        raise CgroupGone(
+            f"cannot create cgroup {path}: it existed, then did not, {_MKDIR_ATTEMPTS} times "
+            "(created and removed concurrently)"
+        )
 
     def rmdir(self, path: str) -> None:
         os.rmdir(path)
@@ -34,7 +63,7 @@ class CgroupFs:
             with open(path) as f:
                 return f.read()
         except OSError as exc:
-            raise HostError(f"cannot read {path}: {exc.strerror}") from None
+            raise _error(f"cannot read {path}", exc) from None
 
     def write(self, path: str, value: str) -> None:
         """One write(2) of ``value``: the kernel takes one line per write."""
@@ -45,7 +74,7 @@ class CgroupFs:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise HostError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
+            raise _error(f"cannot write {value!r} to {path}", exc) from None
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)

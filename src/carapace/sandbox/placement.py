@@ -109,9 +109,21 @@ class SandboxCgroupPlacement:
         if self.pod_cgroup is not None:
             self.pod_cgroup.place_threads(threads.values())
             return
-        self.cgroup.add_threads(threads.values(), child=VCPU_CGROUP)
-        self.record.cgroup = self.cgroup.to_record()
-        self.record.save()
+        cgroup = self.cgroup
+        if VCPU_CGROUP not in cgroup.children:
+            # recorded before it is made: whatever fails next (a vCPU thread that exited
+            # before it could be moved: ESRCH), release removes it with the rest
+            record = cgroup.to_record()
+            record["created"] += [
+                d for d in cgroup.thread_child_dirs(VCPU_CGROUP) if d not in record["created"]
+            ]
+            self.record.cgroup = record
+            self.record.save()
+        try:
+            cgroup.add_threads(threads.values(), child=VCPU_CGROUP)
+        finally:
+            self.record.cgroup = cgroup.to_record()
+            self.record.save()
         cap = None if pod_cpus >= len(threads) else pod_cpus
         self.cgroup.set_cpu_limit(cap, child=VCPU_CGROUP)
         log.info("sandbox %s: %d vCPU threads capped to %s CPUs", self.plan.id, len(threads), cap)
