@@ -41,6 +41,7 @@ from typing import Any
 from carapace.config import Config, load_config
 from carapace.hypervisor import VMSpec
 from carapace.hypervisor.qemu.accel import AccelChoice, choose_accelerator
+from carapace.hypervisor.qemu.channels import ChannelFds
 from carapace.hypervisor.qemu.cmdline import qemu_argv
 from carapace.image.builder import ImageBuilder
 from carapace.image.cpio import Entry, encode_archive
@@ -58,8 +59,17 @@ CGROUP_UNIFIED = CGROUP_ROOT / "unified"
 CRUN_STATE_DIR = Path("/run/crun")
 HYBRID_ERROR = "hybrid mode not supported"
 #: Options of carapace's QEMU argv (each with one value) that the bare boot leaves out:
-#: naming, the QMP socket, the pid file, the agent channel, the 9p share, the serial file.
-BARE_DROPPED_OPTIONS = {"-name", "-serial", "-qmp", "-pidfile", "-device", "-chardev", "-fsdev"}
+#: naming, QMP, the pid file, the agent channel, the 9p share, the console's socket.
+BARE_DROPPED_OPTIONS = {
+    "-name",
+    "-serial",
+    "-qmp",
+    "-mon",
+    "-pidfile",
+    "-device",
+    "-chardev",
+    "-fsdev",
+}
 
 BARE_INIT = "bare boot: reaches /init"
 BARE_EXIT = "bare boot: QEMU exits"
@@ -187,7 +197,7 @@ def bare_argv(
         shared_dir=scratch,
         kernel_params=config.hypervisor.kernel_params,
     )
-    full = qemu_argv(config.hypervisor.path, spec)
+    full = qemu_argv(config.hypervisor.path, spec, ChannelFds(-1, -1, -1))  # all dropped
     argv: list[str] = []
     i = 0
     while i < len(full):

@@ -4,6 +4,7 @@ timeout or cancellation never makes an event go missing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,10 +12,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from carapace.agent.client import SERVICE, AgentClient
+from carapace.agent.client import MAX_ERROR_TEXT, MAX_OOM_QUEUED, SERVICE, AgentClient
 from carapace.errors import AgentError
 from carapace.protocols import agent_pb2 as pb
-from carapace.ttrpc import Server
+from carapace.ttrpc import Code, Server, TtrpcError
 from tests.tooling.agent_link import client_of
 
 T = TypeVar("T")
@@ -93,5 +94,61 @@ def test_a_closed_connection_is_an_error_not_a_hang(tmp_path: Path) -> None:
                 await waiter
             with pytest.raises(AgentError, match="GetOOMEvent"):
                 await client.get_oom_event(timeout=1)
+
+    run(go())
+
+
+# --- a hostile guest (issue 14, item 7) ------------------------------------------------------
+
+
+def test_ids_no_container_can_have_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A guest naming 1 MiB ids, empty ids or ids with a slash or newline: none is
+    queued, one line is logged (not one per event, not the id in full)."""
+
+    async def go() -> None:
+        async with connected(tmp_path) as (agent, client):
+            for bad in ["x" * (1 << 20), "", "../etc", "c1\n", "-c"] * 200:
+                agent.events.put_nowait(bad)
+            agent.events.put_nowait("c1")
+            assert await client.get_oom_event(timeout=5) == "c1"
+            assert not client._oom_events
+
+    with caplog.at_level(logging.INFO, logger="carapace.agent"):
+        run(go())
+    lines = [r.getMessage() for r in caplog.records if r.name == "carapace.agent"]
+    assert len(lines) == 1 and len(lines[0]) < 300, lines
+
+
+def test_the_oom_queue_is_bounded(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with connected(tmp_path) as (agent, client):
+            assert await client.get_oom_event(timeout=0.01) is None  # the poll runs
+            for i in range(MAX_OOM_QUEUED * 4):
+                agent.events.put_nowait(f"c{i}")
+            while not agent.events.empty():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert len(client._oom_events) == MAX_OOM_QUEUED
+            # the oldest went: the newest are kept
+            assert await client.get_oom_event() == f"c{MAX_OOM_QUEUED * 3}"
+
+    run(go())
+
+
+def test_a_huge_error_text_from_the_guest_is_cut(tmp_path: Path) -> None:
+    async def go() -> None:
+        server = Server()
+
+        async def fail(req: pb.CheckRequest) -> pb.HealthCheckResponse:
+            raise TtrpcError(Code.INTERNAL, "y" * (3 << 20))
+
+        server.register_typed(SERVICE, "Check", pb.CheckRequest, fail)
+        async with client_of(server, tmp_path) as client:
+            with pytest.raises(AgentError) as exc:
+                await client.check(timeout=5)
+            assert len(str(exc.value)) < MAX_ERROR_TEXT + 200
+            assert str(3 << 20) in str(exc.value)
 
     run(go())

@@ -318,3 +318,13 @@ def test_toml_that_python_cannot_read_is_invalid_argument(text: str) -> None:
     # before: ValueError (an int of 5000 digits) and RecursionError escaped
     with pytest.raises(InvalidArgument, match="not valid TOML"):
         parse_config(text)
+
+
+def test_kill_timeout_default_and_bounds() -> None:
+    """[runtime] kill_timeout: how long a SIGKILL waits for the guest before the shim
+    stops the VM (issue 14, item 8)."""
+    assert config.parse_config("").runtime.kill_timeout == 10.0
+    assert config.parse_config("[runtime]\nkill_timeout = 2.5\n").runtime.kill_timeout == 2.5
+    for bad in ("0", "-1", "3601", "nan", "inf"):
+        with pytest.raises(InvalidArgument, match="kill_timeout"):
+            config.parse_config(f"[runtime]\nkill_timeout = {bad}\n")

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from carapace.hypervisor import BASE_KERNEL_PARAMS, VMSpec
-from carapace.hypervisor.qemu.cmdline import qemu_argv
+from carapace.hypervisor.qemu.channels import ChannelFds
+from carapace.hypervisor.qemu.cmdline import SECCOMP_SANDBOX, qemu_argv
 from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG
 
 QEMU = "/usr/bin/qemu-system-x86_64"
+#: The fds of the sockets carapace made for QEMU (channels.py).
+FDS = ChannelFds(agent=21, qmp=22, console=23)
 
 
 def make_spec(tmp_path: Path, **kw: object) -> VMSpec:
@@ -54,7 +57,7 @@ def opts(v: str) -> tuple[str, dict[str, str]]:
 
 
 def test_argv_is_a_list_of_strings(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path))
+    argv = qemu_argv(QEMU, make_spec(tmp_path), FDS)
     assert isinstance(argv, list)
     assert all(isinstance(a, str) for a in argv)
     assert argv[0] == QEMU
@@ -65,7 +68,7 @@ def test_argv_is_a_list_of_strings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("accel", "cpu"), [("kvm", "host"), ("tcg", "max")])
 def test_machine_accel_and_cpu(tmp_path: Path, accel: str, cpu: str) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path, accel=accel))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, accel=accel), FDS)
     machine, mopts = opts(value(argv, "-machine"))
     assert machine == "q35"
     assert mopts["accel"] == accel
@@ -73,25 +76,29 @@ def test_machine_accel_and_cpu(tmp_path: Path, accel: str, cpu: str) -> None:
 
 
 def test_smp_and_memory(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path, vcpus=3, memory_mib=1536))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, vcpus=3, memory_mib=1536), FDS)
     assert value(argv, "-smp") == "3"
     assert value(argv, "-m") == "1536M"
 
 
 def test_kernel_and_initrd(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    argv = qemu_argv(QEMU, spec)
+    argv = qemu_argv(QEMU, spec, FDS)
     assert value(argv, "-kernel") == str(spec.kernel)
     assert value(argv, "-initrd") == str(spec.initrd)
 
 
+def chardevs(argv: list[str]) -> dict[str, tuple[str, dict[str, str]]]:
+    return {o["id"]: (backend, o) for backend, o in map(opts, values(argv, "-chardev"))}
+
+
 def test_agent_channel(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    argv = qemu_argv(QEMU, spec)
-    backend, copts = opts(value(argv, "-chardev"))
+    argv = qemu_argv(QEMU, spec, FDS)
+    backend, copts = chardevs(argv)["agent"]
     assert backend == "socket"
-    assert copts["path"] == str(spec.run_dir / "agent.sock") == str(spec.agent_socket)
-    assert copts["server"] == "on" and copts["wait"] == "off"
+    # carapace's listening socket (0600, made before QEMU): QEMU makes no socket file
+    assert copts == {"id": "agent", "fd": "21", "server": "on", "wait": "off"}
     devices = [opts(d) for d in values(argv, "-device")]
     ports = [o for drv, o in devices if drv == "virtserialport"]
     assert len(ports) == 1
@@ -105,7 +112,7 @@ def test_agent_channel(tmp_path: Path) -> None:
 
 def test_shared_dir(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    argv = qemu_argv(QEMU, spec)
+    argv = qemu_argv(QEMU, spec, FDS)
     driver, fopts = opts(value(argv, "-fsdev"))
     assert driver == "local"
     assert fopts["path"] == str(spec.shared_dir)
@@ -119,7 +126,7 @@ def test_shared_dir(tmp_path: Path) -> None:
 
 def test_virtio_fs_share_and_shared_guest_memory(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, shared_fs="virtio-fs", max_memory_mib=768 + 1024)
-    argv = qemu_argv(QEMU, spec)
+    argv = qemu_argv(QEMU, spec, FDS)
     assert "-fsdev" not in argv
     backend, bopts = opts(value(argv, "-object"))
     assert backend == "memory-backend-memfd"
@@ -137,36 +144,56 @@ def test_virtio_fs_share_and_shared_guest_memory(tmp_path: Path) -> None:
 
 
 def test_console_qmp_and_pidfile(tmp_path: Path) -> None:
+    """The console and QMP are on sockets carapace made and passed (no path, no
+    ``-serial file:`` growing without bound, no ``-qmp unix:`` QEMU would create)."""
     spec = make_spec(tmp_path)
-    argv = qemu_argv(QEMU, spec)
-    assert value(argv, "-serial") == f"file:{spec.run_dir / 'console.log'}"
+    argv = qemu_argv(QEMU, spec, FDS)
+    devs = chardevs(argv)
+    assert value(argv, "-serial") == "chardev:console"
+    assert devs["console"] == ("socket", {"id": "console", "fd": "23", "server": "off"})
+    assert value(argv, "-mon") == "chardev=qmp,mode=control"
+    assert devs["qmp"] == ("socket", {"id": "qmp", "fd": "22", "server": "on", "wait": "off"})
+    assert "-qmp" not in argv
+    assert not any("path=" in c and "id=virtiofs" not in c for c in values(argv, "-chardev"))
     assert value(argv, "-pidfile") == str(spec.run_dir / "qemu.pid")
-    qmp = value(argv, "-qmp")
-    assert qmp.startswith(f"unix:{spec.run_dir / 'qmp.sock'},")
-    assert "server=on" in qmp.split(",") and "wait=off" in qmp.split(",")
+
+
+def test_qemu_runs_under_its_seccomp_sandbox(tmp_path: Path) -> None:
+    argv = qemu_argv(QEMU, make_spec(tmp_path), FDS)
+    assert value(argv, "-sandbox") == SECCOMP_SANDBOX
+    assert opts(SECCOMP_SANDBOX) == (
+        "on",
+        {
+            "obsolete": "deny",
+            "elevateprivileges": "deny",
+            "spawn": "deny",
+            "resourcecontrol": "deny",
+        },
+    )
+    assert "-sandbox" not in qemu_argv(QEMU, make_spec(tmp_path, seccomp_sandbox=False), FDS)
 
 
 def test_name_identifies_the_sandbox(tmp_path: Path) -> None:
     # sandbox.state relies on this to recognise its QEMU process
-    argv = qemu_argv(QEMU, make_spec(tmp_path, name="abc"))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, name="abc"), FDS)
     assert value(argv, "-name").startswith("carapace-abc,")
 
 
 def test_no_defaults_and_no_reboot(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path))
+    argv = qemu_argv(QEMU, make_spec(tmp_path), FDS)
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
         assert argv.count(flag) == 1, flag
 
 
 def test_kernel_params(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path))
+    argv = qemu_argv(QEMU, make_spec(tmp_path), FDS)
     append = value(argv, "-append")
     assert append == BASE_KERNEL_PARAMS
     assert "console=ttyS0" in append.split()
 
 
 def test_extra_kernel_params(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path, kernel_params="loglevel=7 carapace.debug=1"))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, kernel_params="loglevel=7 carapace.debug=1"), FDS)
     params = value(argv, "-append").split()
     assert "console=ttyS0" in params
     assert params[-2:] == ["loglevel=7", "carapace.debug=1"]
@@ -174,7 +201,7 @@ def test_extra_kernel_params(tmp_path: Path) -> None:
 
 def test_extra_args_are_appended(tmp_path: Path) -> None:
     extra = ("-device", "virtio-rng-pci", "-S")
-    argv = qemu_argv(QEMU, make_spec(tmp_path, extra_args=extra))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, extra_args=extra), FDS)
     assert tuple(argv[-3:]) == extra
 
 
@@ -183,14 +210,14 @@ def test_no_headroom_keeps_the_plain_smp_and_memory(tmp_path: Path) -> None:
     for max_vcpus, max_mem in ((0, 0), (3, 1536), (2, 1000)):
         spec = make_spec(tmp_path, vcpus=3, memory_mib=1536, max_vcpus=max_vcpus,
                          max_memory_mib=max_mem)  # fmt: skip
-        argv = qemu_argv(QEMU, spec)
+        argv = qemu_argv(QEMU, spec, FDS)
         assert value(argv, "-smp") == "3"
         assert value(argv, "-m") == "1536M"
         assert "memhp_default_state=online" not in value(argv, "-append").split()
 
 
 def test_cpu_headroom_gives_one_socket_per_vcpu(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path, vcpus=1, max_vcpus=4))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, vcpus=1, max_vcpus=4), FDS)
     _, smp = opts(value(argv, "-smp"))
     assert smp == {"cpus": "1", "maxcpus": "4", "sockets": "4", "cores": "1", "threads": "1"}
     assert value(argv, "-m") == "768M"  # no memory headroom asked
@@ -198,23 +225,23 @@ def test_cpu_headroom_gives_one_socket_per_vcpu(tmp_path: Path) -> None:
 
 
 def test_memory_headroom_gives_slots_and_aligned_maxmem(tmp_path: Path) -> None:
-    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1024, max_memory_mib=8192))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1024, max_memory_mib=8192), FDS)
     _, mem = opts(value(argv, "-m"))
     assert mem == {"size": "1024M", "slots": "16", "maxmem": "8192M"}
     assert value(argv, "-smp") == "2"
     params = value(argv, "-append").split()
     assert "memhp_default_state=online" in params
     # headroom is whole 128 MiB guest memory blocks above the boot memory
-    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1000, max_memory_mib=1300))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1000, max_memory_mib=1300), FDS)
     assert opts(value(argv, "-m"))[1]["maxmem"] == "1256M"
     # less than one block of room: no headroom at all
-    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1000, max_memory_mib=1100))
+    argv = qemu_argv(QEMU, make_spec(tmp_path, memory_mib=1000, max_memory_mib=1100), FDS)
     assert value(argv, "-m") == "1000M"
 
 
 def test_user_kernel_params_stay_last_with_hotplug(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, memory_mib=512, max_memory_mib=4096, kernel_params="loglevel=7")
-    params = value(qemu_argv(QEMU, spec), "-append").split()
+    params = value(qemu_argv(QEMU, spec, FDS), "-append").split()
     assert params[-2:] == ["memhp_default_state=online", "loglevel=7"]
 
 
@@ -236,7 +263,7 @@ def test_nics_each_in_a_root_port_and_free_slots() -> None:
         ),
         nic_slots=1,
     )
-    argv = qemu_argv("qemu", spec)
+    argv = qemu_argv("qemu", spec, FDS)
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
     ports = [d for d in devices if d.startswith("pcie-root-port")]
@@ -244,4 +271,4 @@ def test_nics_each_in_a_root_port_and_free_slots() -> None:
     assert netdevs == ["tap,id=net0,fd=7", "user,id=net1,hostfwd=tcp:127.0.0.1:18080-:80"]
     assert "virtio-net-pci,id=net0-nic,netdev=net0,mac=02:00:00:00:00:01,bus=nicslot0" in devices
     assert "virtio-net-pci,id=net1-nic,netdev=net1,mac=02:00:00:00:00:02,bus=nicslot1" in devices
-    assert "-netdev" not in qemu_argv("qemu", replace(spec, nics=(), nic_slots=0))
+    assert "-netdev" not in qemu_argv("qemu", replace(spec, nics=(), nic_slots=0), FDS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -280,3 +281,38 @@ def test_no_address_publishes_nothing() -> None:
         await pub.close()
 
     run(main())
+
+
+def test_the_queue_is_bounded_dropping_the_oldest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """containerd does not take events (stuck): the queue keeps at most MAX_QUEUED, the
+    oldest go first, one line says so; once containerd takes them it gets the newest."""
+
+    async def main() -> None:
+        fake = FakeContainerd(tmp_path / "events.sock")
+        release = asyncio.Event()
+
+        async def stuck(req: evpb.ForwardRequest) -> None:
+            await release.wait()
+
+        fake.gate = stuck
+        await fake.start()
+        pub = Publisher(f"unix://{fake.path}", NAMESPACE)
+        pub.publish(exit_event(0))
+        await asyncio.sleep(0.05)  # event 0 is in flight, held by containerd
+        total = 5 * events.MAX_QUEUED
+        for i in range(1, total + 1):
+            pub.publish(exit_event(i))
+            assert len(pub._queue) <= events.MAX_QUEUED
+        assert pub.dropped == total - events.MAX_QUEUED
+        release.set()
+        await pub.flush(10)
+        first_kept = total - events.MAX_QUEUED + 1
+        assert fake.exits() == [0, *range(first_kept, total + 1)]
+        await pub.close()
+        await fake.stop()
+
+    with caplog.at_level(logging.WARNING, logger="carapace.shim.events"):
+        run(main())
+    assert len([r for r in caplog.records if "dropping the oldest" in r.getMessage()]) == 1

@@ -345,3 +345,40 @@ def test_delete_with_a_rootfs_outside_the_bundle_unmounts_nothing_there(
     assert b"outside the bundle" in err
     assert api.DeleteResponse.FromString(out).exit_status == 137
     assert os.path.ismount("/")
+
+
+# --- start: the shim's socket (issue 14, item 13) ------------------------------------------
+
+
+def test_start_makes_a_0600_socket_whatever_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock_dir = tmp_path / "s"
+    seen: dict[str, Any] = {}
+
+    class Spawned:
+        def __init__(self, argv: list[str], **kw: Any) -> None:
+            seen["argv"] = argv
+            path = seen["sock"]
+            seen["mode"] = os.stat(path).st_mode  # as the daemon finds it
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(path)  # listening already
+
+    monkeypatch.setattr(shim_main, "SOCKET_DIR", str(sock_dir))
+    monkeypatch.setattr(
+        shim_main, "socket_path", lambda *a: seen.setdefault("sock", str(sock_dir / "p.sock"))
+    )
+    monkeypatch.setattr(shim_main, "_read_stdin", lambda: b"")
+    monkeypatch.setattr(shim_main.subprocess, "Popen", Spawned)
+    bundle = make_bundle(tmp_path)
+    args = ShimArgs(
+        namespace="default", address=str(tmp_path / "c.sock"), id="p", bundle=str(bundle)
+    )
+    old = os.umask(0)
+    try:
+        assert shim_main.cmd_start(args) == 0
+    finally:
+        os.umask(old)
+    assert "argv" in seen
+    assert oct(seen["mode"] & 0o777) == oct(0o600)
+    assert capsys.readouterr().out == f"unix://{sock_dir / 'p.sock'}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +58,10 @@ class FakeSandbox:
         self._next_pid = 7
         self.fail_create: Exception | None = None
         self.host = CgroupStats(cpu_usage_ns=123_000, memory_bytes=64 << 20, pids=9)
+        #: what the guest answers SignalProcess with: None (ok), an error, or "hang"
+        self.kill_answer: Exception | str | None = None
+        self._agent_closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.oom_events: asyncio.Queue[str] = asyncio.Queue()
 
     @property
     def state(self) -> Runstate:
@@ -75,6 +80,15 @@ class FakeSandbox:
 
     def lose_vm(self) -> None:
         self._vm_exit.set_result(1)
+        if not self._agent_closed.done():
+            self._agent_closed.set_result("")
+
+    def break_agent(self, violation: str) -> None:
+        """The guest broke the protocol: the host closed the agent's connection."""
+        self._agent_closed.set_result(violation)
+        for f in self._exits.values():
+            if not f.done():
+                f.set_exception(AgentError(f"agent WaitProcess: {violation}"))
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -96,8 +110,18 @@ class FakeSandbox:
         return await asyncio.shield(self._vm_exit)
 
     async def oom_event(self) -> str:
-        await asyncio.Event().wait()  # none come
-        return ""
+        return await self.oom_events.get()
+
+    def kill_vm(self) -> None:
+        self.calls.append(("kill_vm",))
+        if not self._vm_exit.done():
+            self.lose_vm()
+        for f in self._exits.values():  # the agent's connection drops: relays fail
+            if not f.done():
+                f.set_exception(AgentError("agent WaitProcess: ttrpc connection closed"))
+
+    async def agent_closed(self) -> str:
+        return await asyncio.shield(self._agent_closed)
 
     async def create_container(
         self, container_id: str, spec: Spec, rootfs: Path, overlay: bool = True
@@ -130,6 +154,11 @@ class FakeSandbox:
         self.calls.append(("kill", container_id, sig, exec_id, all_processes))
         if self._vm_exit.done():
             raise AgentError("agent SignalProcess: ttrpc connection closed (UNAVAILABLE)")
+        if self.kill_answer == "hang":
+            await asyncio.shield(self._vm_exit)  # no answer while the VM lives
+            raise AgentError("agent SignalProcess: ttrpc connection closed (UNAVAILABLE)")
+        if isinstance(self.kill_answer, Exception):
+            raise self.kill_answer
 
     async def relay(
         self, container_id: str, exec_id: str, io: ProcessIO, started: Awaitable[Any]
@@ -192,10 +221,10 @@ class FakeServer:
 class Pod:
     """A TaskService for pod ``POD`` with its fakes."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, config_text: str = "") -> None:
         self.tmp_path = tmp_path
         config = tmp_path / "carapace.toml"
-        config.write_text("")
+        config.write_text(config_text)
         self.events = FakePublisher()
         self.sandboxes: list[FakeSandbox] = []
         self.fail_create: Exception | None = None
@@ -564,7 +593,7 @@ def test_a_vm_shut_down_on_purpose_is_not_lost(pod: Pod) -> None:
         await pod.call["Delete"](api.DeleteRequest(id=POD))  # created: deletable
         await settle()
         assert pod.sb.names()[-1] == "destroy"
-        assert not pod.service._vm_lost
+        assert not pod.service.watch.lost
         assert "/tasks/exit" not in pod.events.topics()
 
     run(go())
@@ -616,6 +645,179 @@ def test_a_plain_container_is_its_own_pod_and_not_a_pause(tmp_path: Path) -> Non
         assert pod.sb.options.sandbox_id == "solo"
         metrics_of(await pod.call["Stats"](api.StatsRequest(id="solo")))
         assert ("stats", "solo") in pod.sb.calls
+        await pod.service.close()
+
+    run(go())
+
+
+# --- the guest is not trusted (issue 14: forged events, kills it ignores) -------------------
+
+FAST_KILL = "[runtime]\nkill_timeout = 0.3\n"
+
+
+def test_forged_oom_events_never_reach_containerd(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guest names containers that are not in the pod (1,000 of them, and a 1 MiB
+    id): none is published and the log gets a line, not a thousand; a real container's
+    OOM is published, its repeats within a second are one event."""
+
+    async def go() -> None:
+        pod = Pod(tmp_path)
+        await pod.create_pause()
+        await pod.create("c1", container_annotations())
+        for i in range(1000):
+            pod.sb.oom_events.put_nowait(f"forged-{i}")
+        pod.sb.oom_events.put_nowait("x" * (1 << 20))
+        for _ in range(50):
+            pod.sb.oom_events.put_nowait("c1")
+        while not pod.sb.oom_events.empty():
+            await asyncio.sleep(0.01)
+        await settle()
+        assert pod.events.topics().count("/tasks/oom") == 1
+        assert pod.events.events[-1].container_id == "c1"  # type: ignore[attr-defined]
+        await pod.service.close()
+
+    with caplog.at_level(logging.INFO, logger="carapace.shim"):
+        run(go())
+    forged = [r for r in caplog.records if "not in the pod" in r.getMessage()]
+    assert len(forged) == 1 and len(forged[0].getMessage()) < 300
+    assert len([r for r in caplog.records if "less than" in r.getMessage()]) == 1
+
+
+def test_a_sigkill_the_guest_ignores_stops_the_vm_by_the_deadline(tmp_path: Path) -> None:
+    """The agent acknowledges SIGKILL and kills nothing: by kill_timeout the shim stops
+    the VM itself, Wait answers 137, and Delete works (it used to say "is running")."""
+
+    async def go() -> None:
+        pod = Pod(tmp_path, FAST_KILL)
+        await pod.create_pause()
+        await pod.start(POD)
+        await pod.create("c1", container_annotations())
+        await pod.start("c1")
+        waiter = asyncio.ensure_future(pod.wait("c1"))
+        await pod.call["Kill"](api.KillRequest(id="c1", signal=9))
+        await asyncio.sleep(0.1)
+        assert not waiter.done() and "kill_vm" not in pod.sb.names()
+        assert await asyncio.wait_for(waiter, 2) == 137
+        assert "kill_vm" in pod.sb.names()
+        assert await pod.wait(POD) == 137  # every process of the pod
+        exits = [e for e in pod.events.events if topic_of(e) == "/tasks/exit"]
+        assert sorted((e.container_id, e.exit_status) for e in exits) == [  # type: ignore[attr-defined]
+            ("c1", 137),
+            (POD, 137),
+        ]
+        with pytest.raises(TtrpcError) as exc:  # CRI takes NotFound as done
+            await pod.call["Kill"](api.KillRequest(id="c1", signal=9))
+        assert exc.value.code == Code.NOT_FOUND
+        await pod.call["Delete"](api.DeleteRequest(id="c1"))
+        await pod.call["Delete"](api.DeleteRequest(id=POD))
+        assert pod.sb.names()[-1] == "destroy" and pod.service.containers == {}
+        await pod.service.close()
+
+    run(go())
+
+
+def test_a_sigkill_the_guest_never_answers_stops_the_vm(tmp_path: Path) -> None:
+    async def go() -> None:
+        pod = Pod(tmp_path, FAST_KILL)
+        await pod.create_pause()
+        await pod.start(POD)
+        pod.sb.kill_answer = "hang"
+        await asyncio.wait_for(pod.call["Kill"](api.KillRequest(id=POD, signal=9)), 2)
+        assert "kill_vm" in pod.sb.names()
+        assert await pod.wait(POD) == 137
+        await pod.service.close()
+
+    run(go())
+
+
+def test_a_sigkill_the_guest_refuses_still_has_its_deadline(tmp_path: Path) -> None:
+    async def go() -> None:
+        pod = Pod(tmp_path, FAST_KILL)
+        await pod.create_pause()
+        await pod.start(POD)
+        pod.sb.kill_answer = AgentError("agent SignalProcess: no such process (NOT_FOUND)")
+        with pytest.raises(TtrpcError):
+            await pod.call["Kill"](api.KillRequest(id=POD, signal=9))
+        assert await asyncio.wait_for(pod.wait(POD), 2) == 137
+        assert "kill_vm" in pod.sb.names()
+        await pod.service.close()
+
+    run(go())
+
+
+def test_the_sandbox_containers_sigkill_ends_the_whole_pod(tmp_path: Path) -> None:
+    """The pause exits, but another container the guest was told to kill still runs:
+    by the deadline the VM is stopped and that container reported killed."""
+
+    async def go() -> None:
+        pod = Pod(tmp_path, FAST_KILL)
+        await pod.create_pause()
+        await pod.start(POD)
+        await pod.create("c1", container_annotations())
+        await pod.start("c1")
+        await pod.call["Kill"](api.KillRequest(id=POD, signal=9))
+        pod.sb.exit(POD, 137)  # the guest killed the pause only
+        assert await pod.wait(POD) == 137
+        assert await asyncio.wait_for(pod.wait("c1"), 2) == 137
+        assert "kill_vm" in pod.sb.names()
+        await pod.service.close()
+
+    run(go())
+
+
+def test_a_guest_that_kills_in_time_keeps_its_vm(tmp_path: Path) -> None:
+    async def go() -> None:
+        pod = Pod(tmp_path, FAST_KILL)
+        await pod.create_pause()
+        await pod.start(POD)
+        await pod.create("c1", container_annotations())
+        await pod.start("c1")
+        await pod.call["Kill"](api.KillRequest(id="c1", signal=9))
+        pod.sb.exit("c1", 137)
+        await pod.call["Kill"](api.KillRequest(id=POD, signal=15))  # no deadline
+        await asyncio.sleep(0.6)
+        assert "kill_vm" not in pod.sb.names()
+        assert not pod.service.containers[POD].init.exited.is_set()
+        await pod.service.close()
+
+    run(go())
+
+
+def test_a_guest_breaking_the_agent_protocol_loses_its_vm(tmp_path: Path) -> None:
+    async def go() -> None:
+        pod = Pod(tmp_path)
+        await pod.create_pause()
+        await pod.start(POD)
+        pod.sb.break_agent("a message of type 1 on stream 7")
+        assert await asyncio.wait_for(pod.wait(POD), 5) == VM_LOST_STATUS
+        for _ in range(400):  # the VM is given VM_GONE_WAIT to exit by itself first
+            if "kill_vm" in pod.sb.names():
+                break
+            await asyncio.sleep(0.01)
+        assert "kill_vm" in pod.sb.names()
+        assert "broke the agent protocol" in pod.service.watch.forced
+        await pod.call["Delete"](api.DeleteRequest(id=POD))
+        assert pod.sb.names()[-1] == "destroy"
+        await pod.service.close()
+
+    run(go())
+
+
+def test_execs_of_a_vm_stopped_by_force_are_killed_and_deletable(tmp_path: Path) -> None:
+    async def go() -> None:
+        pod = Pod(tmp_path, FAST_KILL)
+        await pod.create_pause()
+        await pod.start(POD)
+        process = AnyPb(value=json.dumps({"args": ["sleep", "9"]}).encode())
+        await pod.call["Exec"](api.ExecProcessRequest(id=POD, exec_id="e1", spec=process))
+        await pod.start(POD, "e1")
+        await pod.call["Kill"](api.KillRequest(id=POD, exec_id="e1", signal=9))
+        assert await asyncio.wait_for(pod.wait(POD, "e1"), 2) == 137
+        assert await pod.wait(POD) == 137  # the VM went: its init with it
+        await pod.call["Delete"](api.DeleteRequest(id=POD, exec_id="e1"))
+        assert "remove_exec" not in pod.sb.names()  # the guest is not asked any more
         await pod.service.close()
 
     run(go())

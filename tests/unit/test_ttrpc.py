@@ -263,7 +263,11 @@ def test_client_request_frames() -> None:
     run(main())
 
 
-def test_client_oversize_response_frame_fails_only_that_call() -> None:
+def test_client_oversize_response_frame_breaks_the_connection() -> None:
+    """A conforming server answers an oversize reply with an error status: an oversize
+    frame is a protocol violation. The connection closes at its header (its body is
+    never read), failing every pending call."""
+
     async def main() -> None:
         (cr, cw), (pr, pw) = await stream_pair()
         client = Client(cr, cw)
@@ -271,14 +275,14 @@ def test_client_oversize_response_frame_fails_only_that_call() -> None:
         small = asyncio.create_task(client.call_raw(SERVICE, "Small", b""))
         ids = {(await read_raw_frame(pr))[0] for _ in range(2)}
         assert ids == {1, 3}
-        size = 5 << 20
-        pw.write(raw_frame(1, MSG_RESPONSE, b"\x00" * size))
-        pw.write(raw_frame(3, MSG_RESPONSE, ttrpc_pb2.Response(payload=b"ok").SerializeToString()))
-        with pytest.raises(TtrpcError) as info:
-            await big
-        assert info.value.code == Code.RESOURCE_EXHAUSTED
-        assert str(size) in info.value.message
-        assert await small == b"ok"
+        size = (1 << 32) - 1  # announced, never sent: the client must not wait for it
+        pw.write(raw_frame(1, MSG_RESPONSE, b"", length=size))
+        for call in (big, small):
+            with pytest.raises(TtrpcError) as info:
+                await call
+            assert info.value.code == Code.UNAVAILABLE
+            assert str(size) in info.value.message and "broke the protocol" in info.value.message
+        assert client.closed and str(size) in client.violation
         await client.close()
         pw.close()
 

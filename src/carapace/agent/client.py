@@ -1,10 +1,18 @@
-"""The host's typed client of the guest agent API (ttrpc over virtio-serial)."""
+"""The host's typed client of the guest agent API (ttrpc over virtio-serial).
+
+The agent is not trusted: the ttrpc client closes the connection on a protocol
+violation, an error text from the guest is cut to ``MAX_ERROR_TEXT`` before it goes
+into an error (and so a log line or containerd's reply), and OOM events are kept only
+for well-formed container ids, at most ``MAX_OOM_QUEUED`` of them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import json
+import logging
+import re
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -13,9 +21,20 @@ from carapace.errors import AgentError
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import AGENT_SERVICE as SERVICE
 from carapace.ttrpc import Client, TtrpcError
+from carapace.ttrpc.ratelimit import RateLimitedLog, shorten
+
+log = logging.getLogger("carapace.agent")
 
 M = TypeVar("M", bound=Message)
 DEFAULT_TIMEOUT = 60.0
+#: The most characters of an error text from the guest kept in an error.
+MAX_ERROR_TEXT = 512
+#: OOM events kept until taken; beyond that the oldest is dropped (a guest can make
+#: them as fast as it likes; the newest say which containers are killed now).
+MAX_OOM_QUEUED = 256
+#: A container id as the host makes them (``sandbox.plan.check_id``): an OOM event
+#: naming anything else cannot be about a container of the pod.
+CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
 
 
 class AgentClient:
@@ -23,8 +42,11 @@ class AgentClient:
         self.client = client
         # OOM events: one GetOOMEvent long poll at a time feeds this queue, so that a
         # caller giving up (timeout, cancellation) never makes an event go missing
-        self._oom_events: asyncio.Queue[str] = asyncio.Queue()
+        self._oom_events: collections.deque[str] = collections.deque(maxlen=MAX_OOM_QUEUED)
+        self._oom_ready = asyncio.Event()
         self._oom_poll: asyncio.Task[None] | None = None
+        self._bad_oom = RateLimitedLog(log)
+        self._oom_dropped = RateLimitedLog(log)
 
     @classmethod
     async def connect(cls, socket_path: str, attempts: int = 100) -> AgentClient:
@@ -43,7 +65,20 @@ class AgentClient:
         try:
             return await self.client.call(SERVICE, method, req, resp, timeout=timeout)
         except TtrpcError as e:
-            raise AgentError(f"agent {method}: {e.message} ({e.code.name})") from e
+            text = e.message
+            if len(text) > MAX_ERROR_TEXT:
+                text = f"{text[:MAX_ERROR_TEXT]}... ({len(text)} characters in all)"
+            raise AgentError(f"agent {method}: {text} ({e.code.name})") from e
+
+    async def wait_closed(self) -> None:
+        """Return once the connection to the agent is gone (closed by either side, or
+        broken by a protocol violation of the guest: see ``violation``)."""
+        await self.client.wait_closed()
+
+    @property
+    def violation(self) -> str:
+        """How the guest broke the protocol, if it did ("" otherwise)."""
+        return self.client.violation
 
     async def close(self) -> None:
         poll, self._oom_poll = self._oom_poll, None
@@ -285,8 +320,8 @@ class AgentClient:
 
         Events are taken from the agent by one long poll per client that runs from
         the first call until ``close``; each event goes to exactly one caller."""
-        with contextlib.suppress(asyncio.QueueEmpty):
-            return self._oom_events.get_nowait()
+        if self._oom_events:
+            return self._oom_events.popleft()
         if self._oom_poll is not None and self._oom_poll.done():
             failed, self._oom_poll = self._oom_poll, None  # the next call polls again
             _raise_poll_failure(failed)  # a failure no caller saw yet
@@ -295,14 +330,20 @@ class AgentClient:
         if self._oom_poll is None:
             self._oom_poll = asyncio.ensure_future(self._poll_oom_events())
         poll = self._oom_poll
-        get = asyncio.ensure_future(self._oom_events.get())
-        try:
-            await asyncio.wait({get, poll}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not get.done():
-                get.cancel()  # an event not taken stays queued for the next caller
-        if get.done() and not get.cancelled():
-            return get.result()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._oom_events:  # an event not taken stays queued for the next caller
+            self._oom_ready.clear()
+            left = None if deadline is None else deadline - loop.time()
+            if poll.done() or (left is not None and left <= 0):
+                break
+            ready = asyncio.ensure_future(self._oom_ready.wait())
+            try:
+                await asyncio.wait({ready, poll}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+        if self._oom_events:
+            return self._oom_events.popleft()
         if poll.done():
             if self._oom_poll is poll:
                 self._oom_poll = None  # the next call polls again
@@ -312,7 +353,19 @@ class AgentClient:
     async def _poll_oom_events(self) -> None:
         while True:
             r = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, None)
-            self._oom_events.put_nowait(r.container_id)
+            cid = r.container_id
+            if not CONTAINER_ID_RE.fullmatch(cid):
+                self._bad_oom(
+                    "agent: dropping OOM events naming no possible container: %s",
+                    shorten(cid),
+                )
+                continue
+            if len(self._oom_events) == self._oom_events.maxlen:
+                self._oom_dropped(
+                    "agent: %d OOM events wait already; dropping the oldest", MAX_OOM_QUEUED
+                )
+            self._oom_events.append(cid)
+            self._oom_ready.set()
 
 
 def _raise_poll_failure(poll: asyncio.Task[None]) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 
 from carapace.guest import sysinit
-from carapace.guest.server import Agent
+from carapace.guest.server import Agent, guard
 
 log = logging.getLogger("carapace.agent")
 
@@ -41,6 +41,7 @@ def main() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    cmdline = ""
     if os.getpid() == 1:
         started = time.monotonic()
         sysinit.early_init()
@@ -50,16 +51,31 @@ def main() -> None:
             time.monotonic() - started,
         )
         with open("/proc/cmdline") as f:
-            if "carapace.probe=1" in f.read().split():
-                print("CARAPACE-PROBE-OK", flush=True)  # the host's accelerator probe
-                sysinit.power_off()
+            cmdline = f.read()
+        if "carapace.probe=1" in cmdline.split():
+            print("CARAPACE-PROBE-OK", flush=True)  # the host's accelerator probe
+            sysinit.power_off()
+    agent = Agent()
+    if "carapace.hostile=" in cmdline:
+        arm_hostile(agent, cmdline)
     try:
-        asyncio.run(Agent().serve())
+        asyncio.run(agent.serve())
     except BaseException:
         log.exception("agent exited")
         if os.getpid() == 1:
             sysinit.power_off()
         raise
+
+
+def arm_hostile(agent: Agent, cmdline: str) -> None:
+    """The test double of a hostile agent (guest/hostile.py), when the kernel command
+    line PID 1 booted with asks for it; only tests set that parameter."""
+    from carapace.guest.hostile import Hostile, modes_of
+
+    modes = modes_of(cmdline)
+    if modes:
+        guarded = {name: (req, guard(name, h)) for name, req, h in agent.methods}
+        Hostile(modes).arm(agent.server, guarded)
 
 
 if __name__ == "__main__":

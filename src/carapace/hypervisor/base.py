@@ -8,6 +8,7 @@ implementation; nothing outside ``carapace.hypervisor`` imports it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,8 @@ class VMSpec:
     #: How the VM sees ``shared_dir``: "virtio-fs" (a vhost-user daemon already
     #: listening on ``fs_socket``; guest memory is then shared with it) or "virtio-9p".
     shared_fs: str = contract.SHARED_FS_9P
+    #: Run the hypervisor under its seccomp sandbox (QEMU's ``-sandbox``).
+    seccomp_sandbox: bool = True
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -151,6 +154,7 @@ class VMSpec:
 
     @property
     def console_log(self) -> Path:
+        """The newest console output (capped: see ``hypervisor.console``)."""
         return self.run_dir / "console.log"
 
     @property
@@ -228,10 +232,24 @@ class VM(Protocol):
         ...
 
 
+#: The most bytes ``tail`` reads from the end of a file, and the longest line it shows.
+TAIL_BYTES = 64 << 10
+TAIL_LINE = 1000
+
+
 def tail(path: Path, lines: int = 20) -> str:
-    """The last lines of a log file, for error messages."""
+    """The last lines of a log file, for error messages: read by seeking from its end
+    (at most ``TAIL_BYTES``, however big the file grew), each line cut at ``TAIL_LINE``
+    characters (a guest may print one endless line)."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES)
+            f.seek(start)
+            data = f.read(TAIL_BYTES)
     except OSError:
         return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    found = data.decode(errors="replace").rstrip().splitlines()
+    if start and len(found) > 1:
+        found = found[1:]  # the first one began before what was read
+    found = found[-lines:] if lines > 0 else []
+    return "\n".join(t if len(t) <= TAIL_LINE else t[:TAIL_LINE] + " [...]" for t in found)

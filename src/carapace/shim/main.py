@@ -126,6 +126,7 @@ def cmd_start(args: ShimArgs) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(sock)
+        os.chmod(sock, 0o600)  # before it listens: only root connects, whatever the umask
         listener.listen(128)
         env = dict(os.environ)
         env[LISTEN_FD_ENV] = str(listener.fileno())

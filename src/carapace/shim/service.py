@@ -33,21 +33,20 @@ from carapace.oci import Bundle, Spec
 from carapace.protocols.containerd import events_pb2 as ev
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.protocols.containerd import task_types_pb2 as tt
-from carapace.sandbox import Runstate, Sandbox, SandboxOptions
+from carapace.sandbox import Sandbox, SandboxOptions
 from carapace.shim.events import oneline
 from carapace.shim.interfaces import EventPublisher, SandboxFactory, SandboxLike
 from carapace.shim.metrics import host_v1_metrics, to_v1_metrics
 from carapace.shim.params import METRICS_URL, config_path_of, join_pod_namespaces
+from carapace.shim.podwatch import PodWatch
 from carapace.shim.stdio import ProcessStdio
-from carapace.shim.tasks import VM_LOST_STATUS, Container, Proc, now
+from carapace.shim.tasks import Container, Proc, now
 from carapace.ttrpc import Code, Server, TtrpcError
 from carapace.ttrpc.errors import to_ttrpc_error
 
 log = logging.getLogger("carapace.shim")
 
 SERVICE = "containerd.task.v2.Task"
-#: How long a failed call waits to see whether the VM just died (see ``_vm_gone``).
-VM_GONE_WAIT = 2.0
 
 
 class TaskService:
@@ -68,8 +67,10 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.shutdown_requested = asyncio.Event()
         self._create_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[Any]] = set()
-        self._vm_lost = False
+        #: The VM's exit, OOM events, kill deadlines, the agent connection (podwatch.py).
+        self.watch = PodWatch(
+            pod_id, self.containers, self._exited, publisher.publish, lambda: self.sandbox
+        )
 
     # -- registration ---------------------------------------------------------
 
@@ -145,11 +146,6 @@ class TaskService:
         """The pid containerd sees for every task of the pod: the VM's (as Kata does)."""
         return self.sandbox.vm_pid if self.sandbox is not None else 0
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        t = asyncio.ensure_future(coro)
-        self._background.add(t)
-        t.add_done_callback(self._background.discard)
-
     def _load_config(self, options: AnyPb | None) -> Config:
         path = config_path_of(options) if options is not None else None
         return load_config(path or self.config_path)
@@ -171,41 +167,8 @@ class TaskService:
         )
         await sb.start()
         log.info("pod %s: VM up, QEMU pid %d", self.pod_id, sb.vm_pid)
-        self._spawn(self._watch_vm(sb))
-        self._spawn(self._watch_oom(sb))
+        self.watch.start(sb, config.runtime.kill_timeout)
         return sb
-
-    async def _watch_vm(self, sb: SandboxLike) -> None:
-        await sb.wait_vm()
-        if self.sandbox is sb and sb.state is Runstate.RUNNING:
-            self._vm_lost = True
-            log.error("pod %s: the VM exited unexpectedly", self.pod_id)
-            for c in self.containers.values():
-                for p in c.procs:
-                    if p.relay is None:  # created, never started: nothing else will end it
-                        self._exited(p, VM_LOST_STATUS)
-
-    async def _vm_gone(self, sb: SandboxLike, wait: float = VM_GONE_WAIT) -> bool:
-        """Whether the pod's VM is gone. A VM that was just killed drops the agent's
-        connection (and so its processes) a moment before its exit is seen: wait for
-        it a little before taking a failed call for a real error."""
-        if self._vm_lost:
-            return True
-        try:
-            await asyncio.wait_for(sb.wait_vm(), wait)
-        except (TimeoutError, CarapaceError):
-            return False
-        return True
-
-    async def _watch_oom(self, sb: SandboxLike) -> None:
-        while sb.state is Runstate.RUNNING:
-            try:
-                cid = await sb.oom_event()
-            except CarapaceError as e:
-                log.debug("OOM events stopped: %s", e)
-                return
-            log.warning("container %s: OOM kill in the guest", cid)
-            self.events.publish(ev.TaskOOM(container_id=cid))
 
     async def _stop_sandbox(self) -> None:
         sb, self.sandbox = self.sandbox, None
@@ -331,13 +294,9 @@ class TaskService:
         if p.status == tt.CREATED and req.exec_id:
             self._exited(p, 128 + req.signal)  # never started: nothing runs in the guest
             return Empty()
-        try:
-            await sb.kill(req.id, req.signal, req.exec_id, req.all)
-        except CarapaceError as e:
-            # a VM going down takes its processes: what containerd's CRI takes as done
-            if not await self._vm_gone(sb):
-                raise
-            raise NotFound(f"process {p.id} already finished (its VM is gone: {e})") from e
+        # the sandbox container's init ends the pod: all of it must be gone by the deadline
+        pod_end = not req.exec_id and self._container(req.id).spec.is_pod_sandbox(req.id)
+        await self.watch.kill(sb, p, req.signal, req.all, pod_end)
         if p.status == tt.CREATED and req.signal in (signal.SIGKILL, signal.SIGTERM):
             # a created init has no relay waiting for it; crun kill ended it
             self._exited(p, 128 + req.signal)
@@ -349,7 +308,7 @@ class TaskService:
             p = self._proc(req.id, req.exec_id)
             if p.status in (tt.RUNNING, tt.PAUSED) and not p.exited.is_set():
                 raise StateError(f"process {p.id} is running; kill it first")
-            if p.status != tt.CREATED and self.sandbox is not None and not self._vm_lost:
+            if p.status != tt.CREATED and self.sandbox is not None and not self.watch.gone:
                 await self.sandbox.remove_exec(req.id, req.exec_id)
             p.stdio.close()
             del c.execs[req.exec_id]
@@ -366,7 +325,7 @@ class TaskService:
             try:
                 await self.sandbox.remove_container(req.id)
             except CarapaceError as e:
-                if not await self._vm_gone(self.sandbox):
+                if not await self.watch.vm_gone(self.sandbox):
                     raise
                 log.info("container %s: removed with its lost VM (%s)", req.id, e)
         for x in c.execs.values():
@@ -493,6 +452,4 @@ class TaskService:
             c.unmount_rootfs()
         with contextlib.suppress(CarapaceError):
             await self._stop_sandbox()
-        for t in list(self._background):
-            t.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.watch.close()

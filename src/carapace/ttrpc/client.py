@@ -185,23 +185,22 @@ class Client:
             )
         if sid % 2 == 0 or sid >= self._next_stream_id:
             raise ProtocolError(f"a response on stream {sid}, which no request opened")
-        future = self._pending.pop(sid, None)
+        future = self._pending.get(sid)
         if future is None:
             if self._abandoned == 0:
                 raise ProtocolError(f"a response on stream {sid}, which was answered already")
             self._abandoned -= 1  # the late answer of a call given up on
             log.debug("ttrpc client: dropping the late response on stream %d", sid)
             return
-        if future.done():  # cancelled a moment ago: its call no longer waits
-            return
         assert frame.payload is not None  # oversize frames raised in read_frame
         response = ttrpc_pb2.Response()
         try:
             response.ParseFromString(frame.payload)
-        except DecodeError as e:
-            future.set_exception(TtrpcError(Code.INTERNAL, f"invalid ttrpc response: {e}"))
+        except DecodeError as e:  # the call fails with the connection
             raise ProtocolError(f"an invalid response on stream {sid}: {e}") from e
-        future.set_result(response)
+        del self._pending[sid]
+        if not future.done():  # else cancelled a moment ago: its call no longer waits
+            future.set_result(response)
 
     def _shutdown(self) -> None:
         self._closed = True

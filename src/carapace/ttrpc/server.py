@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from carapace.protocols import status_pb2, ttrpc_pb2
 from carapace.ttrpc.errors import Code, TtrpcError
+from carapace.ttrpc.ratelimit import RateLimitedLog
 from carapace.ttrpc.wire import (
     MAX_MESSAGE_SIZE,
     MSG_REQUEST,
@@ -39,6 +41,9 @@ class _Connection:
         self.writer = writer
         self.write_lock = asyncio.Lock()
         self.handlers: set[asyncio.Task[None]] = set()
+        #: A line per peer and interval about frames that are not requests (ignored,
+        #: as containerd's ttrpc does, for what later versions may send).
+        self.ignored = RateLimitedLog(log)
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -132,11 +137,19 @@ class Server:
                     await task
 
     async def serve_unix(self, path: str) -> None:
-        """Start listening on a unix socket at path (a stale socket file is removed)."""
+        """Start listening on a unix socket at path (a stale socket file is removed);
+        the socket is mode 0600 before it listens, whatever the umask."""
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
-        listener = await asyncio.start_unix_server(self.serve_connection, path=path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            listener = await asyncio.start_unix_server(self.serve_connection, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self._listeners.append(listener)
 
     async def close(self) -> None:
@@ -170,7 +183,7 @@ class Server:
                     )
                     continue
                 if frame.msg_type != MSG_REQUEST:
-                    log.warning(
+                    conn.ignored(
                         "ttrpc server: ignoring message type %d on stream %d",
                         frame.msg_type,
                         frame.stream_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from carapace.hypervisor.base import BASE_KERNEL_PARAMS, Nic, PortForward, TapNic, VMSpec
+from carapace.hypervisor.qemu.channels import ChannelFds
 from carapace.hypervisor.qemu.hotplug import MEMORY_SLOTS
 from carapace.protocols.contract import AGENT_PORT_NAME, SHARE_TAG, SHARED_FS_VIRTIOFS
 
@@ -120,9 +121,36 @@ def machine_arg(spec: VMSpec) -> str:
     return machine
 
 
-def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
+#: QEMU's seccomp sandbox (as Kata can run it): no obsolete system calls, no setuid and
+#: friends, no fork/exec, no scheduler or resource changes, for QEMU's whole life.
+SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def channel_args(fds: ChannelFds) -> list[str]:
+    """The console, QMP and the agent's port on sockets carapace made (``channels``):
+    QEMU creates no socket file of its own."""
+    return [
+        "-chardev",
+        f"socket,id=console,fd={fds.console},server=off",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=qmp,fd={fds.qmp},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-device",
+        "virtio-serial-pci,id=serial0",
+        "-chardev",
+        f"socket,id=agent,fd={fds.agent},server=on,wait=off",
+        "-device",
+        f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT_NAME}",
+    ]
+
+
+def qemu_argv(binary: str, spec: VMSpec, fds: ChannelFds) -> list[str]:
     cpu = "host" if spec.accel == "kvm" else "max"
     params = kernel_params(spec)
+    sandbox = ["-sandbox", SECCOMP_SANDBOX] if spec.seccomp_sandbox else []
     return [
         binary,
         "-name",
@@ -145,18 +173,10 @@ def qemu_argv(binary: str, spec: VMSpec) -> list[str]:
         str(spec.initrd),
         "-append",
         params,
-        "-serial",
-        f"file:{spec.console_log}",
-        "-qmp",
-        f"unix:{spec.qmp_socket},server=on,wait=off",
+        *sandbox,
         "-pidfile",
         str(spec.pid_file),
-        "-device",
-        "virtio-serial-pci,id=serial0",
-        "-chardev",
-        f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
-        "-device",
-        f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        *channel_args(fds),
         *shared_fs_args(spec),
         *nic_args(spec),
         *spec.extra_args,

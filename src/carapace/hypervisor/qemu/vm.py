@@ -1,4 +1,7 @@
-"""A running QEMU process: start, QMP, graceful shutdown with a deadline, kill."""
+"""A running QEMU process: start, QMP, graceful shutdown with a deadline, kill.
+
+QEMU gets its sockets from carapace (``channels``) and runs under its seccomp sandbox;
+its console is read into a capped log (``hypervisor.console``) while it runs."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from qemu.qmp import ExecuteError, QMPClient
 from carapace.daemons import die_with_parent, spawn_logged
 from carapace.errors import HypervisorError
 from carapace.hypervisor.base import TapNic, VMSpec, tail
+from carapace.hypervisor.console import ConsoleLog, console_tail
 from carapace.hypervisor.qemu import hotplug
+from carapace.hypervisor.qemu.channels import Channels
 from carapace.hypervisor.qemu.cmdline import (
     nic_device_args,
     nic_device_id,
@@ -26,6 +31,11 @@ from carapace.hypervisor.qemu.cmdline import (
 )
 
 log = logging.getLogger("carapace.qemu")
+
+#: How long QEMU may take from exec to answering on QMP.
+START_TIMEOUT = 30.0
+#: How long the console's last bytes may take to arrive once QEMU is gone.
+CONSOLE_DRAIN = 2.0
 
 
 class QemuVM:
@@ -37,6 +47,7 @@ class QemuVM:
         self.die_with_owner = die_with_owner
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
+        self._console: asyncio.Task[None] | None = None
         #: Hot-remove vCPUs under TCG anyway (QEMU may abort afterwards: see vcpu_plan);
         #: for a test that proves the mechanism on a VM it throws away.
         self.unplug_under_tcg = False
@@ -59,10 +70,6 @@ class QemuVM:
             fn()
 
     @property
-    def argv(self) -> list[str]:
-        return qemu_argv(self.binary, self.spec)
-
-    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
@@ -71,40 +78,77 @@ class QemuVM:
         return self.proc.returncode if self.proc else None
 
     def console_tail(self, lines: int = 15) -> str:
-        return tail(self.spec.console_log, lines)
+        return console_tail(self.spec.console_log, lines)
 
     async def start(self) -> int:
-        """Start QEMU; returns its pid once the agent socket exists."""
+        """Start QEMU on the sockets carapace made; returns its pid once QMP answers."""
         if not Path(self.binary).exists():
             raise HypervisorError(
                 f"QEMU binary {self.binary} not found; install qemu-system-x86 or set "
                 "[hypervisor] path in configuration.toml"
             )
-        self.proc = await spawn_logged(
-            self.argv,
-            self.spec.qemu_log,
-            self._pre_exec,
-            [n.fd for n in self.spec.nics if isinstance(n, TapNic)],
-        )
-        # QEMU creates its sockets before it starts the guest
-        while not self.spec.agent_socket.exists():
-            if self.proc.returncode is not None:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 0.01)
+        channels = Channels.open(self.spec)
+        try:
+            self.proc = await spawn_logged(
+                qemu_argv(self.binary, self.spec, channels.fds),
+                self.spec.qemu_log,
+                self._pre_exec,
+                [*(n.fd for n in self.spec.nics if isinstance(n, TapNic)), *channels.qemu_fds],
+            )
+        except BaseException:
+            channels.close()
+            raise
+        channels.close_qemu_ends()  # QEMU has its own copies
+        console = ConsoleLog(self.spec.console_log)
+        self._console = asyncio.ensure_future(console.pump(channels.console_host))
+        await self._wait_up()
+        return self.proc.pid
+
+    async def _wait_up(self) -> None:
+        """Wait until QEMU answers on QMP (it is up), or raise why it did not."""
+        assert self.proc is not None
+        up = asyncio.ensure_future(self.qmp_connect())
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.wait(
+                {up, exited}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if up.done() and up.exception() is None:
+                return
+            with contextlib.suppress(TimeoutError):  # a failed connect: QEMU is going
+                await asyncio.wait_for(asyncio.shield(exited), 5 if up.done() else 0)
+        finally:
+            for t in (up, exited):
+                t.cancel()
+            await asyncio.gather(up, exited, return_exceptions=True)
         if self.proc.returncode is not None:
             raise HypervisorError(
                 f"QEMU exited with status {self.proc.returncode} at start: "
                 f"{tail(self.spec.qemu_log, 5) or '(no output)'}"
             )
-        return self.proc.pid
+        why = f"{up.exception()}" if up.done() and not up.cancelled() else "no answer"
+        raise HypervisorError(
+            f"VM {self.spec.name}: QEMU did not answer on QMP within {START_TIMEOUT:g}s "
+            f"({why}): {tail(self.spec.qemu_log, 5) or '(no output)'}"
+        )
 
     def exited(self) -> bool:
         return self.proc is None or self.proc.returncode is not None
 
     async def wait(self) -> int:
+        """Wait until QEMU exits; its console's last bytes are in the log by then."""
         assert self.proc is not None
-        return await self.proc.wait()
+        code = await self.proc.wait()
+        await self._drain_console()
+        return code
+
+    async def _drain_console(self) -> None:
+        """Let the console's last bytes in (QEMU is gone: its end of the socket is
+        closed, the pump ends at EOF)."""
+        pump = self._console
+        if pump is not None and not pump.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(pump), CONSOLE_DRAIN)
 
     async def qmp_connect(self) -> QMPClient:
         if self.qmp is None:
@@ -172,7 +216,7 @@ class QemuVM:
                     f"VM {self.spec.name}: vCPU {device_id} is still plugged {timeout:g}s after "
                     "device_del: the guest did not eject it (its kernel must offline the CPU "
                     "and run ACPI _EJ0); guest console tail:\n"
-                    f"{tail(self.spec.console_log, 10) or '(empty)'}"
+                    f"{self.console_tail(10) or '(empty)'}"
                 )
             await asyncio.sleep(0.1)
 
@@ -281,6 +325,14 @@ class QemuVM:
                 self.kill()
                 await self.proc.wait()
         await self.close_qmp()
+        await self._stop_console()
+
+    async def _stop_console(self) -> None:
+        await self._drain_console()
+        pump, self._console = self._console, None
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
