@@ -179,7 +179,8 @@ def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]
     return out
 
 
-def _under(path: str, top: str) -> bool:
+def is_under(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or below it (by path components, not text)."""
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
@@ -189,13 +190,13 @@ def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
 
 def mounts_under(top: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Mount points at or below ``top``, the last mounted first."""
-    return [p for p, _ in reversed(mount_table(mountinfo)) if _under(p, top)]
+    return [p for p, _ in reversed(mount_table(mountinfo)) if is_under(p, top)]
 
 
 def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
     """The filesystem type of the mount ``path`` is on (the deepest mount holding it)."""
     best, kind = "", ""
     for point, fstype in mount_table(mountinfo):
-        if _under(path, point) and len(point) >= len(best):
+        if is_under(path, point) and len(point) >= len(best):
             best, kind = point, fstype
     return kind

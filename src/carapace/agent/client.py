@@ -12,7 +12,6 @@ import asyncio
 import collections
 import json
 import logging
-import re
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -20,6 +19,7 @@ from google.protobuf.message import Message
 from carapace.errors import AgentError
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import AGENT_SERVICE as SERVICE
+from carapace.protocols.contract import ID_RE
 from carapace.ttrpc import Client, TtrpcError
 from carapace.ttrpc.ratelimit import RateLimitedLog, shorten
 
@@ -32,9 +32,6 @@ MAX_ERROR_TEXT = 512
 #: OOM events kept until taken; beyond that the oldest is dropped (a guest can make
 #: them as fast as it likes; the newest say which containers are killed now).
 MAX_OOM_QUEUED = 256
-#: A container id as the host makes them (``sandbox.plan.check_id``): an OOM event
-#: naming anything else cannot be about a container of the pod.
-CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
 
 
 class AgentClient:
@@ -354,7 +351,8 @@ class AgentClient:
         while True:
             r = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, None)
             cid = r.container_id
-            if not CONTAINER_ID_RE.fullmatch(cid):
+            # not an id the host makes (check_id): not about a container of the pod
+            if not ID_RE.fullmatch(cid):
                 self._bad_oom(
                     "agent: dropping OOM events naming no possible container: %s",
                     shorten(cid),

@@ -6,6 +6,15 @@ spell the same way lives here and nowhere else; everything else imports it.
 
 from __future__ import annotations
 
+import re
+
+# -- identifiers ---------------------------------------------------------------------
+
+#: What a sandbox, container or exec id may be: containerd's identifiers are at most 76
+#: characters; so are ours. Match it whole (``fullmatch``: with ``match``, ``$`` also
+#: accepts a trailing newline).
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}", re.ASCII)
+
 # -- the agent channel and API ------------------------------------------------------
 
 #: The ttrpc service the guest agent serves.

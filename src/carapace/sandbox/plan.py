@@ -7,7 +7,6 @@ be made never leaves a run dir, a cgroup or a process behind.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,13 +25,9 @@ from carapace.hostcgroup import (
 from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
 from carapace.hypervisor import PortForward, memory_headroom_mib
 from carapace.oci.bundle import Mount, Spec
-from carapace.protocols.contract import SHARED_FS_VIRTIOFS
+from carapace.protocols.contract import ID_RE, SHARED_FS_VIRTIOFS
 from carapace.resources import ContainerResources
 from carapace.sandbox.netplan import NetworkPlan, plan_network
-
-#: containerd's identifiers are at most 76 characters; so are ours. Matched whole
-#: (``fullmatch``: with ``match``, ``$`` also accepts a trailing newline).
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}", re.ASCII)
 
 
 def check_id(value: str, what: str) -> str:

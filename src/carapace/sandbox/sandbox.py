@@ -98,7 +98,7 @@ class Sandbox(ContainerVerbs):
             self.run_dir / "shared", self.record, self.parts.mounts, (rt.run_dir, rt.state_dir)
         )
         # the pod's volumes are checked before anything exists
-        spec = (options.sandbox_spec if options else None) or None
+        spec = options.sandbox_spec if options else None
         pod_mounts = self.plan.volumes + (spec.mounts if spec is not None else ())
         plan_mounts(pod_mounts, self.parts.probe_source, self.share.own_dirs)
         self.containers: dict[str, PodContainer] = {}

@@ -12,7 +12,6 @@ import fcntl
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -26,7 +25,7 @@ from carapace import linux
 from carapace.errors import CarapaceError, StateError
 from carapace.hostcgroup import CgroupHandle
 from carapace.network.tcfilter import teardown
-from carapace.protocols.contract import VM_NAME_PREFIX
+from carapace.protocols.contract import ID_RE, VM_NAME_PREFIX
 from carapace.storage.virtiofsd import kill_daemons
 
 STATE_FILE = "state.json"
@@ -191,14 +190,10 @@ def release(record: SandboxRecord, run_root: Path | str, kill_wait: float = 5.0)
         os.close(fd)
 
 
-#: What a sandbox id in a record may be (as ``plan.check_id`` accepts).
-RECORD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
-
-
 def check_record(record: SandboxRecord, run_root: Path) -> str:
     """Why a record must not be acted on ('' when it may): its run dir is not
     ``run_root/<id>`` (a planted ``../``), or a mount it lists is outside that."""
-    if not isinstance(record.id, str) or not RECORD_ID_RE.fullmatch(record.id):
+    if not isinstance(record.id, str) or not ID_RE.fullmatch(record.id):
         return f"state record with id {str(record.id)[:80]!r}: not a sandbox id; left alone"
     expected = os.path.join(os.path.realpath(run_root), record.id)
     if not isinstance(record.run_dir, str) or os.path.normpath(record.run_dir) != expected:
@@ -243,10 +238,9 @@ def _release(record: SandboxRecord, kill_wait: float) -> list[str]:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 problems.append(str(e))
-    if not problems and linux.mounts_under(record.run_dir):
-        problems.append(
-            f"mounts left in {record.run_dir}: {', '.join(linux.mounts_under(record.run_dir))}"
-        )
+    still = linux.mounts_under(record.run_dir) if not problems else []
+    if still:
+        problems.append(f"mounts left in {record.run_dir}: {', '.join(still)}")
     net = record.network
     if net.get("taps") and not problems:
         try:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from carapace.daemons import die_with_parent, spawn_logged
-from carapace.errors import HypervisorError, NotFound
+from carapace.errors import NotFound
 
 #: Debian's virtiofsd (qemu-system-common 7.2; Debian 12 has no separate package).
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -143,13 +143,6 @@ class Virtiofsd:
         """Wait until the daemon exits; returns its exit status."""
         assert self.proc is not None
         return await self.proc.wait()
-
-    def check_alive(self) -> None:
-        """Raise if the daemon exited (with what it logged)."""
-        if self.proc is not None and self.proc.returncode is not None:
-            raise HypervisorError(
-                f"virtiofsd exited with status {self.proc.returncode}: {self.log_tail()}"
-            )
 
     def log_tail(self, lines: int = 5) -> str:
         try:

@@ -138,10 +138,6 @@ def _where(m: Mount) -> str:
     return f"mount at {m.destination} (source {m.source or '(none)'})"
 
 
-def _under(path: str, tree: str) -> bool:
-    return path == tree or path.startswith(tree.rstrip("/") + "/")
-
-
 def check_source(m: Mount, facts: SourceFacts, own_dirs: Iterable[str]) -> None:
     """Raise InvalidArgument unless ``facts`` (the resolved source of ``m``) may be
     shared with a guest."""
@@ -152,13 +148,13 @@ def check_source(m: Mount, facts: SourceFacts, own_dirs: Iterable[str]) -> None:
             "accepted: a directory or regular file below /"
         )
     for tree in FORBIDDEN_TREES:
-        if _under(path, tree):
+        if linux.is_under(path, tree):
             raise InvalidArgument(
                 f"{_where(m)}: {path} is in the host's {tree}, which a pod VM may not "
                 f"see; accepted: a directory or regular file outside {', '.join(FORBIDDEN_TREES)}"
             )
     for own in own_dirs:
-        if _under(path, own) or _under(own, path):
+        if linux.is_under(path, own) or linux.is_under(own, path):
             raise InvalidArgument(
                 f"{_where(m)}: {path} holds or is in carapace's own {own} (other pods' "
                 f"files); accepted: a directory or regular file outside {own}"
@@ -190,7 +186,7 @@ def is_bind(m: Mount) -> bool:
 
 def is_guest_source(source: str) -> bool:
     """A bind source that already is the guest's (carapace's own guest paths)."""
-    return _under(source, contract.GUEST_STATE_DIR)
+    return linux.is_under(source, contract.GUEST_STATE_DIR)
 
 
 def is_memory_volume(m: Mount, facts: SourceFacts) -> bool:
@@ -229,7 +225,7 @@ def plan_mounts(
             raise InvalidArgument(
                 f"{_where(m)}: a bind source must be an absolute host path; accepted: /PATH"
             )
-        if is_guest_source(m.source) and not _under(m.source, contract.GUEST_EPHEMERAL_DIR):
+        if is_guest_source(m.source) and not linux.is_under(m.source, contract.GUEST_EPHEMERAL_DIR):
             raise InvalidArgument(
                 f"{_where(m)}: {contract.GUEST_STATE_DIR} is carapace's own; accepted: a "
                 "host directory or regular file"
