@@ -522,6 +522,20 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def measurement_row(name: str, m: Measurement, *extra: object) -> str:
+    """A row of a report's measurement table: name, median, min, max, runs and any
+    ``extra`` cells, or the failure in place of the figures."""
+    tail = " | ".join(str(e) for e in (len(m.samples), *extra))
+    if m.error is not None:
+        err = m.error.replace("|", "/").replace("\n", " ")
+        return f"| {name} | failed: {err} | | | {tail} |"
+    s = m.summary()
+    return (
+        f"| {name} | {_fmt(s.get('median'))} | {_fmt(s.get('min'))} | "
+        f"{_fmt(s.get('max'))} | {tail} |"
+    )
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else float(f"{a / b:.3g}")
 
@@ -557,15 +571,7 @@ def markdown(
         "|---|---:|---:|---:|---:|",
     ]
     for name in ORDER:
-        m = results[name]
-        if m.error is not None:
-            lines.append(f"| {name} | failed: {m.error.replace('|', '/')} | | | {len(m.samples)} |")
-            continue
-        s = m.summary()
-        lines.append(
-            f"| {name} | {_fmt(s.get('median'))} | {_fmt(s.get('min'))} | "
-            f"{_fmt(s.get('max'))} | {len(m.samples)} |"
-        )
+        lines.append(measurement_row(name, results[name]))
     lines += ["", "| ratio (of medians) | value |", "|---|---:|"]
     labels = {
         "pod_ready / bare_boot": "**pod ready ÷ bare boot** (to /init)",

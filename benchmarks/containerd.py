@@ -527,15 +527,7 @@ def markdown(
         m = results[name]
         seen = others.get(BARE_INIT if name == BARE_EXIT else name, [])
         other = max(seen) if seen else "n/a"
-        if m.error is not None:
-            err = m.error.replace("|", "/").replace("\n", " ")
-            lines.append(f"| {name} | failed: {err} | | | {len(m.samples)} | {other} |")
-            continue
-        s = m.summary()
-        lines.append(
-            f"| {name} | {boot._fmt(s.get('median'))} | {boot._fmt(s.get('min'))} | "
-            f"{boot._fmt(s.get('max'))} | {len(m.samples)} | {other} |"
-        )
+        lines.append(boot.measurement_row(name, m, other))
     labels = {
         "ctr_carapace / (bare_boot + ctr_runc)": (
             "**carapace ctr run ÷ (bare boot + runc ctr run)**"

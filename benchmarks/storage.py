@@ -562,15 +562,7 @@ def markdown(
         "| measurement | median s | min s | max s | runs |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, m in results.items():
-        if m.error is not None:
-            err = m.error.replace("|", "/").replace("\n", " ")
-            lines.append(f"| {name} | failed: {err} | | | {len(m.samples)} |")
-            continue
-        lo, hi = (min(m.samples), max(m.samples)) if m.samples else (None, None)
-        lines.append(
-            f"| {name} | {_cell(m.median)} | {_cell(lo)} | {_cell(hi)} | {len(m.samples)} |"
-        )
+    lines += [boot.measurement_row(name, m) for name, m in results.items()]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
