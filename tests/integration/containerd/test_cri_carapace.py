@@ -19,71 +19,21 @@ from carapace.shim.params import socket_path
 from ..conftest import RUN_ROOT, host_kernel
 from ..procs import processes, qemu_of
 from .conftest import CtrFn
-from .rig import BUSYBOX_IMAGE, CARAPACE, ContainerdRig, CriClient, pod_config
+from .rig import BUSYBOX_IMAGE, CARAPACE, ContainerdRig, CriClient
+from .test_cri_network import Pod, wait_for
 
 BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
+#: A container's own pid namespace: what the kubelet asks by default.
+OWN_PID = api.NamespaceMode.CONTAINER
 
 
 def shim_socket(containerd: ContainerdRig, namespace: str, pod: str) -> Path:
     return Path(socket_path(str(containerd.socket), namespace, pod))
 
 
-def wait_for(what: str, cond: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(cond) and cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def exec_sync(cri: CriClient, cid: str, cmd: list[str]) -> tuple[int, str, str]:
     r = cri.runtime.ExecSync(api.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=60))
     return r.exit_code, r.stdout.decode(), r.stderr.decode()
-
-
-class Pod:
-    def __init__(self, cri: CriClient, name: str, handler: str, log_dir: Path) -> None:
-        self.cri = cri
-        self.config = pod_config(name, str(log_dir))
-        self.id = cri.runtime.RunPodSandbox(
-            api.RunPodSandboxRequest(config=self.config, runtime_handler=handler), timeout=300
-        ).pod_sandbox_id
-        self.containers: list[str] = []
-
-    def container(
-        self, name: str, command: list[str], pid: int = api.NamespaceMode.CONTAINER
-    ) -> str:
-        """A started container; ``pid``: its own pid namespace (CONTAINER, what the kubelet
-        asks by default) or the pod's (POD, shareProcessNamespace)."""
-        cid = self.cri.runtime.CreateContainer(
-            api.CreateContainerRequest(
-                pod_sandbox_id=self.id,
-                config=api.ContainerConfig(
-                    metadata=api.ContainerMetadata(name=name),
-                    image=api.ImageSpec(image=BUSYBOX_IMAGE),
-                    command=command,
-                    log_path=f"{name}.log",
-                    linux=api.LinuxContainerConfig(
-                        security_context=api.LinuxContainerSecurityContext(
-                            namespace_options=api.NamespaceOption(
-                                network=api.NamespaceMode.POD, pid=pid
-                            )
-                        )
-                    ),
-                ),
-                sandbox_config=self.config,
-            ),
-            timeout=120,
-        ).container_id
-        self.containers.append(cid)
-        self.cri.runtime.StartContainer(api.StartContainerRequest(container_id=cid), timeout=120)
-        return cid
-
-    def remove(self) -> None:
-        rt = self.cri.runtime
-        rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=self.id), timeout=300)
-        rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=self.id), timeout=300)
 
 
 @pytest.fixture
@@ -108,8 +58,8 @@ def test_cri_pod_is_one_vm_and_a_second_pod_gets_its_own(
     # the pause container booted the pod's VM
     assert len(qemu_of(pod.id)) == 1
 
-    a = pod.container("a", ["sh", "-c", "echo from-a > /tmp/mark; sleep 3600"])
-    b = pod.container("b", ["sleep", "3600"])
+    a = pod.container("a", ["sh", "-c", "echo from-a > /tmp/mark; sleep 3600"], pid=OWN_PID)
+    b = pod.container("b", ["sleep", "3600"], pid=OWN_PID)
     # both run in the one VM of the pod: one QEMU, the same guest boot id and kernel
     assert len(qemu_of(pod.id)) == 1
     code_a, boot_a, _ = exec_sync(cri, a, BOOT_ID)
@@ -152,7 +102,7 @@ def test_cri_pod_is_one_vm_and_a_second_pod_gets_its_own(
     # a second pod: its own VM
     other = Pod(cri, "carapace-pod-2", "carapace", tmp_path)
     pods.append(other)
-    c = other.container("c", ["sleep", "3600"])
+    c = other.container("c", ["sleep", "3600"], pid=OWN_PID)
     assert len(qemu_of(other.id)) == 1
     assert qemu_of(other.id) != qemu_of(pod.id)
     assert exec_sync(cri, c, BOOT_ID)[1] != boot_a
@@ -180,7 +130,7 @@ def test_cri_pod_is_one_vm_and_a_second_pod_gets_its_own(
     for p in list(pods):
         p.remove()
         pods.remove(p)
-        wait_for(f"pod {p.id}'s VM to end", lambda p=p: not qemu_of(p.id))
+        wait_for(f"pod {p.id}'s VM to end", lambda p=p: not qemu_of(p.id), 30)
         assert not (RUN_ROOT / p.id).exists()
         assert not shim_socket(containerd, "k8s.io", p.id).exists()
 
@@ -190,8 +140,8 @@ def test_mixed_node_runc_and_carapace_pods(cri: CriClient, pods: list[Pod], tmp_
     pods.append(vm_pod)
     runc_pod = Pod(cri, "runc-pod", "runc", tmp_path)
     pods.append(runc_pod)
-    in_vm = vm_pod.container("k", ["sleep", "3600"])
-    on_host = runc_pod.container("k", ["sleep", "3600"])
+    in_vm = vm_pod.container("k", ["sleep", "3600"], pid=OWN_PID)
+    on_host = runc_pod.container("k", ["sleep", "3600"], pid=OWN_PID)
     assert exec_sync(cri, on_host, ["uname", "-r"])[1].strip() == host_kernel()
     assert exec_sync(cri, in_vm, ["uname", "-r"])[1].strip() != host_kernel()
     handlers = {
@@ -231,8 +181,8 @@ def test_shim_killed_containerd_cleans_up(containerd: ContainerdRig, ctr: CtrFn)
         # the VM dies with its shim; containerd runs `shim delete`, which releases the
         # rest, and drops the task (containerd 1.6 forgets a task whose shim died)
         wait_for("the task to end", lambda: _task_status(ctr, cid) in ("", "STOPPED"), 60)
-        wait_for("QEMU to end", lambda: not qemu_of(cid))
-        wait_for("the run dir to go", lambda: not (RUN_ROOT / cid).exists())
+        wait_for("QEMU to end", lambda: not qemu_of(cid), 30)
+        wait_for("the run dir to go", lambda: not (RUN_ROOT / cid).exists(), 30)
         assert qemu not in qemu_of(cid)
     finally:
         _remove(ctr, cid)
@@ -254,7 +204,7 @@ def test_qemu_killed_tasks_exit_with_an_error(containerd: ContainerdRig, ctr: Ct
         os.kill(qemu, signal.SIGKILL)
         wait_for("the task to stop", lambda: _task_status(ctr, cid) == "STOPPED", 60)
         r = ctr("tasks", "delete", cid)
-        wait_for("the run dir to go", lambda: not (RUN_ROOT / cid).exists())
+        wait_for("the run dir to go", lambda: not (RUN_ROOT / cid).exists(), 30)
     finally:
         _remove(ctr, cid)
         events.terminate()
@@ -262,4 +212,4 @@ def test_qemu_killed_tasks_exit_with_an_error(containerd: ContainerdRig, ctr: Ct
     exits = [line for line in out.splitlines() if "/tasks/exit" in line and cid in line]
     assert exits and '"exit_status":255' in exits[0], out
     assert r.returncode == 0
-    wait_for("the shim to exit", lambda: not shim_socket(containerd, "default", cid).exists())
+    wait_for("the shim to exit", lambda: not shim_socket(containerd, "default", cid).exists(), 30)

@@ -175,18 +175,30 @@ class Pod:
         assert path.startswith("/var/run/netns/"), path
         return str(path)
 
-    def container(self, name: str, command: list[str], mounts: Sequence[Any] = ()) -> str:
+    def container(
+        self,
+        name: str,
+        command: list[str],
+        mounts: Sequence[Any] = (),
+        pid: int | None = None,
+    ) -> str:
+        """A started container. ``pid``: its pid namespace as the kubelet asks it
+        (CONTAINER, the kubelet's default, or POD: shareProcessNamespace); None sends no
+        security context."""
+        config = api.ContainerConfig(
+            metadata=api.ContainerMetadata(name=name),
+            image=api.ImageSpec(image=BUSYBOX_IMAGE),
+            command=command,
+            log_path=f"{self.name}-{name}.log",
+            mounts=list(mounts),
+        )
+        if pid is not None:
+            config.linux.security_context.namespace_options.CopyFrom(
+                api.NamespaceOption(network=api.NamespaceMode.POD, pid=pid)
+            )
         cid = self.cri.runtime.CreateContainer(
             api.CreateContainerRequest(
-                pod_sandbox_id=self.id,
-                config=api.ContainerConfig(
-                    metadata=api.ContainerMetadata(name=name),
-                    image=api.ImageSpec(image=BUSYBOX_IMAGE),
-                    command=command,
-                    log_path=f"{self.name}-{name}.log",
-                    mounts=list(mounts),
-                ),
-                sandbox_config=self.config,
+                pod_sandbox_id=self.id, config=config, sandbox_config=self.config
             ),
             timeout=120,
         ).container_id
