@@ -26,7 +26,7 @@ from carapace.hypervisor.console import older
 from ..conftest import RUN_ROOT
 from .conftest import CtrFn
 from .rig import BUSYBOX_IMAGE, CARAPACE, ContainerdRig, CriClient
-from .test_cri_carapace import Pod
+from .test_cri_network import Pod
 from .test_shim_ctr import EventLog, task_status, wait_status
 
 KILL_TIMEOUT = 3.0
@@ -180,7 +180,7 @@ def test_cri_stop_pod_sandbox_ends_a_pod_whose_guest_ignores_kills(
     with hostile_guests(containerd, "ignore-kill"):
         pod = Pod(cri, "hostile-pod", "carapace", tmp_path)
     try:
-        pod.container("app", ["sleep", "3600"])
+        pod.container("app", ["sleep", "3600"], pid=api.NamespaceMode.CONTAINER)
         started = time.monotonic()
         cri.runtime.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=120)
         took = time.monotonic() - started
