@@ -200,3 +200,32 @@ def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
         if is_under(path, point) and len(point) >= len(best):
             best, kind = point, fstype
     return kind
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+#: CLONE_NEW* of the namespace kinds ``/proc/PID/ns/<name>`` names.
+NAMESPACE_FLAGS = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): the calling process leaves the namespaces ``flags`` names for new
+    ones (Python 3.11's os has no unshare)."""
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
+
+
+def setns_path(path: str, flags: int) -> None:
+    """setns(2) the whole (single-threaded) process into the namespace at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns to {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from carapace.errors import InvalidArgument
+from carapace.protocols import contract
 
 DEFAULT_CAPABILITIES = [
     "CAP_CHOWN",
@@ -65,7 +66,7 @@ def default_spec(
 ) -> dict[str, Any]:
     """A spec like `crun spec` writes, for running ``args`` in a rootfs."""
     return {
-        "ociVersion": "1.0.2",
+        "ociVersion": contract.OCI_VERSION,
         "process": process_spec(args, env, cwd, terminal),
         "root": {"path": "rootfs", "readonly": False},
         "hostname": hostname,

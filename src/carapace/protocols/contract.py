@@ -111,6 +111,9 @@ CRI_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
 CRI_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
 CRI_MEMORY = "io.kubernetes.cri.sandbox-memory"
 #: Pod grouping: containerd CRI, then dockershim (which openEuler's examples use).
+#: The OCI runtime spec version carapace writes and reports.
+OCI_VERSION = "1.0.2"
+
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "container"
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 DOCKER_CONTAINER_TYPE = "io.kubernetes.docker.type"  # "podsandbox" or "container"
