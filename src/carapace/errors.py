@@ -42,6 +42,41 @@ class AgentError(CarapaceError):
     """The guest agent refused or failed a request."""
 
 
+class CommandFailed(AgentError):
+    """The container's command could not be started; ``reason`` is how the guest tells
+    which (over ttrpc, in the status's ErrorInfo), ``exit_code`` is docker's and a
+    shell's status for it."""
+
+    reason = ""
+
+
+class CommandNotFound(CommandFailed):
+    """The container's command does not exist (not in $PATH, no such file)."""
+
+    exit_code = 127
+    reason = "EXEC_NOT_FOUND"
+
+
+class CommandNotExecutable(CommandFailed):
+    """The container's command exists but cannot be executed (no permission, a
+    directory)."""
+
+    exit_code = 126
+    reason = "EXEC_PERMISSION_DENIED"
+
+
+#: The command failures by the reason the guest gives.
+COMMAND_FAILURES: dict[str, type[CommandFailed]] = {
+    cls.reason: cls for cls in (CommandNotFound, CommandNotExecutable)
+}
+
+
+def agent_error(message: str, reason: str = "") -> AgentError:
+    """The error for a failure the agent (or a service relaying it) reported: a
+    CommandFailed subclass when ``reason`` names one, else an AgentError."""
+    return COMMAND_FAILURES.get(reason, AgentError)(message)
+
+
 class StateError(CarapaceError):
     """An operation is not valid in the sandbox's or container's current state."""
 

@@ -51,11 +51,13 @@ def test_version_root_hooks_and_cgroups() -> None:
 
 def test_namespaces() -> None:
     out = guest_spec(host_spec(), "c1", ROOTFS)
-    # host paths mean nothing in the guest; a cgroup namespace is added (v2 guest)
+    # host paths mean nothing in the guest; the VM's network namespace is joined; a
+    # cgroup namespace is added (v2 guest)
     assert out["linux"]["namespaces"] == [
         {"type": "pid"},
         {"type": "uts"},
         {"type": "mount"},
+        {"type": "network", "path": "/proc/1/ns/net"},
         {"type": "cgroup"},
     ]
 
@@ -73,6 +75,7 @@ def test_namespaces_of_the_pod_sandbox_container_are_joined() -> None:
         {"type": "pid", "path": "/proc/7/ns/pid"},
         {"type": "ipc", "path": "/proc/7/ns/ipc"},
         {"type": "cgroup"},
+        {"type": "network", "path": "/proc/1/ns/net"},
     ]
 
 
@@ -124,7 +127,10 @@ def test_minimal_spec_gets_root_and_linux() -> None:
         "ociVersion": "1.0.2",
         "process": {"args": ["sh"]},
         "root": {"path": "/r"},
-        "linux": {"cgroupsPath": "/carapace/abc", "namespaces": [{"type": "cgroup"}]},
+        "linux": {
+            "cgroupsPath": "/carapace/abc",
+            "namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "cgroup"}],
+        },
         "mounts": [],
     }
 

@@ -294,14 +294,14 @@ def test_shared_namespaces_point_at_the_guest_sandbox() -> None:
 
 def test_the_guest_spec_keeps_the_joined_namespaces() -> None:
     """The agent's spec (carapace.guest.spec) understands what join_pod_namespaces makes:
-    the sandbox's guest namespaces joined, no network namespace, the others new."""
+    the sandbox's guest namespaces joined, the VM's network namespace, the others new."""
     joined = join_pod_namespaces(cri_container_spec(), 17)
     out = guest_spec(joined.to_dict(), "c1", "/run/carapace/c1/rootfs")
     by_type = {ns["type"]: ns for ns in out["linux"]["namespaces"]}
     assert by_type["pid"] == {"type": "pid", "path": "/proc/17/ns/pid"}
     assert by_type["ipc"] == {"type": "ipc", "path": "/proc/17/ns/ipc"}
     assert by_type["uts"] == {"type": "uts", "path": "/proc/17/ns/uts"}
-    assert "network" not in by_type
+    assert by_type["network"] == {"type": "network", "path": "/proc/1/ns/net"}
     for kind in ("mount", "user", "cgroup"):
         assert "path" not in by_type.get(kind, {}), kind
 

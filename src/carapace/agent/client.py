@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from carapace.errors import AgentError
+from carapace.errors import AgentError, agent_error
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import AGENT_SERVICE as SERVICE
 from carapace.protocols.contract import ID_RE
@@ -65,7 +65,7 @@ class AgentClient:
             text = e.message
             if len(text) > MAX_ERROR_TEXT:
                 text = f"{text[:MAX_ERROR_TEXT]}... ({len(text)} characters in all)"
-            raise AgentError(f"agent {method}: {text} ({e.code.name})") from e
+            raise agent_error(f"agent {method}: {text} ({e.code.name})", e.reason) from e
 
     async def wait_closed(self) -> None:
         """Return once the connection to the agent is gone (closed by either side, or

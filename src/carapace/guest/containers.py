@@ -14,9 +14,9 @@ import tempfile
 
 from carapace import linux
 from carapace.guest import cgroup
-from carapace.guest.crun import CrunError
+from carapace.guest.crun import CrunError, process_command
 from carapace.guest.pod import CONTAINERS_DIR, Container, Pod, Process
-from carapace.guest.spec import GuestSpecError, guest_spec
+from carapace.guest.spec import GuestSpecError, guest_spec, keep_readonly_path_flags
 from carapace.guest.stdio import close_process_streams, spawn
 from carapace.guest.storage import mount_storage
 from carapace.protocols import agent_pb2 as pb
@@ -76,16 +76,27 @@ class ContainerService:
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f)
             terminal = bool(config.get("process", {}).get("terminal"))
+            command = process_command(config.get("process"))
             proc = Process(container_id=cid, exec_id="", terminal=terminal)
             container = Container(id=cid, bundle=bundle, rootfs=rootfs, mounts=mounts, init=proc)
-            await spawn(
-                proc,
-                bundle,
-                lambda stdio, sock: pod.crun.create(
-                    cid, bundle, os.path.join(bundle, "init.pid"), stdio, sock
-                ),
-                pod.reaper,
-            )
+            pid_file = os.path.join(bundle, "init.pid")
+            readonly_paths = list(config.get("linux", {}).get("readonlyPaths") or [])
+
+            async def create(stdio: tuple[int, int, int] | None, sock: str | None) -> None:
+                await pod.crun.create(cid, bundle, pid_file, stdio, sock, command)
+                try:
+                    with open(pid_file) as f:
+                        pid = int(f.read().strip())
+                    await keep_readonly_path_flags(pod.reaper, pid, readonly_paths)
+                except BaseException:
+                    with contextlib.suppress(CrunError):
+                        await pod.crun.delete(cid)
+                    raise
+
+            try:
+                await spawn(proc, bundle, create, pod.reaper)
+            except GuestSpecError as e:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"container {cid!r}: {e}") from e
         except BaseException:
             for m in reversed(mounts):
                 with contextlib.suppress(OSError):

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from carapace.errors import CommandNotExecutable, CommandNotFound
 from carapace.guest.reaper import Reaper
 from carapace.protocols.contract import GUEST_STATE_DIR
 
@@ -16,7 +17,54 @@ CRUN_LOGS = f"{GUEST_STATE_DIR}/crun-logs"
 
 
 class CrunError(Exception):
-    pass
+    """crun failed; ``reason`` is CommandNotFound's or CommandNotExecutable's reason
+    when it failed because of the container's command, else ""."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: crun's words for a command it cannot run (crun 1.8: ``executable file `X` not
+#: found in $PATH: No such file or directory``, ``open executable: Permission
+#: denied``, for a directory ``open executable: Operation not permitted``; when the
+#: exec itself fails: ``exec container process `X`: <strerror>``).
+_COMMAND_CONTEXTS = ("executable file ", "open executable: ", "exec container process ")
+_NOT_FOUND_ERRNOS = ("No such file or directory",)
+_NOT_EXECUTABLE_ERRNOS = ("Permission denied", "Operation not permitted")
+
+
+def command_failure(message: str) -> str:
+    """The reason of a crun create/exec failure that is about the container's command
+    (``CommandNotFound.reason``, ``CommandNotExecutable.reason``), or "" for any other
+    failure. The one place crun's text is read for it."""
+    for line in reversed(message.split("; ")):
+        if not line.startswith(_COMMAND_CONTEXTS):
+            continue
+        if line.startswith("executable file ") and " not found" in line:
+            return CommandNotFound.reason
+        if line.endswith(_NOT_FOUND_ERRNOS):
+            return CommandNotFound.reason
+        if line.endswith(_NOT_EXECUTABLE_ERRNOS):
+            return CommandNotExecutable.reason
+    return ""
+
+
+def process_command(process: object) -> str:
+    """args[0] of an OCI process object, or "" (crun says what is wrong with it)."""
+    args = process.get("args") if isinstance(process, dict) else None
+    return str(args[0]) if isinstance(args, list) and args else ""
+
+
+def command_failure_text(reason: str, command: str) -> str:
+    """What runc says for the same failure, which docker and podman read (their exit
+    statuses 127 and 126 come from "executable file not found", "no such file or
+    directory" and "permission denied")."""
+    if reason == CommandNotFound.reason:
+        if "/" in command:
+            return f"exec: {json.dumps(command)}: stat {command}: no such file or directory"
+        return f"exec: {json.dumps(command)}: executable file not found in $PATH"
+    return f"exec: {json.dumps(command)}: permission denied"
 
 
 def _log_message(log_path: str) -> str:
@@ -49,8 +97,11 @@ class Crun:
         args: Sequence[str],
         container_id: str,
         stdio: tuple[int, int, int] | None = None,
+        command: str | None = None,
     ) -> None:
-        """Run ``crun <args>``; raise CrunError with crun's own message on failure."""
+        """Run ``crun <args>``; raise CrunError with crun's own message on failure.
+        ``command`` (create, exec): the container's command, whose failure to start is
+        told apart (``CrunError.reason``) and said in runc's words."""
         log = os.path.join(self.log_dir, f"{container_id}.log")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(log)
@@ -76,7 +127,11 @@ class Crun:
         status = await self.reaper.wait(pid)
         if status != 0:
             msg = _log_message(log) or f"exit status {status}"
-            raise CrunError(f"crun {args[0]} {container_id}: {msg}")
+            reason = command_failure(msg) if command is not None else ""
+            if reason:
+                assert command is not None
+                msg = command_failure_text(reason, command)
+            raise CrunError(f"crun {args[0]} {container_id}: {msg}", reason)
 
     async def create(
         self,
@@ -85,11 +140,12 @@ class Crun:
         pid_file: str,
         stdio: tuple[int, int, int] | None,
         console_socket: str | None,
+        command: str = "",
     ) -> None:
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
-        await self.run([*args, container_id], container_id, stdio)
+        await self.run([*args, container_id], container_id, stdio, command)
 
     async def start(self, container_id: str) -> None:
         await self.run(["start", container_id], container_id)
@@ -101,11 +157,12 @@ class Crun:
         pid_file: str,
         stdio: tuple[int, int, int] | None,
         console_socket: str | None,
+        command: str = "",
     ) -> None:
         args = ["exec", "--detach", "--process", process_file, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
-        await self.run([*args, container_id], container_id, stdio)
+        await self.run([*args, container_id], container_id, stdio, command)
 
     async def kill(self, container_id: str, signal: int, all_processes: bool = False) -> None:
         args = ["kill", *(["--all"] if all_processes else []), container_id, str(signal)]

@@ -9,6 +9,7 @@ import json
 import os
 
 from carapace.guest import cgroup
+from carapace.guest.crun import process_command
 from carapace.guest.pod import Pod, Process
 from carapace.guest.stdio import close_process_streams, spawn
 from carapace.protocols import agent_pb2 as pb
@@ -43,7 +44,12 @@ class ProcessService:
             proc,
             c.bundle,
             lambda stdio, sock: self.pod.crun.exec(
-                c.id, pfile, os.path.join(c.bundle, f"{req.exec_id}.pid"), stdio, sock
+                c.id,
+                pfile,
+                os.path.join(c.bundle, f"{req.exec_id}.pid"),
+                stdio,
+                sock,
+                process_command(process),
             ),
             self.pod.reaper,
         )

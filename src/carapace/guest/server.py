@@ -54,7 +54,8 @@ def guard(method: str, handler: Handler) -> Handler:
             for cls, code in EXPECTED_ERRORS:
                 if isinstance(e, cls):
                     log.warning("%s failed: %s", method, e)
-                    raise TtrpcError(code, str(e)) from e
+                    reason = e.reason if isinstance(e, CrunError) else ""
+                    raise TtrpcError(code, str(e), reason) from e
             log.exception("%s failed", method)
             raise TtrpcError(Code.UNKNOWN, str(e) or type(e).__name__) from e
 

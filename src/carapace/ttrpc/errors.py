@@ -7,6 +7,7 @@ import enum
 from carapace.errors import (
     AlreadyExists,
     CarapaceError,
+    CommandFailed,
     InvalidArgument,
     NotFound,
     StateError,
@@ -36,35 +37,54 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
+#: The ErrorInfo domain of carapace's reasons.
+DOMAIN = "carapace"
+
+
 class TtrpcError(Exception):
     """A call failed with a non-OK status, either reported by the peer or locally."""
 
     code: Code
     message: str
+    #: A machine-readable reason (google.rpc.ErrorInfo's), or "": what the receiver
+    #: may act on without reading the message.
+    reason: str
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, reason: str = "") -> None:
         super().__init__(code, message)
         self.code = Code(code)
         self.message = message
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
     def __repr__(self) -> str:
-        return f"TtrpcError({self.code.name}, {self.message!r})"
+        reason = f", reason={self.reason!r}" if self.reason else ""
+        return f"TtrpcError({self.code.name}, {self.message!r}{reason})"
 
     def to_status(self) -> status_pb2.Status:
-        """The google.rpc.Status this error is sent as."""
-        return status_pb2.Status(code=int(self.code), message=self.message)
+        """The google.rpc.Status this error is sent as (the reason as an ErrorInfo)."""
+        status = status_pb2.Status(code=int(self.code), message=self.message)
+        if self.reason:
+            status.details.add().Pack(status_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN))
+        return status
 
     @classmethod
     def from_status(cls, status: status_pb2.Status) -> TtrpcError:
-        """Build the error for a non-OK status; unknown codes map to UNKNOWN."""
+        """Build the error for a non-OK status; unknown codes map to UNKNOWN. The
+        reason is the first ErrorInfo's of carapace's domain among the details."""
+        reason = ""
+        for detail in status.details:
+            info = status_pb2.ErrorInfo()
+            if detail.Unpack(info) and info.domain == DOMAIN:
+                reason = info.reason
+                break
         try:
             code = Code(status.code)
         except ValueError:
-            return cls(Code.UNKNOWN, f"status code {status.code}: {status.message}")
-        return cls(code, status.message)
+            return cls(Code.UNKNOWN, f"status code {status.code}: {status.message}", reason)
+        return cls(code, status.message, reason)
 
 
 #: carapace's errors and the status each is answered with over ttrpc (the shim's and
@@ -78,8 +98,10 @@ CARAPACE_CODES: tuple[tuple[type[CarapaceError], Code], ...] = (
 
 
 def to_ttrpc_error(e: CarapaceError) -> TtrpcError:
-    """The TtrpcError that answers a request failed with ``e``."""
+    """The TtrpcError that answers a request failed with ``e`` (a command that could
+    not be started keeps its reason, so a client can tell 127 from 126)."""
     for cls, code in CARAPACE_CODES:
         if isinstance(e, cls):
             return TtrpcError(code, str(e))
-    return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}")
+    reason = e.reason if isinstance(e, CommandFailed) else ""
+    return TtrpcError(Code.UNKNOWN, f"{type(e).__name__}: {e}", reason)
