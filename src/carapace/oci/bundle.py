@@ -303,6 +303,13 @@ class Spec:
         return self.container_type == "sandbox"
 
 
+def write_config(bundle: Path, data: Mapping[str, Any]) -> Path:
+    """Write a bundle's config.json (the spec a runtime derived for a service)."""
+    path = bundle / CONFIG_FILE
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _read_config(path: Path) -> object:
     """The one place a config.json is read and parsed."""
     try:

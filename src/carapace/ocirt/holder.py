@@ -207,6 +207,10 @@ def fork(namespaces: list[tuple[str, str]], terminal_fd: int = -1) -> Holder:
                 os.write(ready_w, f"E{e}".encode())
                 os._exit(1)
             if terminal_fd >= 0:
+                # the terminal is the process's stdio: the caller's pipes (which it may
+                # read to their end, as go-runc reads create's output) are let go
+                for fd in (0, 1, 2):
+                    os.dup2(terminal_fd, fd)
                 os.setsid()
                 fcntl.ioctl(terminal_fd, termios.TIOCSCTTY, 0)
             os.write(ready_w, b"R")

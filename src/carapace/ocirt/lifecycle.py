@@ -4,7 +4,6 @@ kill, delete (see ``carapace.ocirt`` for the whole picture)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from carapace.config import load_config
 from carapace.errors import AlreadyExists, CarapaceError, InvalidArgument, NotFound, StateError
 from carapace.hostinfo import is_host_namespace
 from carapace.oci import Bundle
+from carapace.oci.bundle import write_config
 from carapace.ocirt import holder as holders
 from carapace.ocirt import service
 from carapace.ocirt.bundlespec import (
@@ -169,7 +169,7 @@ def create(
             sbundle = cdir / "bundle"
             (sbundle / "rootfs").mkdir(parents=True)
             sdata = service_spec(spec, cid, pod, holder.pid)
-            (sbundle / "config.json").write_text(json.dumps(sdata))
+            write_config(sbundle, sdata)
             hstate = hook_state(cid, "created", holder.pid, str(bundle.path), spec.annotations)
             run_hooks("prestart", hooks, hstate)
             run_hooks("createRuntime", hooks, {**hstate, "status": "creating"})

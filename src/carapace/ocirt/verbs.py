@@ -18,6 +18,8 @@ from google.protobuf.empty_pb2 import Empty
 
 from carapace import __version__
 from carapace.errors import CarapaceError, InvalidArgument, StateError
+from carapace.oci import Bundle
+from carapace.oci.bundle import CONFIG_FILE, write_config
 from carapace.oci.spec import default_spec, parse_env
 from carapace.ocirt import holder as holders
 from carapace.ocirt import service
@@ -146,11 +148,7 @@ def exec_spec(
         return process
     if not args:
         raise InvalidArgument("exec: no command given; accepted: --process FILE or a command")
-    config = g.root.container_dir(cid) / "bundle" / "config.json"
-    try:
-        process = dict(json.loads(config.read_text()).get("process") or {})
-    except (OSError, ValueError) as e:
-        raise StateError(f"container {cid}: unreadable {config}: {e}") from e
+    process = Bundle.load(g.root.container_dir(cid) / "bundle", check_rootfs=False).spec.process
     process["args"] = list(args)
     process["terminal"] = tty
     if cwd:
@@ -324,8 +322,7 @@ def features() -> dict[str, Any]:
 
 def write_spec(bundle: str | None) -> Path:
     """runc spec: a default config.json in the bundle (refusing to overwrite one)."""
-    path = Path(bundle or ".") / "config.json"
+    path = Path(bundle or ".") / CONFIG_FILE
     if path.exists():
         raise InvalidArgument(f"{path} exists already; remove it first")
-    path.write_text(json.dumps(default_spec(["sh"], terminal=True), indent=4) + "\n")
-    return path
+    return write_config(path.parent, default_spec(["sh"], terminal=True))
