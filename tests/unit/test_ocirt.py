@@ -113,7 +113,7 @@ def test_carapace_dispatches_runc_verbs_and_keeps_its_own(argv: list[str], runc:
 
 def test_errors_go_to_the_log_as_json_lines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:  # noqa: E501
+) -> None:
     log = tmp_path / "log.json"
     rc = cli.main(["--root", str(tmp_path / "r"), "--log", str(log), "--log-format", "json",
                    "kill", "nosuch", "9"])  # fmt: skip
@@ -263,3 +263,13 @@ def test_signal_numbers_forwarded_by_the_stand_in_are_catchable() -> None:
     from carapace.ocirt.holder import FORWARDED
 
     assert signal.SIGKILL not in FORWARDED and signal.SIGSTOP not in FORWARDED
+
+
+def test_hooks_outside_the_runc_command_line_are_refused_not_dropped() -> None:
+    from carapace.sandbox.containers import check_no_hooks
+
+    check_no_hooks(spec(hooks={"prestart": []}), "c1")
+    with pytest.raises(InvalidArgument, match=r"hooks.poststop, hooks.prestart cannot run"):
+        check_no_hooks(
+            spec(hooks={"prestart": [{"path": "/x"}], "poststop": [{"path": "/y"}]}), "c1"
+        )

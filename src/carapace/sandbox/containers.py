@@ -32,6 +32,19 @@ from carapace.sandbox.stdio import ProcessIO
 from carapace.storage.share import PodShare
 
 
+def check_no_hooks(spec: Spec, container_id: str) -> None:
+    """Hooks are host programs run around the container's life: carapace's runc
+    command line runs them (``carapace.ocirt``); anywhere else they are refused, never
+    dropped."""
+    hooks = spec.to_dict().get("hooks") or {}
+    kinds = sorted(k for k, v in hooks.items() if v) if isinstance(hooks, dict) else ["?"]
+    if kinds:
+        raise InvalidArgument(
+            f"container {container_id}: hooks.{', hooks.'.join(kinds)} cannot run here; "
+            "accepted: no hooks (carapace-runtime, the runc command line, runs host hooks)"
+        )
+
+
 @dataclass
 class PodContainer:
     """A container of the pod, as the host knows it."""
@@ -94,6 +107,7 @@ class ContainerVerbs:
         if not rootfs.is_dir():
             raise NotFound(f"rootfs {rootfs} is not a directory")
         resources.check_namespaces(spec.namespaces, container_id, self.host.is_host_namespace)
+        check_no_hooks(spec, container_id)
         resources.check_sandbox_only(spec.annotations, container_id, self.plan.annotations)
         res = resources.container_resources(spec.resources, container_id)
         others = self._pod_resources()
