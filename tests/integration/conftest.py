@@ -87,7 +87,18 @@ def network_traces() -> set[str]:
     return found
 
 
-def resources() -> tuple[set[int], set[str], set[str], set[int], set[str], set[str], set[int]]:
+def stand_in_pids() -> set[int]:
+    """The runc command line's stand-in processes (and calls of it still running): a
+    container's ends with it."""
+    return {
+        pid for pid, argv in processes() if any(a.endswith(b"carapace-runtime") for a in argv[:2])
+    }
+
+
+Resources = tuple[set[int], set[str], set[str], set[int], set[str], set[str], set[int], set[int]]
+
+
+def resources() -> Resources:
     return (
         qemu_pids(),
         run_dirs(),
@@ -96,6 +107,7 @@ def resources() -> tuple[set[int], set[str], set[str], set[int], set[str], set[s
         host_cgroups(),
         network_traces(),
         virtiofsd_pids(),
+        stand_in_pids(),
     )
 
 
@@ -109,15 +121,16 @@ def guest_image() -> None:
 @pytest.fixture(autouse=True)
 def nothing_leaked(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test, no QEMU process, run dir, mount, shim, host cgroup, tap or tc
-    redirect, or virtiofsd exists that did not before.
+    redirect, virtiofsd or stand-in of the runc command line exists that did not before.
     (The check is machine-wide: run one test session at a time.)"""
     before = resources()
     yield
     after = resources()
     leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]  # type: ignore[operator]
-    assert leaked == [[], [], [], [], [], [], []], (
+    assert leaked == [[]] * 8, (
         f"{request.node.name} left behind qemu pids / run dirs / mounts / shims / host "
-        f"cgroups / taps and tc redirects / virtiofsd pids: {leaked}"
+        f"cgroups / taps and tc redirects / virtiofsd pids / runc command line stand-ins: "
+        f"{leaked}"
     )
 
 

@@ -63,7 +63,8 @@ class Runtime:
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 180, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
-        kw.setdefault("stdin", subprocess.DEVNULL)
+        if "input" not in kw:
+            kw.setdefault("stdin", subprocess.DEVNULL)
         if args[0] == "create" or "--detach" in args:
             kw.setdefault("stdout", self.stderr_file.open("a"))
         if "stdout" in kw:
@@ -113,6 +114,13 @@ def bundle(tmp_path: Path, rootfs: Path, args: list[str], name: str = "b", **ext
         "hostname": "oci",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["ro", "nosuid", "noexec", "nodev"],
+            },
             {
                 "destination": "/dev",
                 "type": "tmpfs",
@@ -390,3 +398,24 @@ def test_what_cannot_be_honoured_is_refused_before_anything_exists(
     assert expected in rt.last_error() and expected in rt.stderr_file.read_text()
     assert not (b / "pid").exists()
     assert rt("list", "-q").stdout == ""
+
+
+def test_update_events_pause_and_resume(rt: Runtime, rootfs: Path, tmp_path: Path) -> None:
+    b = bundle(tmp_path, rootfs, ["sleep", "600"])
+    rt("create", "--bundle", str(b), "--pid-file", str(b / "pid"), "u1")
+    rt("start", "u1")
+    limit = 200 << 20
+    rt("update", "--resources", "-", "u1", input=json.dumps({"memory": {"limit": limit}}))
+    r = rt("exec", "u1", "cat", "/sys/fs/cgroup/memory.max")
+    assert r.stdout.strip() == str(limit)
+    rt("update", "--memory", "300m", "u1")
+    assert rt("exec", "u1", "cat", "/sys/fs/cgroup/memory.max").stdout.strip() == str(300 << 20)
+    event = json.loads(rt("events", "--stats", "u1").stdout)
+    assert (event["type"], event["id"]) == ("stats", "u1")
+    assert int(event["data"]["memory"]["usage"]["usage"]) > 0, event
+    rt("pause", "u1")
+    assert rt.state("u1")["status"] == "paused"
+    rt("resume", "u1")
+    assert rt.state("u1")["status"] == "running"
+    rt("delete", "--force", "u1")
+    reap_all()
