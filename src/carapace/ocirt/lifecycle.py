@@ -17,7 +17,6 @@ from typing import Any
 from google.protobuf.empty_pb2 import Empty
 
 from carapace import linux
-from carapace.config import load_config
 from carapace.errors import AlreadyExists, CarapaceError, InvalidArgument, NotFound, StateError
 from carapace.hostinfo import is_host_namespace
 from carapace.oci import Bundle
@@ -54,9 +53,8 @@ class Globals:
     config_path: str | None = None
     debug: bool = False
 
-    @property
-    def run_root(self) -> str:
-        return load_config(self.config_path).runtime.run_dir
+    def run_root(self, pod: str) -> str:
+        return service.run_root_of(self.root, pod, self.config_path)
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -201,7 +199,7 @@ def create(
             if holder is not None:
                 holder.abort()
             if started_pod:
-                service.stop(g.root, pod, g.run_root)
+                service.stop(g.root, pod, g.run_root(pod))
             _remove_container_dir(g, cid)
             g.root.forget_lock(cid)
             raise
@@ -217,7 +215,7 @@ def _start_pod(g: Globals, pod: str) -> bool:
         if service.connectable(g.root.socket(pod)):
             raise AlreadyExists(f"pod {pod} has a sandbox service already")
         if g.root.pod_dir(pod).exists():
-            service.release_sandbox(pod, g.run_root)
+            service.release_sandbox(pod, g.run_root(pod))
             service.remove_pod_dir(g.root, pod)
         service.start(g.root, pod, g.config_path, g.debug)
     return True
@@ -342,7 +340,7 @@ def delete(g: Globals, cid: str, force: bool) -> None:
     others = [c for c in g.root.container_ids() if _pod_of_state(g, c) == st.pod]
     if not others:
         with g.root.pod_lock(st.pod):
-            service.stop(g.root, st.pod, g.run_root)
+            service.stop(g.root, st.pod, g.run_root(st.pod))
 
 
 def _pod_of_state(g: Globals, cid: str) -> str:

@@ -22,6 +22,7 @@ from typing import TypeVar
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
+from carapace.config import load_config
 from carapace.errors import CarapaceError, HostError, NotFound
 from carapace.ocirt.layout import PodState, Root, pid_alive
 from carapace.protocols.containerd import shim_pb2 as api
@@ -124,6 +125,17 @@ def log_tail(root: Root, pod: str, lines: int = 5) -> str:
         text = (root.pod_dir(pod) / "service.log").read_text(errors="replace")
         return " | ".join(text.strip().splitlines()[-lines:])
     return ""
+
+
+def run_root_of(root: Root, pod: str, config_path: str | None) -> str:
+    """The run dir of the pod's sandbox: from the configuration its service was started
+    with (Podman runs ``delete`` without the environment ``create`` had)."""
+    state = root.load_pod(pod)
+    path = (state.config if state is not None else "") or config_path
+    try:
+        return load_config(path or None).runtime.run_dir
+    except CarapaceError:
+        return load_config(None).runtime.run_dir
 
 
 def stop(root: Root, pod: str, run_root: str) -> None:
