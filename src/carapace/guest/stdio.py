@@ -8,6 +8,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import socket
 import struct
@@ -73,6 +74,18 @@ def close_process_streams(p: Process) -> None:
 # -- starting a process with its stdio ----------------------------------------------
 
 
+#: Where crun's console sockets are made: a unix socket path has at most 107 bytes,
+#: and a container's directory with a 64-character exec id (CRI's, Docker's) is longer.
+CONSOLE_DIR = "/run/carapace-console"
+
+
+def console_socket_path(workdir: str, tag: str) -> str:
+    """A short socket path of its own for the process ``tag`` of ``workdir``."""
+    os.makedirs(CONSOLE_DIR, mode=0o700, exist_ok=True)
+    digest = hashlib.sha256(f"{workdir}\0{tag}".encode()).hexdigest()[:32]
+    return os.path.join(CONSOLE_DIR, f"{digest}.sock")
+
+
 async def spawn(proc: Process, workdir: str, launch: Launch, reaper: Reaper) -> None:
     """Create stdio for ``proc``, run ``launch(stdio, console_socket)`` (crun create
     or exec), then read the pid and start waiting for the process."""
@@ -84,7 +97,7 @@ async def spawn(proc: Process, workdir: str, launch: Launch, reaper: Reaper) -> 
     listener: socket.socket | None = None
     try:
         if proc.terminal:
-            sock_path = os.path.join(workdir, f"{tag}.console")
+            sock_path = console_socket_path(workdir, tag)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(sock_path)
             listener.listen(1)

@@ -6,7 +6,7 @@
     <root>/<id>/stdin              a fifo the container's host process relays stdin to
     <root>/.lock/<id>              the container's lock (flock), removed with it
     <root>/pods/<pod>/pod.json     the pod's sandbox service (``PodState``)
-    <root>/pods/<pod>/task.sock    its task API (containerd's, over ttrpc)
+    /run/carapace-shim/<hash>.sock its task API (containerd's, over ttrpc; ``socket``)
     <root>/pods/<pod>/service.log  its log
 
 Everything is checked: ids by ``check_id`` before they become paths, state files are
@@ -27,6 +27,7 @@ from typing import Any
 
 from carapace.errors import InvalidArgument, NotFound
 from carapace.sandbox.plan import check_id
+from carapace.shim.params import SOCKET_DIR, socket_path
 
 DEFAULT_ROOT = "/run/carapace-oci"
 STATE_FILE = "state.json"
@@ -137,7 +138,7 @@ class Root:
         self.path = Path(path).absolute()
 
     def ensure(self) -> None:
-        for d in (self.path, self.path / PODS, self.path / LOCKS):
+        for d in (self.path, self.path / PODS, self.path / LOCKS, Path(SOCKET_DIR)):
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
 
     # -- containers -------------------------------------------------------------------
@@ -192,7 +193,11 @@ class Root:
         return self.path / PODS / check_id(pod, "pod id")
 
     def socket(self, pod: str) -> Path:
-        return self.pod_dir(pod) / "task.sock"
+        """The pod's service socket. Not under the root: a unix socket path has at most
+        107 bytes, and an engine's root plus a 64-character pod id is longer; a hash
+        of both names it in the shims' socket directory."""
+        check_id(pod, "pod id")
+        return Path(socket_path(str(self.path), "carapace-oci", pod))
 
     def load_pod(self, pod: str) -> PodState | None:
         path = self.pod_dir(pod) / POD_FILE

@@ -83,6 +83,8 @@ def start(root: Root, pod: str, config_path: str | None, debug: bool) -> PodStat
     pod_dir = root.pod_dir(pod)
     pod_dir.mkdir(mode=0o700)
     sock = root.socket(pod)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()  # stale: the caller found nobody answering on it
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(sock))
@@ -172,7 +174,9 @@ def release_sandbox(pod: str, run_root: str) -> None:
 
 def remove_pod_dir(root: Root, pod: str) -> None:
     pod_dir = root.pod_dir(pod)
-    for name in ("task.sock", "pod.json", "service.log"):
+    with contextlib.suppress(FileNotFoundError):
+        root.socket(pod).unlink()
+    for name in ("pod.json", "service.log"):
         with contextlib.suppress(FileNotFoundError):
             (pod_dir / name).unlink()
     with contextlib.suppress(OSError):
