@@ -259,6 +259,35 @@ def container_resources(resources: object, container_id: str) -> ContainerResour
     return ContainerResources(cpus, shares, cpuset_cpus, cpuset_mems, memory)
 
 
+#: linux.resources fields of cgroup v1 alone (the guest is v2): engines send them as 0
+#: with every update (Docker's full resources); a value that asks for something is
+#: refused rather than dropped.
+V1_ONLY_FIELDS = (
+    ("memory", "kernel"),
+    ("memory", "kernelTCP"),
+    ("cpu", "realtimeRuntime"),
+    ("cpu", "realtimePeriod"),
+)
+
+
+def for_guest(new: Mapping[str, Any], container_id: str) -> dict[str, Any]:
+    """``new`` without the cgroup v1 fields it leaves unset (0 or null); a set one is
+    refused, naming it."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in new.items()}
+    for section, key in V1_ONLY_FIELDS:
+        part = out.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part.pop(key)
+        if value not in (0, None):
+            raise InvalidArgument(
+                f"container {container_id}: linux.resources.{section}.{key} "
+                f"{shown(value)}: a cgroup v1 limit the VM's cgroup v2 does not have; "
+                "accepted: 0 or absent"
+            )
+    return out
+
+
 def merge(old: ContainerResources, new: ContainerResources) -> ContainerResources:
     """An update's resources over the current ones: what the update leaves out stays."""
     return ContainerResources(

@@ -273,3 +273,14 @@ def test_hooks_outside_the_runc_command_line_are_refused_not_dropped() -> None:
         check_no_hooks(
             spec(hooks={"prestart": [{"path": "/x"}], "poststop": [{"path": "/y"}]}), "c1"
         )
+
+
+def test_cgroup_v1_fields_left_unset_are_dropped_and_set_ones_refused() -> None:
+    from carapace.resources import for_guest
+
+    docker = {"memory": {"limit": 1 << 27, "kernel": 0, "kernelTCP": None}, "cpu": {
+        "quota": 50000, "realtimeRuntime": 0, "realtimePeriod": 0}}  # fmt: skip
+    assert for_guest(docker, "c1") == {"memory": {"limit": 1 << 27}, "cpu": {"quota": 50000}}
+    assert docker["memory"]["kernel"] == 0  # the caller's document is left as it was
+    with pytest.raises(InvalidArgument, match=r"linux.resources.memory.kernel 4096: a cgroup v1"):
+        for_guest({"memory": {"kernel": 4096}}, "c1")

@@ -257,6 +257,7 @@ class ContainerVerbs:
         checking them against the VM and resizing it (hotplug) to fit the pod."""
         c = self._container(container_id)
         agent = self._running_agent("update")
+        new = resources.for_guest(new, container_id)
         merged = resources.merge(c.resources, resources.container_resources(new, container_id))
         others = [o.resources for o in self.containers.values() if o.id != container_id]
         await self.resizer.fit(container_id, merged, others)
