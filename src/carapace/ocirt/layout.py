@@ -171,17 +171,10 @@ class Root:
             if p.name not in (PODS, LOCKS) and (p / STATE_FILE).is_file()
         )
 
-    @contextlib.contextmanager
-    def lock(self, cid: str) -> Iterator[None]:
+    def lock(self, cid: str) -> contextlib.AbstractContextManager[None]:
         """The container's lock: verbs on one container take turns (runc's too)."""
         self.ensure()
-        path = self.path / LOCKS / check_id(cid, "container id")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return _flock(self.path / LOCKS / check_id(cid, "container id"))
 
     def forget_lock(self, cid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -210,21 +203,24 @@ class Root:
     def save_pod(self, state: PodState) -> None:
         _write_json(self.pod_dir(state.id) / POD_FILE, asdict(state))
 
-    @contextlib.contextmanager
-    def pod_lock(self, pod: str) -> Iterator[None]:
+    def pod_lock(self, pod: str) -> contextlib.AbstractContextManager[None]:
         """Starting and stopping a pod's service take turns."""
         self.ensure()
-        path = self.path / LOCKS / f"pod.{check_id(pod, 'pod id')}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return _flock(self.path / LOCKS / f"pod.{check_id(pod, 'pod id')}")
 
     def forget_pod_lock(self, pod: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.path / LOCKS / f"pod.{pod}").unlink()
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def rfc3339(t: float | None = None) -> str:
