@@ -2,7 +2,7 @@
 """docker benchmark: ``docker run --rm busybox true`` with carapace against runc.
 
 Starts a private dockerd (tests/integration/engines/docker_rig.py: its own data root,
-exec root and socket under /tmp/carapace-docker-XXXX, no iptables, no default bridge,
+exec root and socket under /tmp/engine-docker-XXXX, no iptables, no default bridge,
 vfs storage, the runtime ``carapace`` = .venv/bin/carapace-runtime, the busybox image
 built from the host's busybox-static) and measures, in one invocation (rounds
 interleaved), N samples of the wall time of

@@ -227,9 +227,10 @@ def _start_pod(g: Globals, pod: str) -> bool:
 def start(g: Globals, cid: str) -> None:
     with g.root.lock(cid):
         st = g.root.load(cid)
-        status = status_of(g, st)
-        if status != "created":
+        if st.status != "created" or not pid_alive(st.pid):
+            status = "stopped" if st.status == "created" else st.status
             raise StateError(f"cannot start a container that has {status}: {cid}")
+        # the service knows whether it started already, and says why it cannot
         service.call(g.root.socket(st.pod), "Start", api.StartRequest(id=cid), api.StartResponse)
     try:
         run_hooks("poststart", st.hooks, _hook_state(st, "running"))

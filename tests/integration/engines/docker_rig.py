@@ -1,6 +1,6 @@
 """A private dockerd for the tests (Docker 20.10: /usr/sbin/dockerd, CLI /usr/bin/docker).
 
-``DockerRig().start()`` makes a fresh directory ``/tmp/carapace-docker-XXXX`` holding the
+``DockerRig().start()`` makes a fresh directory ``/tmp/engine-docker-XXXX`` holding the
 daemon's data root, exec root, pid file, socket, daemon.json and log, starts dockerd
 with the flags this host needs (no iptables, no default bridge, vfs storage, cgroupfs
 driver; see shared/DESIGN.md §5) and the runtime ``carapace`` registered in daemon.json
@@ -115,7 +115,7 @@ class DockerRig:
         carapace_config_text: str = CARAPACE_CONFIG_TEXT,
         exec_root: Path | None = None,
     ) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="carapace-docker-"))
+        self.base = Path(tempfile.mkdtemp(prefix="engine-docker-"))
         self.data_root = self.base / "data"
         #: dockerd's --exec-root (default <base>/exec); one given must not exist yet
         self.exec_root = exec_root or self.base / "exec"
