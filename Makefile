@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 IMAGE_DIR ?= /var/lib/carapace/guest
 
-.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-network bench-storage clean
+.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-docker bench-network bench-storage clean
 
 run: image
 	@echo "host kernel:      $$(uname -r)"
@@ -51,6 +51,10 @@ bench: image
 	$(PY) benchmarks/containerd.py
 	$(PY) benchmarks/network.py
 	$(PY) benchmarks/storage.py
+	$(PY) benchmarks/docker.py
+
+bench-docker: image
+	$(PY) benchmarks/docker.py
 
 bench-containerd: image
 	$(PY) benchmarks/containerd.py
