@@ -4,7 +4,7 @@ set -euo pipefail
 PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static crun python3.11 python3-venv
           iproute2 cpio make
           containerd runc containernetworking-plugins
-          docker.io podman conmon)
+          docker.io podman conmon procps)
 missing=()
 for p in "${PACKAGES[@]}"; do
   status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
