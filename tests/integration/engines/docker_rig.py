@@ -33,9 +33,10 @@ from typing import Any
 
 import pytest
 
-from carapace.linux import unescape_mountinfo
+from carapace.linux import mounts_under
 
 from ..procs import processes
+from .hostparts import cgroup_parents, rmdir_tree
 from .images import IMAGE_REF, busybox_tar, import_into
 
 REPO = Path(__file__).resolve().parents[3]
@@ -71,39 +72,6 @@ class DockerCommandError(DockerRigError):
             f"{' '.join(argv)} exited {result.returncode}\nstdout: {result.stdout.strip()}\n"
             f"stderr: {result.stderr.strip()}"
         )
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below ``directory``, deepest (last mounted) first."""
-    prefix = str(directory)
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            target = unescape_mountinfo(line.split()[1])
-            if target == prefix or target.startswith(prefix + "/"):
-                found.append(target)
-    return list(reversed(found))
-
-
-def docker_cgroups() -> set[Path]:
-    """The ``docker`` parent cgroup of every cgroup v1 hierarchy (and the v2 mount)."""
-    found = set()
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"):
-                found.add(Path(unescape_mountinfo(fields[1])) / CGROUP_PARENT)
-    return found
-
-
-def _rmdir_tree(cgroup: Path) -> None:
-    """Remove a cgroup and its (empty) children, children first."""
-    for child in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if child.is_dir():
-            with contextlib.suppress(OSError):
-                child.rmdir()
-    with contextlib.suppress(OSError):
-        cgroup.rmdir()
 
 
 class DockerRig:
@@ -174,7 +142,7 @@ class DockerRig:
         self.carapace_config.write_text(self.carapace_config_text)
         self.daemon_json.write_text(json.dumps(self.daemon_config(), indent=2) + "\n")
         self._ip_forward = IP_FORWARD.read_text().strip()
-        self._cgroups_before = {c for c in docker_cgroups() if c.exists()}
+        self._cgroups_before = {c for c in cgroup_parents(CGROUP_PARENT) if c.exists()}
         argv = [
             DOCKERD,
             "--config-file", str(self.daemon_json),
@@ -263,7 +231,7 @@ class DockerRig:
         self.proc = None
         problems += self._kill_children()
         for directory in (self.exec_root, self.base):
-            for target in mounts_under(directory):
+            for target in mounts_under(str(directory)):
                 r = subprocess.run(["umount", target], capture_output=True, text=True)
                 if r.returncode != 0:
                     subprocess.run(["umount", "-l", target], capture_output=True)
@@ -271,9 +239,9 @@ class DockerRig:
             shutil.rmtree(directory, ignore_errors=True)
             if directory.exists():
                 problems.append(f"could not remove {directory}")
-        for cgroup in docker_cgroups() - self._cgroups_before:
+        for cgroup in cgroup_parents(CGROUP_PARENT) - self._cgroups_before:
             if cgroup.exists():
-                _rmdir_tree(cgroup)
+                rmdir_tree(cgroup)
                 if cgroup.exists():
                     problems.append(f"cgroup {cgroup} still has members or children")
         if self._ip_forward is not None:
@@ -358,7 +326,8 @@ def docker(dockerd: DockerRig, request: pytest.FixtureRequest) -> Iterator[Docke
     left = dockerd.inventory()
     if left:
         dockerd.remove_all()
-    netns = [m for m in mounts_under(dockerd.exec_root / "netns") if not m.endswith("/default")]
+    netns_dir = str(dockerd.exec_root / "netns")
+    netns = [m for m in mounts_under(netns_dir) if not m.endswith("/default")]
     assert not left and not netns, (
         f"{request.node.name} left behind in dockerd: {left}; network namespaces: {netns}"
     )

@@ -66,9 +66,10 @@ from pathlib import Path
 
 import pytest
 
-from carapace.linux import unescape_mountinfo
+from carapace.linux import mounts_under
 
 from ..procs import processes
+from .hostparts import cgroup_parents, rmdir_tree
 from .images import IMAGE_REF, busybox_tar, import_into
 
 __all__ = [
@@ -140,39 +141,6 @@ class PodmanCommandError(PodmanRigError):
 
 def _toml_list(items: Sequence[str]) -> str:
     return json.dumps(list(items))  # a JSON list of strings is a valid TOML array
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below ``directory``, deepest (last mounted) first."""
-    prefix = str(directory)
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            target = unescape_mountinfo(line.split()[1])
-            if target == prefix or target.startswith(prefix + "/"):
-                found.append(target)
-    return list(reversed(found))
-
-
-def podman_cgroups() -> set[Path]:
-    """The ``libpod_parent`` cgroup of every cgroup v1 hierarchy (and the v2 mount)."""
-    found = set()
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"):
-                found.add(Path(unescape_mountinfo(fields[1])) / CGROUP_PARENT)
-    return found
-
-
-def _rmdir_tree(cgroup: Path) -> None:
-    """Remove a cgroup and its (empty) children, children first."""
-    for child in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if child.is_dir():
-            with contextlib.suppress(OSError):
-                child.rmdir()
-    with contextlib.suppress(OSError):
-        cgroup.rmdir()
 
 
 def podman_netns() -> set[str]:
@@ -321,7 +289,7 @@ class PodmanRig:
         self.carapace_config.write_text(self.carapace_config_text)
         self.containers_conf.write_text(self.containers_conf_text())
         self._netns_before = podman_netns()
-        self._cgroups_before = {c for c in podman_cgroups() if c.exists()}
+        self._cgroups_before = {c for c in cgroup_parents(CGROUP_PARENT) if c.exists()}
         self._host_dirs_before = {d for d in self.host_dirs() if d.exists()}
         try:
             info = json.loads(self.podman("info", "--format", "json", timeout=60).stdout)
@@ -384,7 +352,7 @@ class PodmanRig:
                 problems.append(f"removing containers failed: {e}")
         problems += self.delete_runtime_records()
         problems += self._kill_leftovers()
-        for target in mounts_under(self.base):
+        for target in mounts_under(str(self.base)):
             r = subprocess.run(["umount", target], capture_output=True, text=True)
             if r.returncode != 0:
                 subprocess.run(["umount", "-l", target], capture_output=True)
@@ -401,9 +369,9 @@ class PodmanRig:
         for d in self.host_dirs():  # children first
             if d.exists() and d not in self._host_dirs_before:
                 shutil.rmtree(d, ignore_errors=True)
-        for cgroup in podman_cgroups() - self._cgroups_before:
+        for cgroup in cgroup_parents(CGROUP_PARENT) - self._cgroups_before:
             if cgroup.exists():
-                _rmdir_tree(cgroup)
+                rmdir_tree(cgroup)
                 if cgroup.exists():
                     problems.append(f"cgroup {cgroup} still has members or children")
         return problems
