@@ -40,13 +40,15 @@ import tty
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.empty_pb2 import Empty
+
 from carapace import linux
 from carapace.errors import HostError
 from carapace.protocols.containerd import shim_pb2 as api
+from carapace.shim.params import TASK_SERVICE as SERVICE
 from carapace.ttrpc import TtrpcError
 from carapace.ttrpc.client import Client
 
-SERVICE = "containerd.task.v2.Task"
 #: The status a stand-in exits with when the service is gone (its VM with it).
 LOST_STATUS = 128 + signal.SIGKILL
 #: Signals a stand-in forwards to the container's process.
@@ -296,7 +298,7 @@ async def hold(sock: str, cid: str, exec_id: str, terminal_fd: int = -1) -> int:
         task.add_done_callback(pending.discard)
 
     def forward(sig: int) -> None:
-        spawn("Kill", api.KillRequest(id=cid, exec_id=exec_id, signal=sig), _empty())
+        spawn("Kill", api.KillRequest(id=cid, exec_id=exec_id, signal=sig), Empty)
 
     def resize() -> None:
         with contextlib.suppress(OSError):
@@ -304,7 +306,7 @@ async def hold(sock: str, cid: str, exec_id: str, terminal_fd: int = -1) -> int:
             spawn(
                 "ResizePty",
                 api.ResizePtyRequest(id=cid, exec_id=exec_id, width=cols, height=rows),
-                _empty(),
+                Empty,
             )
 
     for sig in FORWARDED:
@@ -330,9 +332,3 @@ async def hold(sock: str, cid: str, exec_id: str, terminal_fd: int = -1) -> int:
     finally:
         await client.close()
     return status if 0 <= status < 256 else 255
-
-
-def _empty() -> type:
-    from google.protobuf.empty_pb2 import Empty
-
-    return Empty

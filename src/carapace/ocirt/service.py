@@ -28,12 +28,11 @@ from carapace.ocirt.layout import PodState, Root, pid_alive
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.sandbox.state import STATE_FILE, SandboxRecord, release
 from carapace.sandbox.state import pid_alive as sandbox_pid_alive
+from carapace.shim import params
+from carapace.shim.params import LISTEN_FD_ENV, TASK_SERVICE
 from carapace.ttrpc import Code, TtrpcError
 from carapace.ttrpc.client import Client
 
-SERVICE = "containerd.task.v2.Task"
-#: The shim's environment variable naming its listening socket's descriptor.
-LISTEN_FD_ENV = "CARAPACE_SHIM_LISTEN_FD"
 #: The ttrpc namespace the service runs under (events go nowhere).
 NAMESPACE = "carapace-oci"
 #: How long ``stop`` waits for a service to exit once it has no containers.
@@ -56,7 +55,7 @@ async def _call(sock: str, method: str, req: Message, resp: type[M], timeout: fl
     except OSError as e:
         raise NotFound(f"the pod's service at {sock} does not answer: {e.strerror}") from e
     try:
-        return await client.call(SERVICE, method, req, resp, timeout=timeout)
+        return await client.call(TASK_SERVICE, method, req, resp, timeout=timeout)
     except TtrpcError as e:
         raise ServiceError(e.code, e.message) from e
     finally:
@@ -69,12 +68,7 @@ def call(sock: Path, method: str, req: Message, resp: type[M], timeout: float | 
 
 
 def connectable(sock: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(sock))
-        except OSError:
-            return False
-    return True
+    return params.connectable(str(sock))
 
 
 def start(root: Root, pod: str, config_path: str | None, debug: bool) -> PodState:

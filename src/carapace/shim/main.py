@@ -32,9 +32,11 @@ from carapace.sandbox.plan import check_id
 from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
 from carapace.shim.events import Publisher
 from carapace.shim.params import (
+    LISTEN_FD_ENV,
     SOCKET_DIR,
     ShimArgs,
     config_path_of,
+    connectable,
     parse_args,
     socket_path,
 )
@@ -43,7 +45,6 @@ from carapace.ttrpc import Server
 
 log = logging.getLogger("carapace.shim")
 
-LISTEN_FD_ENV = "CARAPACE_SHIM_LISTEN_FD"
 #: What ``start`` leaves in each bundle for ``delete``: the socket and configuration.
 SHIM_FILE = "carapace-shim.json"
 #: Exit status ``delete`` reports for a task whose shim died (as runc's shim: SIGKILL).
@@ -70,15 +71,6 @@ def config_path_from_options(data: bytes) -> str | None:
     except DecodeError as e:
         raise InvalidArgument(f"cannot parse the runtime options on stdin: {e}") from e
     return config_path_of(any_opts)
-
-
-def connectable(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _read_stdin() -> bytes:

@@ -5,6 +5,7 @@ namespaces a container joins, rootfs mount options and containerd's ``Any`` type
 from __future__ import annotations
 
 import hashlib
+import socket
 from dataclasses import dataclass
 
 from google.protobuf.any_pb2 import Any as AnyPb
@@ -20,6 +21,10 @@ from carapace.protocols.containerd import runtimeoptions_pb2
 RUNTIME_TYPE = "io.containerd.carapace.v2"
 #: Where shim sockets live (one per pod).
 SOCKET_DIR = "/run/carapace-shim"
+#: containerd's task API, as the shim serves it.
+TASK_SERVICE = "containerd.task.v2.Task"
+#: The environment variable naming the serving daemon's listening socket's descriptor.
+LISTEN_FD_ENV = "CARAPACE_SHIM_LISTEN_FD"
 
 #: containerd's type URLs for what travels in ``google.protobuf.Any``.
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
@@ -92,6 +97,16 @@ def parse_args(argv: list[str]) -> ShimArgs:
             )
         i += 1
     return out
+
+
+def connectable(path: str) -> bool:
+    """Whether something answers on the unix socket ``path`` (a serving shim)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def socket_path(address: str, namespace: str, group: str, root: str = SOCKET_DIR) -> str:

@@ -37,7 +37,7 @@ from carapace.sandbox import Sandbox, SandboxOptions
 from carapace.shim.events import oneline
 from carapace.shim.interfaces import EventPublisher, SandboxFactory, SandboxLike
 from carapace.shim.metrics import host_v1_metrics, to_v1_metrics
-from carapace.shim.params import METRICS_URL, config_path_of, join_pod_namespaces
+from carapace.shim.params import METRICS_URL, TASK_SERVICE, config_path_of, join_pod_namespaces
 from carapace.shim.podwatch import PodWatch
 from carapace.shim.stdio import ProcessStdio
 from carapace.shim.tasks import Container, Proc, now
@@ -46,7 +46,7 @@ from carapace.ttrpc.errors import to_ttrpc_error
 
 log = logging.getLogger("carapace.shim")
 
-SERVICE = "containerd.task.v2.Task"
+SERVICE = TASK_SERVICE
 
 
 class TaskService:
