@@ -88,6 +88,14 @@ class AgentClient:
         r = await self._call("Check", pb.CheckRequest(), pb.HealthCheckResponse, timeout)
         return r.status == pb.HealthCheckResponse.SERVING
 
+    async def reseed_random_dev(self, data: bytes) -> None:
+        await self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), pb.Empty)
+
+    async def set_guest_date_time(self, ns: int) -> None:
+        sec, usec = divmod(ns // 1000, 1_000_000)
+        req = pb.SetGuestDateTimeRequest(sec=sec, usec=usec)
+        await self._call("SetGuestDateTime", req, pb.Empty)
+
     async def guest_details(self) -> pb.GuestDetailsResponse:
         return await self._call(
             "GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetailsResponse

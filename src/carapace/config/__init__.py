@@ -27,6 +27,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/carapace/configuration.toml")
 ACCELERATORS = ("auto", "kvm", "tcg")
 #: The largest integer a key takes (what TOML itself promises: a signed 64-bit one).
 INT_MAX = (1 << 63) - 1
+#: [hypervisor] tcg_tb_size_mib: the default, and the most QEMU takes on x86_64 hosts.
+DEFAULT_TCG_TB_SIZE_MIB = 64
+MAX_TCG_TB_SIZE_MIB = 2048
 
 
 @dataclass
@@ -61,6 +64,14 @@ class HypervisorConfig:
     #: over the annotation names carapace acts on (see carapace.annotations); a pod
     #: carrying one that no expression matches is refused.
     enable_annotations: list[str] = field(default_factory=lambda: list(DEFAULT_ENABLE_ANNOTATIONS))
+    #: Under TCG, the size of QEMU's translation cache in MiB (``-accel tcg,tb-size=``):
+    #: part of every pod's memory. 0 leaves QEMU's own default (1 GiB, filled lazily),
+    #: as do VMs with vCPU hotplug headroom (QEMU 7.2 aborts when a hot-added vCPU
+    #: finds a small cache used up).
+    tcg_tb_size_mib: int = DEFAULT_TCG_TB_SIZE_MIB
+    #: Give the VM a virtio-balloon device with free page reporting: memory the guest
+    #: frees goes back to the host (Kata's reclaim_guest_freed_memory).
+    reclaim_guest_freed_memory: bool = True
 
 
 @dataclass
@@ -87,9 +98,22 @@ class RuntimeConfig:
 
 
 @dataclass
+class FactoryConfig:
+    """VM templates (Kata's VM factory): pods start by restoring a VM saved once it
+    booted to "agent ready", instead of booting their own."""
+
+    #: Start pods from a template (made on first use for each VM shape and image).
+    #: Clones share the template's memory copy-on-write (9p) or copy it (virtio-fs).
+    template: bool = False
+    #: Where templates live: their RAM is a file here, so this must be a tmpfs.
+    template_dir: str = "/dev/shm/carapace/templates"
+
+
+@dataclass
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     source: str = ""
 
     @property
@@ -136,7 +160,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     except (ValueError, RecursionError) as e:  # TOMLDecodeError, or an int of 4301 digits
         raise InvalidArgument(f"{source}: not valid TOML: {shown(str(e), 200)}") from e
     cfg = Config(source=source)
-    sections = {"hypervisor": cfg.hypervisor, "runtime": cfg.runtime}
+    sections = {"hypervisor": cfg.hypervisor, "runtime": cfg.runtime, "factory": cfg.factory}
     for name, values in data.items():
         if name not in sections or not isinstance(values, dict):
             raise InvalidArgument(
@@ -166,10 +190,20 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 f"{source} [hypervisor] {key}: {getattr(cfg.hypervisor, key)}; accepted: 0 "
                 "(the host's size) or a positive number"
             )
+    if not 0 <= cfg.hypervisor.tcg_tb_size_mib <= MAX_TCG_TB_SIZE_MIB:
+        raise InvalidArgument(
+            f"{source} [hypervisor] tcg_tb_size_mib: {cfg.hypervisor.tcg_tb_size_mib}; accepted: "
+            f"0 (QEMU's default) or MiB from 1 to {MAX_TCG_TB_SIZE_MIB}"
+        )
     if not 0 < cfg.runtime.kill_timeout <= 3600:
         raise InvalidArgument(
             f"{source} [runtime] kill_timeout: {cfg.runtime.kill_timeout!r}; accepted: "
             "seconds, more than 0 and at most 3600"
+        )
+    if not os.path.isabs(cfg.factory.template_dir):
+        raise InvalidArgument(
+            f"{source} [factory] template_dir: {cfg.factory.template_dir!r}; accepted: an "
+            "absolute path (on a tmpfs)"
         )
     if cfg.runtime.sandbox_cgroup_prefix not in SANDBOX_CGROUP_PREFIXES:
         raise InvalidArgument(

@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from carapace.guest import sysinit
+from carapace.guest.clone import CloneService
 from carapace.guest.containers import ContainerService
 from carapace.guest.crun import CrunError
 from carapace.guest.netlink import NetlinkError
@@ -72,6 +73,7 @@ class Agent:
         stdio = StdioService(self.pod)
         sandbox = SandboxService(self.pod, containers)
         network = NetworkService()
+        clone = CloneService()
         self.server = Server()
         #: (method, request type, handler) of every verb of the agent API
         self.methods: tuple[tuple[str, type[Message], Handler], ...] = (
@@ -104,6 +106,8 @@ class Agent:
             ("AddARPNeighbors", pb.AddARPNeighborsRequest, network.add_arp_neighbors),
             ("ListInterfaces", pb.ListInterfacesRequest, network.list_interfaces),
             ("ListRoutes", pb.ListRoutesRequest, network.list_routes),
+            ("ReseedRandomDev", pb.ReseedRandomDevRequest, clone.reseed_random_dev),
+            ("SetGuestDateTime", pb.SetGuestDateTimeRequest, clone.set_guest_date_time),
         )
         for name, req, handler in self.methods:
             self.server.register_typed(AGENT_SERVICE, name, req, guard(name, handler))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from carapace import linux
 from carapace.protocols import agent_pb2 as pb
@@ -31,6 +32,28 @@ def mount_ephemeral(st: pb.Storage) -> None:
     mount_storage(st)
 
 
+#: Where the guest lists the virtio-fs devices its driver bound, and how long a mount
+#: waits for one (a VM restored from a template gets its device hot-added just before).
+VIRTIOFS_DEVICES = "/sys/bus/virtio/drivers/virtiofs"
+VIRTIOFS_WAIT = 10.0
+
+
+def wait_virtiofs_device(timeout: float = VIRTIOFS_WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(n.startswith("virtio") for n in os.listdir(VIRTIOFS_DEVICES)):
+                return
+        except OSError:
+            pass  # the driver is not loaded yet
+        if time.monotonic() >= deadline:
+            raise TtrpcError(
+                Code.NOT_FOUND,
+                f"no virtio-fs device appeared in {VIRTIOFS_DEVICES} within {timeout:g}s",
+            )
+        time.sleep(0.02)
+
+
 def mount_storage(st: pb.Storage) -> None:
     """Mount a storage the host describes (the pod's shared directory, a volume)."""
     if not st.mount_point.startswith("/"):
@@ -46,6 +69,8 @@ def mount_storage(st: pb.Storage) -> None:
             flags |= MOUNT_FLAGS[o]
         elif o != "rw":
             data.append(o)
+    if fstype == "virtiofs":
+        wait_virtiofs_device()
     try:
         linux.mount(st.source, st.mount_point, fstype, flags, ",".join(data))
     except OSError as e:

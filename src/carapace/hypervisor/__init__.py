@@ -45,6 +45,7 @@ __all__ = [
     "memory_headroom_mib",
     "new_vm",
     "tail",
+    "vm_command_line",
 ]
 
 
@@ -53,6 +54,15 @@ def new_vm(binary: str, spec: VMSpec, die_with_owner: bool = True) -> VM:
     from carapace.hypervisor.qemu.vm import QemuVM
 
     return QemuVM(binary, spec, die_with_owner=die_with_owner)
+
+
+def vm_command_line(binary: str, spec: VMSpec) -> list[str]:
+    """The command line ``spec`` starts the hypervisor with (its channels as fds 3, 4
+    and 5): what decides whether a saved VM can be restored into another."""
+    from carapace.hypervisor.qemu.channels import ChannelFds
+    from carapace.hypervisor.qemu.cmdline import qemu_argv
+
+    return qemu_argv(binary, spec, ChannelFds(agent=3, qmp=4, console=5))
 
 
 def choose_accelerator(

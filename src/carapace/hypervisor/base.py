@@ -119,6 +119,26 @@ class VMSpec:
     #: Run the hypervisor under its seccomp sandbox (QEMU's ``-sandbox``).
     seccomp_sandbox: bool = True
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    #: Under TCG, the translation cache in MiB (0: QEMU's default). Ignored under KVM
+    #: and with vCPU headroom (see ``cmdline.accel_args``).
+    tcg_tb_size_mib: int = 0
+    #: A virtio-balloon device with free page reporting: pages the guest frees are
+    #: handed back to the host (QEMU discards them).
+    free_page_reporting: bool = False
+    #: Guest RAM in this file (a VM template's, on tmpfs) instead of anonymous memory:
+    #: mapped shared by the template VM (its RAM is written there) and private
+    #: copy-on-write by the template's clones (they share its pages until they write).
+    memory_file: Path | None = None
+    memory_file_shared: bool = False
+    #: An fd the VM process inherits for ``memory_file`` (``/proc/self/fd/N``): a
+    #: memfd holding a clone's own copy of the template's RAM.
+    memory_fd: int | None = None
+    #: Restore the VM from this migration stream (a template's device state) rather
+    #: than boot it; guest RAM is ``memory_file``'s (migration skips shared RAM).
+    incoming: Path | None = None
+    #: The virtio-fs device is hot-added once the VM runs (a template's clone: QEMU
+    #: cannot migrate a vhost-user-fs device) into a PCIe root port of its own.
+    hotplug_share: bool = False
 
     @property
     def memory_headroom_mib(self) -> int:
@@ -147,6 +167,11 @@ class VMSpec:
     def shares_memory(self) -> bool:
         """Whether guest memory must be shareable (memfd) with a vhost-user daemon."""
         return self.shared_fs == contract.SHARED_FS_VIRTIOFS
+
+    @property
+    def memory_backend(self) -> bool:
+        """Whether the boot memory is a named backend (shared, or in a file)."""
+        return self.shares_memory or self.memory_file is not None
 
     @property
     def qmp_socket(self) -> Path:
@@ -225,6 +250,18 @@ class VM(Protocol):
 
     async def add_nic(self, nic: TapNic) -> None:
         """Hot-add a NIC backed by ``nic.fd`` (the VM gets its own copy of the fd)."""
+        ...
+
+    async def save_state(self, path: Path) -> None:
+        """Save the VM (its RAM is ``spec.memory_file``) to ``path`` and end it."""
+        ...
+
+    async def wait_restored(self) -> None:
+        """Wait until a VM started from ``spec.incoming`` runs the restored guest."""
+        ...
+
+    async def add_share(self) -> None:
+        """Hot-add the virtio-fs device of the pod's share (``spec.hotplug_share``)."""
         ...
 
     async def remove_nic(self, nic_id: str) -> None:

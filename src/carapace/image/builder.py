@@ -56,6 +56,7 @@ GUEST_MODULES = (
     "overlay",
     "virtio_net",
     "virtio_blk",
+    "virtio_balloon",
 )
 
 #: Modules of the stdlib the agent may import lazily (the import capture adds the rest).

@@ -425,3 +425,17 @@ class Interfaces(_message.Message):
 class ListRoutesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReseedRandomDevRequest(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class SetGuestDateTimeRequest(_message.Message):
+    __slots__ = ("sec", "usec")
+    SEC_FIELD_NUMBER: _ClassVar[int]
+    USEC_FIELD_NUMBER: _ClassVar[int]
+    sec: int
+    usec: int
+    def __init__(self, sec: _Optional[int] = ..., usec: _Optional[int] = ...) -> None: ...

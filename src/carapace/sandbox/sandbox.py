@@ -41,6 +41,7 @@ from carapace.sandbox.network import PodNetwork
 from carapace.sandbox.placement import SandboxCgroupPlacement
 from carapace.sandbox.plan import HostFacts, SandboxOptions, plan_sandbox
 from carapace.sandbox.resize import Resizer
+from carapace.sandbox.restore import Restore, attempt_restore
 from carapace.sandbox.state import Runstate, SandboxRecord, check_transition, release, requires
 from carapace.storage.share import HostMounts, Mounts, PodShare, shared_storage
 from carapace.storage.virtiofsd import Virtiofsd
@@ -71,6 +72,7 @@ class SandboxParts:
     probe_source: Callable[[str], SourceFacts] = probe_source
     new_virtiofsd: Callable[[str, Path, Path, Path, bool], Virtiofsd] = Virtiofsd
     image: Callable[[Path], GuestImage | None] = current_image
+    command_line: Callable[[str, VMSpec], list[str]] = hypervisor.vm_command_line
 
 
 class Sandbox(ContainerVerbs):
@@ -108,6 +110,8 @@ class Sandbox(ContainerVerbs):
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
         self.boot_id = ""
+        #: The key of the VM template the pod was restored from ("": it booted).
+        self.template = ""
         self.virtiofsd: Virtiofsd | None = None
         self._fs_watch: asyncio.Future[None] | None = None
         self._made_run_dir = False
@@ -222,23 +226,35 @@ class Sandbox(ContainerVerbs):
                 nics=nics,
                 nic_slots=NIC_SLOTS,
                 shared_fs=self.plan.shared_fs,
+                tcg_tb_size_mib=hv.tcg_tb_size_mib,
+                free_page_reporting=hv.reclaim_guest_freed_memory,
             )
-            if self.plan.shared_fs == SHARED_FS_VIRTIOFS:
-                await self._start_virtiofsd(spec)
-            vm = self.vm = self.parts.new_vm(hv.path, spec, rt.kill_vm_with_owner)
-            # the VM is in the sandbox's cgroup and has its files limit from its first
-            # instruction on
-            vm.pre_exec.append(self.placement.join_vm())
-            vm.pre_exec.append(drop_capabilities(CAP_MKNOD))
-            if self.plan.files_limit is not None:
-                vm.pre_exec.append(_nofile_setter(self.plan.files_limit))
-            self.record.qemu_pid = await vm.start()
-            self.network.close_fds()
+            restore = await self._restore(spec) if self.config.factory.template else None
+            try:
+                if restore is not None:
+                    spec = restore.vm_spec(spec, NIC_SLOTS)
+                if self.plan.shared_fs == SHARED_FS_VIRTIOFS:
+                    await self._start_virtiofsd(spec)
+                vm = self.vm = self.parts.new_vm(hv.path, spec, rt.kill_vm_with_owner)
+                # the VM is in the sandbox's cgroup and has its files limit from its
+                # first instruction on
+                vm.pre_exec.append(self.placement.join_vm())
+                vm.pre_exec.append(drop_capabilities(CAP_MKNOD))
+                if self.plan.files_limit is not None:
+                    vm.pre_exec.append(_nofile_setter(self.plan.files_limit))
+                self.record.qemu_pid = await vm.start()
+            finally:
+                if restore is not None:
+                    restore.close()
             self.record.save()
             log.info(
                 "sandbox %s: VM pid %d (%s: %s)", self.id, self.vm_pid, accel.accel, accel.reason
             )
-            agent = self.agent = await self._connect_agent(vm)
+            if restore is not None:
+                agent = self.agent = await restore.resume(vm, self._connect_agent)
+            else:
+                agent = self.agent = await self._connect_agent(vm)
+            self.network.close_fds()
             await agent.create_sandbox(self.id, self.hostname, shared_storage(self.plan.shared_fs))
             await self.network.configure(agent)
             self.boot_id = (await agent.guest_details()).boot_id
@@ -249,6 +265,13 @@ class Sandbox(ContainerVerbs):
         except BaseException:
             await self._release()
             raise
+
+    async def _restore(self, spec: VMSpec) -> Restore | None:
+        """The pod's start from a VM template, or None (it boots cold; logged why)."""
+        parts = (self.parts.command_line, self.parts.new_vm, self.parts.connect_agent)
+        restore = await attempt_restore(self.id, self.config, spec, NIC_SLOTS, parts)
+        self.template = restore.template.key if restore is not None else ""
+        return restore
 
     async def _start_virtiofsd(self, spec: VMSpec) -> None:
         """Start the pod's virtio-fs daemon (recorded before it exists); a watch kills

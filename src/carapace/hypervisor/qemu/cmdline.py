@@ -90,21 +90,66 @@ def nic_args(spec: VMSpec) -> list[str]:
     return args
 
 
-#: The id of the guest's boot memory backend when it is shared (virtio-fs).
+#: The id of the guest's boot memory backend when it is named (shared or in a file).
 BOOT_MEMORY_ID = "ram0"
+#: The chassis number of the share's root port (the NICs' ports count from 1).
+SHARE_CHASSIS = 200
 
 
-def shared_fs_args(spec: VMSpec) -> list[str]:
-    """The share: a vhost-user-fs device on the daemon's socket (with guest memory in a
-    shared memfd, which vhost-user needs), or QEMU's own 9p server."""
-    if spec.shared_fs == SHARED_FS_VIRTIOFS:
+def memory_backend_args(spec: VMSpec) -> list[str]:
+    """The boot memory's backend when it is named: a template's file (shared by the
+    template VM, private copy-on-write in its clones), else a shared memfd (virtio-fs:
+    vhost-user needs guest memory it can map)."""
+    if spec.memory_file is not None:
+        share = "on" if spec.memory_file_shared else "off"
+        return [
+            "-object",
+            f"memory-backend-file,id={BOOT_MEMORY_ID},size={spec.memory_mib}M,"
+            f"mem-path={spec.memory_file},share={share}",
+        ]
+    if spec.shares_memory:
         return [
             "-object",
             f"memory-backend-memfd,id={BOOT_MEMORY_ID},size={spec.memory_mib}M,share=on",
+        ]
+    return []
+
+
+#: The virtio-fs device's id, its chardev's, and the PCIe root port a hot-added one
+#: goes into.
+SHARE_DEVICE_ID = "virtiofs0"
+SHARE_CHARDEV_ID = "virtiofs"
+SHARE_SLOT = "shareslot"
+
+
+def share_device_args(spec: VMSpec) -> dict[str, str]:
+    """The vhost-user-fs device of the pod's share (on the command line, or hot-added
+    into ``SHARE_SLOT``)."""
+    device = {
+        "driver": "vhost-user-fs-pci",
+        "id": SHARE_DEVICE_ID,
+        "chardev": SHARE_CHARDEV_ID,
+        "tag": SHARE_TAG,
+        "queue-size": "1024",
+    }
+    if spec.hotplug_share:
+        device["bus"] = SHARE_SLOT
+    return device
+
+
+def shared_fs_args(spec: VMSpec) -> list[str]:
+    """The share: a vhost-user-fs device on the daemon's socket (with guest memory
+    shared, which vhost-user needs; a template's clone hot-adds it into a root port of
+    its own), or QEMU's own 9p server."""
+    if spec.shared_fs == SHARED_FS_VIRTIOFS:
+        if spec.hotplug_share:
+            return ["-device", f"pcie-root-port,id={SHARE_SLOT},chassis={SHARE_CHASSIS}"]
+        device = share_device_args(spec)
+        return [
             "-chardev",
-            f"socket,id=virtiofs,path={spec.fs_socket}",
+            f"socket,id={SHARE_CHARDEV_ID},path={spec.fs_socket}",
             "-device",
-            f"vhost-user-fs-pci,chardev=virtiofs,tag={SHARE_TAG},queue-size=1024",
+            ",".join([device.pop("driver"), *(f"{k}={v}" for k, v in device.items())]),
         ]
     return [
         "-fsdev",
@@ -115,10 +160,50 @@ def shared_fs_args(spec: VMSpec) -> list[str]:
 
 
 def machine_arg(spec: VMSpec) -> str:
-    machine = f"q35,accel={spec.accel}"
-    if spec.shares_memory:
+    """``-machine``; under TCG the accelerator is an ``-accel`` option (``accel_args``),
+    which alone takes the translation cache size (QEMU refuses both forms at once)."""
+    machine = "q35" if spec.accel == "tcg" else f"q35,accel={spec.accel}"
+    if spec.memory_backend:
         machine += f",memory-backend={BOOT_MEMORY_ID}"
     return machine
+
+
+def accel_args(spec: VMSpec) -> list[str]:
+    """``-accel tcg`` with the translation cache size, under TCG only (KVM's accelerator
+    is in ``-machine``).
+
+    Not with vCPU headroom: QEMU 7.2 splits the cache into regions that the running
+    vCPUs take as they fill them, and aborts (``tcg_region_initial_alloc__locked:
+    assertion failed``) when a hot-added vCPU finds none left; with a small cache the
+    one boot vCPU has taken them all within seconds. QEMU's default (1 GiB) leaves room."""
+    if spec.accel != "tcg":
+        return []
+    sized = spec.tcg_tb_size_mib and spec.max_vcpus <= spec.vcpus
+    return ["-accel", f"tcg,tb-size={spec.tcg_tb_size_mib}" if sized else "tcg"]
+
+
+#: The id of the virtio-balloon device.
+BALLOON_ID = "balloon0"
+
+
+def balloon_args(spec: VMSpec) -> list[str]:
+    """A virtio-balloon device used only for free page reporting: the guest reports
+    the pages it freed and QEMU discards them, so they return to the host. It never
+    inflates by itself, and guest OOM does not wait on it.
+
+    Never with guest RAM mapped private from a file (a template's clone): QEMU 7.2
+    discards a reported page of a file-backed RAM block by punching a hole into the
+    file itself, which would zero that page for every VM mapping the file."""
+    if not spec.free_page_reporting:
+        return []
+    if spec.memory_file is not None and not spec.memory_file_shared:
+        return []
+    return ["-device", f"virtio-balloon-pci,id={BALLOON_ID},free-page-reporting=on"]
+
+
+def migration_args(spec: VMSpec) -> list[str]:
+    """A template's clone waits for its state (given over QMP: ``migration.restore``)."""
+    return [] if spec.incoming is None else ["-incoming", "defer"]
 
 
 #: QEMU's seccomp sandbox (as Kata can run it): no obsolete system calls, no setuid and
@@ -177,7 +262,11 @@ def qemu_argv(binary: str, spec: VMSpec, fds: ChannelFds) -> list[str]:
         "-pidfile",
         str(spec.pid_file),
         *channel_args(fds),
+        *memory_backend_args(spec),
         *shared_fs_args(spec),
         *nic_args(spec),
+        *accel_args(spec),
+        *balloon_args(spec),
+        *migration_args(spec),
         *spec.extra_args,
     ]

@@ -21,13 +21,15 @@ from carapace.daemons import die_with_parent, spawn_logged
 from carapace.errors import HypervisorError
 from carapace.hypervisor.base import TapNic, VMSpec, tail
 from carapace.hypervisor.console import ConsoleLog, console_tail
-from carapace.hypervisor.qemu import hotplug
+from carapace.hypervisor.qemu import hotplug, migration
 from carapace.hypervisor.qemu.channels import Channels
 from carapace.hypervisor.qemu.cmdline import (
+    SHARE_CHARDEV_ID,
     nic_device_args,
     nic_device_id,
     nic_slot,
     qemu_argv,
+    share_device_args,
 )
 
 log = logging.getLogger("carapace.qemu")
@@ -93,7 +95,11 @@ class QemuVM:
                 qemu_argv(self.binary, self.spec, channels.fds),
                 self.spec.qemu_log,
                 self._pre_exec,
-                [*(n.fd for n in self.spec.nics if isinstance(n, TapNic)), *channels.qemu_fds],
+                [
+                    *(n.fd for n in self.spec.nics if isinstance(n, TapNic)),
+                    *channels.qemu_fds,
+                    *([] if self.spec.memory_fd is None else [self.spec.memory_fd]),
+                ],
             )
         except BaseException:
             channels.close()
@@ -161,6 +167,43 @@ class QemuVM:
         qmp = await self.qmp_connect()
         return await qmp.execute(command, args or None)
 
+    # -- templates ----------------------------------------------------------------
+
+    async def save_state(self, path: Path, timeout: float = 60.0) -> None:
+        """Save the VM's device state to ``path`` (its RAM is in the shared
+        ``memory_file`` already), then end QEMU: what a template is made of."""
+        await migration.save_state(self, path, timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp_execute("quit"), 5)
+        await self.stop(5)
+
+    async def wait_restored(self, timeout: float = 60.0) -> None:
+        """Restore a VM started for ``spec.incoming`` from it; returns once loaded (QEMU
+        then runs the guest on: the template was running when it was saved)."""
+        if self.spec.incoming is None:
+            raise HypervisorError(f"VM {self.spec.name} was not started to be restored")
+        await migration.restore(self, self.spec.incoming, timeout)
+
+    async def add_share(self) -> None:
+        """Hot-add the pod's virtio-fs device (on the daemon's socket) into its root port."""
+        await self.qmp_or_error(
+            "chardev-add",
+            {
+                "id": SHARE_CHARDEV_ID,
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": str(self.spec.fs_socket)}},
+                        "server": False,
+                    },
+                },
+            },
+        )
+        device: dict[str, object] = dict(share_device_args(self.spec))
+        device["queue-size"] = int(str(device["queue-size"]))
+        await self.qmp_or_error("device_add", device)
+        log.info("VM %s: hot-added the virtio-fs share", self.spec.name)
+
     # -- hotplug ------------------------------------------------------------------
 
     async def vcpu_threads(self) -> dict[int, int]:
@@ -199,10 +242,10 @@ class QemuVM:
         for slot in plan.add:
             args = hotplug.cpu_device_add_args(slot)
             log.info("VM %s: hot-adding vCPU %s", self.spec.name, args["id"])
-            await self._qmp_or_error("device_add", args)
+            await self.qmp_or_error("device_add", args)
         for device_id in plan.remove:
             log.info("VM %s: hot-removing vCPU %s", self.spec.name, device_id)
-            await self._qmp_or_error("device_del", {"id": device_id})
+            await self.qmp_or_error("device_del", {"id": device_id})
             await self._wait_cpu_unplugged(device_id, unplug_timeout)
 
     async def _wait_cpu_unplugged(self, device_id: str, timeout: float) -> None:
@@ -232,9 +275,9 @@ class QemuVM:
         )
         add = dataclasses.replace(add, shared=self.spec.shares_memory)
         log.info("VM %s: hot-adding %d MiB as %s", self.spec.name, add.size_mib, add.dimm_id)
-        await self._qmp_or_error("object-add", add.object_add_args())
+        await self.qmp_or_error("object-add", add.object_add_args())
         try:
-            await self._qmp_or_error("device_add", add.device_add_args())
+            await self.qmp_or_error("device_add", add.device_add_args())
         except BaseException:
             # a backend without its DIMM would hold its memory until the VM stops
             with contextlib.suppress(Exception):
@@ -258,18 +301,18 @@ class QemuVM:
         qmp = await self.qmp_connect()
         fdname = f"fd-{nic.id}"
         qmp.send_fd_scm(nic.fd)
-        await self._qmp_or_error("getfd", {"fdname": fdname})
+        await self.qmp_or_error("getfd", {"fdname": fdname})
         netdev: dict[str, object] = {"type": "tap", "id": nic.id, "fd": fdname}
         if nic.vhost:
             netdev["vhost"] = True
         try:
-            await self._qmp_or_error("netdev_add", netdev)
+            await self.qmp_or_error("netdev_add", netdev)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.qmp_execute("closefd", fdname=fdname)
             raise
         try:
-            await self._qmp_or_error("device_add", dict(nic_device_args(nic, free[0])))
+            await self.qmp_or_error("device_add", dict(nic_device_args(nic, free[0])))
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.qmp_execute("netdev_del", id=nic.id)
@@ -284,7 +327,7 @@ class QemuVM:
         if slot is None:
             raise HypervisorError(f"VM {self.spec.name}: no NIC {nic_id}")
         device = nic_device_id(nic_id)
-        await self._qmp_or_error("device_del", {"id": device})
+        await self.qmp_or_error("device_del", {"id": device})
         deadline = time.monotonic() + timeout
         while await self._has_device(device):
             if time.monotonic() >= deadline:
@@ -293,7 +336,7 @@ class QemuVM:
                     "device_del: the guest did not release it"
                 )
             await asyncio.sleep(0.2)
-        await self._qmp_or_error("netdev_del", {"id": nic_id})
+        await self.qmp_or_error("netdev_del", {"id": nic_id})
         self.nic_slots[slot] = ""
         log.info("VM %s: removed NIC %s", self.spec.name, nic_id)
 
@@ -303,7 +346,7 @@ class QemuVM:
             raise HypervisorError(f"qom-list: expected a list, got {entries!r}")
         return any(isinstance(e, dict) and e.get("name") == device_id for e in entries)
 
-    async def _qmp_or_error(self, command: str, args: dict[str, object]) -> object:
+    async def qmp_or_error(self, command: str, args: dict[str, object]) -> object:
         try:
             return await self.qmp_execute(command, **args)
         except ExecuteError as e:

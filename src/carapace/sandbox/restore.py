@@ -1,0 +1,165 @@
+"""Starting a pod from a VM template (``carapace.factory``) instead of a boot.
+
+``plan_restore`` says whether a pod can (a pure verdict, with the reason when not: the
+pod then boots cold, and the log says why). ``Restore`` gets the template (built on
+first use), gives the VM spec of the clone, and once QEMU runs does what a clone must
+before anything else: wait for the restored state, hot-add the share, reseed the guest's
+CRNG, set its clock, hot-add the pod's NICs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from carapace.agent.client import AgentClient
+from carapace.config import Config
+from carapace.errors import CarapaceError
+from carapace.factory import (
+    Template,
+    TemplateStore,
+    build_template,
+    clone_spec,
+    copy_sparse,
+    template_key,
+)
+from carapace.hypervisor import VM, Nic, TapNic, VMSpec
+from carapace.protocols.contract import SHARED_FS_VIRTIOFS
+from carapace.sandbox.network import NIC_APPEAR_TIMEOUT, wait_for_nic
+
+log = logging.getLogger("carapace.sandbox")
+
+#: NICs a pod restored from a template may have at start (each is hot-added into one of
+#: the template's free PCIe root ports, which also keep room for later ones).
+MAX_CLONE_NICS = 2
+#: Host bytes a clone's CRNG is reseeded with.
+SEED_BYTES = 64
+
+
+def template_base(spec: VMSpec, nic_slots: int) -> VMSpec:
+    """``spec`` as far as its template goes: no boot NICs, room for a clone's NICs and
+    the ``nic_slots`` free ones every pod has, and no virtio-balloon: QEMU 7.2 cannot
+    restore a VM saved with one doing free page reporting (seen here: the load fails
+    at the balloon's section, or the restored guest never answers)."""
+    return dataclasses.replace(
+        spec, nics=(), nic_slots=nic_slots + MAX_CLONE_NICS, free_page_reporting=False
+    )
+
+
+def plan_restore(nics: tuple[Nic, ...]) -> str | None:
+    """Why a pod with these boot NICs cannot start from a template (None: it can)."""
+    if any(not isinstance(n, TapNic) for n in nics):
+        return "user-mode networking cannot be hot-added into a restored VM"
+    if len(nics) > MAX_CLONE_NICS:
+        return (
+            f"the pod has {len(nics)} network interfaces; a VM restored from a template "
+            f"takes at most {MAX_CLONE_NICS} at start"
+        )
+    return None
+
+
+#: What building a template needs from outside: the hypervisor's command line of a
+#: spec, a new VM, an agent connection.
+TemplateParts = tuple[
+    Callable[[str, VMSpec], list[str]],
+    Callable[[str, VMSpec, bool], VM],
+    Callable[[str], Awaitable[AgentClient]],
+]
+
+
+async def attempt_restore(
+    sandbox_id: str, config: Config, spec: VMSpec, nic_slots: int, parts: TemplateParts
+) -> Restore | None:
+    """The start of pod ``sandbox_id`` from a template, or None with the reason logged
+    (the pod then boots cold): a pod the template cannot fit, a template that could
+    not be made."""
+    why = plan_restore(spec.nics)
+    if why is None:
+        try:
+            hv = config.hypervisor
+            store = Path(config.factory.template_dir)
+            restore = await Restore.prepare(store, hv.path, spec, nic_slots, parts, hv.boot_timeout)
+        except (CarapaceError, OSError) as e:
+            why = f"no template: {e}"
+        else:
+            log.info(
+                "sandbox %s: restoring VM template %s%s",
+                sandbox_id,
+                restore.template.key,
+                " (built now)" if restore.built else "",
+            )
+            return restore
+    log.warning("sandbox %s: booting cold, not from a VM template: %s", sandbox_id, why)
+    return None
+
+
+@dataclass
+class Restore:
+    """One pod's start from a template."""
+
+    template: Template
+    built: bool
+    nics: tuple[TapNic, ...]
+    memory_fd: int | None = None
+
+    @classmethod
+    async def prepare(
+        cls,
+        store: Path,
+        binary: str,
+        spec: VMSpec,
+        nic_slots: int,
+        parts: TemplateParts,
+        boot_timeout: float,
+    ) -> Restore:
+        """The template for ``spec`` (built now if the store has none), and for
+        virtio-fs the clone's own copy of its RAM."""
+        command_line, new_vm, connect_agent = parts
+        base = template_base(spec, nic_slots)
+        key, inputs = template_key(binary, base, command_line)
+
+        async def build(work: Path) -> None:
+            await build_template(binary, base, work, new_vm, connect_agent, boot_timeout)
+
+        template, built = await TemplateStore(store).get(key, inputs, build)
+        nics = tuple(n for n in spec.nics if isinstance(n, TapNic))
+        restore = cls(template, built, nics)
+        if spec.shared_fs == SHARED_FS_VIRTIOFS:
+            fd = os.memfd_create(f"carapace-{spec.name}", os.MFD_CLOEXEC)
+            restore.memory_fd = fd
+            try:
+                await asyncio.to_thread(copy_sparse, template.memory_file, fd)
+            except BaseException:
+                restore.close()
+                raise
+        return restore
+
+    def vm_spec(self, spec: VMSpec, nic_slots: int) -> VMSpec:
+        return clone_spec(template_base(spec, nic_slots), self.template, self.memory_fd)
+
+    def close(self) -> None:
+        """Close carapace's copy of the clone's RAM (QEMU holds its own once started)."""
+        if self.memory_fd is not None:
+            os.close(self.memory_fd)
+            self.memory_fd = None
+
+    async def resume(self, vm: VM, connect: Callable[[VM], Awaitable[AgentClient]]) -> AgentClient:
+        """Once QEMU runs: wait for the restored guest, hot-add the share, connect the
+        agent, reseed the guest's CRNG and set its clock, hot-add the NICs."""
+        await vm.wait_restored()
+        if vm.spec.hotplug_share:
+            await vm.add_share()
+        agent = await connect(vm)
+        await agent.reseed_random_dev(os.urandom(SEED_BYTES))
+        await agent.set_guest_date_time(time.time_ns())
+        for nic in self.nics:
+            await vm.add_nic(nic)
+        for nic in self.nics:
+            await wait_for_nic(agent, nic.mac, NIC_APPEAR_TIMEOUT)
+        return agent
