@@ -85,6 +85,11 @@ class Sandbox:
         return self._sandbox.boot_id
 
     @property
+    def template(self) -> str:
+        """The key of the VM template the pod was restored from ("": it booted)."""
+        return self._sandbox.template
+
+    @property
     def qemu_pid(self) -> int:
         return self._sandbox.vm_pid
 

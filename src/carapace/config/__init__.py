@@ -200,10 +200,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             f"{source} [runtime] kill_timeout: {cfg.runtime.kill_timeout!r}; accepted: "
             "seconds, more than 0 and at most 3600"
         )
-    if not os.path.isabs(cfg.factory.template_dir):
+    if not os.path.isabs(cfg.factory.template_dir) or len(cfg.factory.template_dir) > 56:
         raise InvalidArgument(
             f"{source} [factory] template_dir: {cfg.factory.template_dir!r}; accepted: an "
-            "absolute path (on a tmpfs)"
+            "absolute path (on a tmpfs) of at most 56 characters (the template VM's "
+            "sockets are made below it)"
         )
     if cfg.runtime.sandbox_cgroup_prefix not in SANDBOX_CGROUP_PREFIXES:
         raise InvalidArgument(
