@@ -305,6 +305,7 @@ async def build_template(
     known yet): such a one is thrown away and the VM booted again, up to
     ``BUILD_ATTEMPTS`` times."""
     tspec = template_spec(spec, work / "build", work / "memory")
+    vms = _TemplateVMs(binary, new_vm, connect_agent)
     why = ""
     for attempt in range(1, BUILD_ATTEMPTS + 1):
         for d in (tspec.run_dir, work / "v"):
@@ -314,72 +315,66 @@ async def build_template(
                 f.unlink()
         tspec.run_dir.mkdir(mode=0o700)
         tspec.shared_dir.mkdir(mode=0o700)
-        await _boot_and_save(binary, tspec, work / "state", new_vm, connect_agent, boot_timeout)
-        why = await _resumes(binary, tspec, work / "state", new_vm, connect_agent)
+        await vms.boot_and_save(tspec, work / "state", boot_timeout)
+        why = await vms.resumes(tspec, work / "state")
         if not why:
             return
         log.warning("VM template in %s, boot %d: %s; booting it again", work, attempt, why)
     raise HypervisorError(f"no VM template could be made in {BUILD_ATTEMPTS} boots: {why}")
 
 
-async def _boot_and_save(
-    binary: str,
-    tspec: VMSpec,
-    state: Path,
-    new_vm: Callable[[str, VMSpec, bool], VM],
-    connect_agent: Callable[[str], Awaitable[AgentClient]],
-    boot_timeout: float,
-) -> None:
-    vm = new_vm(binary, tspec, True)
-    try:
-        await vm.start()
-        agent = await connect_agent(str(tspec.agent_socket))
-        try:
-            if not await agent.check(boot_timeout):
-                raise HypervisorError("the template VM's agent is not serving")
-            # saved while connected: the agent waits in a read, not in its reopen loop
-            await vm.save_state(state)
-        finally:
-            await agent.close()
-    except BaseException as e:
-        vm.kill()
-        with contextlib.suppress(Exception):
-            await vm.stop(1)
-        if isinstance(e, Exception) and not isinstance(e, HypervisorError):
-            raise HypervisorError(
-                f"building a VM template failed: {e}; console tail:\n{vm.console_tail(10)}"
-            ) from e
-        raise
+@dataclass(frozen=True)
+class _TemplateVMs:
+    """The VMs a template build starts: the template itself, and its test clone."""
 
+    binary: str
+    new_vm: Callable[[str, VMSpec, bool], VM]
+    connect_agent: Callable[[str], Awaitable[AgentClient]]
 
-async def _resumes(
-    binary: str,
-    tspec: VMSpec,
-    state: Path,
-    new_vm: Callable[[str, VMSpec, bool], VM],
-    connect_agent: Callable[[str], Awaitable[AgentClient]],
-) -> str:
-    """Why a clone of the saved template does not answer ("" when it does). The test
-    clone maps the template's RAM private, whatever the pods will do: it changes
-    nothing of the template."""
-    run_dir = state.parent / "v"
-    run_dir.mkdir(mode=0o700)
-    vspec = dataclasses.replace(
-        tspec, name="template-test", run_dir=run_dir, memory_file_shared=False, incoming=state
-    )
-    vm = new_vm(binary, vspec, True)
-    try:
-        await vm.start()
-        await vm.wait_restored()
-        agent = await connect_agent(str(vspec.agent_socket))
+    async def boot_and_save(self, tspec: VMSpec, state: Path, boot_timeout: float) -> None:
+        vm = self.new_vm(self.binary, tspec, True)
         try:
-            await agent.check(VERIFY_TIMEOUT)
+            await vm.start()
+            agent = await self.connect_agent(str(tspec.agent_socket))
+            try:
+                if not await agent.check(boot_timeout):
+                    raise HypervisorError("the template VM's agent is not serving")
+                # saved while connected: the agent waits in a read, not in its reopen loop
+                await vm.save_state(state)
+            finally:
+                await agent.close()
+        except BaseException as e:
+            vm.kill()
+            with contextlib.suppress(Exception):
+                await vm.stop(1)
+            if isinstance(e, Exception) and not isinstance(e, HypervisorError):
+                raise HypervisorError(
+                    f"building a VM template failed: {e}; console tail:\n{vm.console_tail(10)}"
+                ) from e
+            raise
+
+    async def resumes(self, tspec: VMSpec, state: Path) -> str:
+        """Why a clone of the saved template does not answer ("" when it does). The
+        test clone maps the template's RAM private, whatever the pods will do: it
+        changes nothing of the template."""
+        run_dir = state.parent / "v"
+        run_dir.mkdir(mode=0o700)
+        vspec = dataclasses.replace(
+            tspec, name="template-test", run_dir=run_dir, memory_file_shared=False, incoming=state
+        )
+        vm = self.new_vm(self.binary, vspec, True)
+        try:
+            await vm.start()
+            await vm.wait_restored()
+            agent = await self.connect_agent(str(vspec.agent_socket))
+            try:
+                await agent.check(VERIFY_TIMEOUT)
+            finally:
+                await agent.close()
+            return ""
+        except CarapaceError as e:
+            return f"a clone restored from it does not answer ({e})"
         finally:
-            await agent.close()
-        return ""
-    except CarapaceError as e:
-        return f"a clone restored from it does not answer ({e})"
-    finally:
-        vm.kill()
-        with contextlib.suppress(Exception):
-            await vm.stop(1)
+            vm.kill()
+            with contextlib.suppress(Exception):
+                await vm.stop(1)
