@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from carapace.config import load_config
 from carapace.image.builder import ImageBuilder
@@ -176,3 +178,63 @@ def test_gc_releases_what_a_killed_owner_left() -> None:
     assert not run_dir.exists()
     with open("/proc/self/mounts") as f:
         assert not any(str(run_dir) in line for line in f)
+
+
+def test_factory_status_and_destroy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`carapace factory status` lists the templates of the configured template_dir and
+    `destroy` removes them, without a VM: the template here is made by hand as a build
+    leaves one (RAM file with the pages touched, device state, template.json)."""
+    from carapace.factory.template import file_identity
+
+    cfg = load_config()
+    hv = cfg.hypervisor
+    guest = ImageBuilder(cfg.image_dir).current()
+    assert guest is not None
+    # short: template_dir has at most 56 characters; destroy removes it
+    with tempfile.TemporaryDirectory(
+        prefix="tpl-", dir="/dev/shm", ignore_cleanup_errors=True
+    ) as root:
+        key = "0123456789abcdef01234567"
+        t = Path(root) / key
+        t.mkdir()
+        with open(t / "memory", "wb") as f:
+            f.truncate(512 << 20)  # 512 MiB of guest RAM, 3 MiB of it touched
+            f.write(os.urandom(3 << 20))
+        (t / "state").write_bytes(b"QEVM")
+        inputs = {
+            "format": 1,
+            "argv": [],
+            "qemu": file_identity(hv.path),
+            "kernel": file_identity(guest.kernel),
+            "initrd": file_identity(guest.initrd),
+        }
+        info = {"key": key, "built": time.time(), "build_seconds": 7.5, "inputs": inputs}
+        (t / "template.json").write_text(json.dumps(info))
+        (Path(root) / "ffff.building").mkdir()  # a build that died half-way
+        config = tmp_path / "configuration.toml"
+        config.write_text(f'[factory]\ntemplate = true\ntemplate_dir = "{root}"\n')
+        env = {**os.environ, "CARAPACE_CONFIG": str(config)}
+
+        def factory(*args: str) -> str:
+            r = subprocess.run(
+                [CARAPACE, "factory", *args], capture_output=True, env=env, timeout=60
+            )
+            assert r.returncode == 0, r.stderr
+            return r.stdout.decode()
+
+        out = factory("status")
+        assert out.startswith(f"templates: enabled ([factory] template = true in {config})\n")
+        assert f"template_dir: {root}\n" in out
+        assert f"{key}: built " in out and " in 7.5 s, memory 3.0 MiB on disk of 512.0 MiB" in out
+        assert f"  kernel: {os.path.realpath(guest.kernel)}\n" in out
+        status = json.loads(factory("status", "--json"))
+        assert status["enabled"] is True and status["template_dir"] == root
+        [entry] = status["templates"]  # the half-made one is no template
+        assert entry["key"] == key and entry["memory_mib_on_disk"] == 3.0
+        assert entry["qemu"] == os.path.realpath(hv.path)
+        assert entry["initrd"] == os.path.realpath(guest.initrd)
+
+        assert factory("destroy") == f"removed 1 template from {root}\n"
+        assert not os.path.exists(root)
+        assert factory("status").endswith("no templates\n")
+        assert factory("destroy") == f"removed 0 templates from {root}\n"

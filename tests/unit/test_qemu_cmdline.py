@@ -277,3 +277,136 @@ def test_nics_each_in_a_root_port_and_free_slots() -> None:
     assert "virtio-net-pci,id=net0-nic,netdev=net0,mac=02:00:00:00:00:01,bus=nicslot0" in devices
     assert "virtio-net-pci,id=net1-nic,netdev=net1,mac=02:00:00:00:00:02,bus=nicslot1" in devices
     assert "-netdev" not in qemu_argv("qemu", replace(spec, nics=(), nic_slots=0), FDS)
+
+
+# -- VM templates: the RAM backend, the share hot-added, the incoming state ------------
+
+
+def test_memory_backend_of_a_template_is_its_file_shared(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import memory_backend_args
+
+    mem = tmp_path / "templates" / "k" / "memory"
+    spec = make_spec(tmp_path, memory_file=mem, memory_file_shared=True)
+    assert memory_backend_args(spec) == [
+        "-object",
+        f"memory-backend-file,id=ram0,size=768M,mem-path={mem},share=on",
+    ]
+    argv = qemu_argv(QEMU, spec, FDS)
+    assert opts(value(argv, "-object")) == (
+        "memory-backend-file",
+        {"id": "ram0", "size": "768M", "mem-path": str(mem), "share": "on"},
+    )
+    assert opts(value(argv, "-machine"))[1]["memory-backend"] == "ram0"
+
+
+def test_memory_backend_of_a_9p_clone_is_the_file_private(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import memory_backend_args
+
+    mem = tmp_path / "memory"
+    spec = make_spec(tmp_path, memory_file=mem, memory_file_shared=False)
+    _, bopts = opts(memory_backend_args(spec)[1])
+    assert (bopts["mem-path"], bopts["share"]) == (str(mem), "off")
+
+
+def test_memory_backend_of_a_virtiofs_clone_is_its_memfd_copy(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import memory_backend_args
+
+    spec = make_spec(
+        tmp_path,
+        shared_fs="virtio-fs",
+        memory_file=Path("/proc/self/fd/9"),
+        memory_file_shared=True,
+        memory_fd=9,
+    )
+    args = memory_backend_args(spec)
+    assert args == [
+        "-object",
+        "memory-backend-file,id=ram0,size=768M,mem-path=/proc/self/fd/9,share=on",
+    ]  # the file wins over the memfd of a cold virtio-fs boot
+
+
+def test_memory_backend_memfd_for_virtiofs_and_none_otherwise(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import memory_backend_args
+
+    fs = make_spec(tmp_path, shared_fs="virtio-fs")
+    assert memory_backend_args(fs) == [
+        "-object",
+        "memory-backend-memfd,id=ram0,size=768M,share=on",
+    ]
+    plain = make_spec(tmp_path)
+    assert memory_backend_args(plain) == []
+    assert not plain.memory_backend
+    argv = qemu_argv(QEMU, plain, FDS)
+    assert "-object" not in argv
+    assert "memory-backend" not in opts(value(argv, "-machine"))[1]
+    for accel in ("kvm", "tcg"):
+        named = make_spec(tmp_path, accel=accel, memory_file=tmp_path / "m")
+        assert named.memory_backend
+        machine, mopts = opts(value(qemu_argv(QEMU, named, FDS), "-machine"))
+        assert (machine, mopts["memory-backend"]) == ("q35", "ram0")
+
+
+def test_a_hotplugged_share_leaves_only_its_root_port(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import SHARE_SLOT, shared_fs_args
+
+    spec = make_spec(tmp_path, shared_fs="virtio-fs", hotplug_share=True)
+    assert shared_fs_args(spec) == ["-device", "pcie-root-port,id=shareslot,chassis=200"]
+    assert SHARE_SLOT == "shareslot"
+    argv = qemu_argv(QEMU, spec, FDS)
+    devices = [opts(d) for d in values(argv, "-device")]
+    assert not [o for drv, o in devices if drv == "vhost-user-fs-pci"]
+    assert "virtiofs" not in chardevs(argv)
+    assert "-fsdev" not in argv
+    # its chassis is none of the NICs' root ports'
+    spec = make_spec(tmp_path, shared_fs="virtio-fs", hotplug_share=True, nic_slots=4)
+    devices = [opts(d) for d in values(qemu_argv(QEMU, spec, FDS), "-device")]
+    chassis = [o["chassis"] for drv, o in devices if drv == "pcie-root-port"]
+    assert len(chassis) == len(set(chassis)) == 5
+
+
+def test_the_share_device_goes_into_its_slot_only_when_hot_added(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import share_device_args
+
+    device = {
+        "driver": "vhost-user-fs-pci",
+        "id": "virtiofs0",
+        "chardev": "virtiofs",
+        "tag": SHARE_TAG,
+        "queue-size": "1024",
+    }
+    cold = make_spec(tmp_path, shared_fs="virtio-fs")
+    assert share_device_args(cold) == device
+    hot = make_spec(tmp_path, shared_fs="virtio-fs", hotplug_share=True)
+    assert share_device_args(hot) == {**device, "bus": "shareslot"}
+
+
+def test_9p_is_on_the_command_line_even_for_a_template(tmp_path: Path) -> None:
+    # hotplug_share is for vhost-user-fs only; QEMU's own 9p device is migrated
+    argv = qemu_argv(QEMU, make_spec(tmp_path, hotplug_share=True), FDS)
+    assert opts(value(argv, "-fsdev"))[0] == "local"
+    assert "pcie-root-port,id=shareslot,chassis=200" not in values(argv, "-device")
+
+
+def test_a_clone_waits_for_its_incoming_state(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import migration_args
+
+    assert migration_args(make_spec(tmp_path)) == []
+    spec = make_spec(tmp_path, incoming=tmp_path / "state", extra_args=("-S",))
+    assert migration_args(spec) == ["-incoming", "defer"]
+    argv = qemu_argv(QEMU, spec, FDS)
+    assert value(argv, "-incoming") == "defer"  # the state is given over QMP
+    assert str(tmp_path / "state") not in " ".join(argv)
+    assert argv[-3:] == ["-incoming", "defer", "-S"]  # extra args stay last
+
+
+def test_no_balloon_on_ram_mapped_private_from_a_file(tmp_path: Path) -> None:
+    from carapace.hypervisor.qemu.cmdline import balloon_args
+
+    balloon = ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+    assert balloon_args(make_spec(tmp_path, free_page_reporting=True)) == balloon
+    assert balloon_args(make_spec(tmp_path)) == []
+    shared = make_spec(
+        tmp_path, free_page_reporting=True, memory_file=tmp_path / "m", memory_file_shared=True
+    )
+    assert balloon_args(shared) == balloon
+    assert balloon_args(replace(shared, memory_file_shared=False)) == []

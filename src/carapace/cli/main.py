@@ -106,8 +106,10 @@ def build_parser() -> ArgumentParser:
     st = sub.add_parser("stats", help="a sandbox's host cost, from its host cgroup")
     st.add_argument("sandbox", help="sandbox id (a CRI pod's id for the shim)")
     st.add_argument("--json", action="store_true")
+    from carapace.cli.factory import add_factory_parser
     from carapace.cli.install import add_install_parser
 
+    add_factory_parser(sub)
     add_install_parser(sub)
     return p
 
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_gc(cfg, args)
         if args.command == "stats":
             return cmd_stats(cfg, args)
+        if args.command == "factory":
+            from carapace.cli.factory import cmd_factory
+
+            return cmd_factory(cfg, args)
         if args.command == "overhead":
             from carapace.cli.overhead import cmd_overhead
 

@@ -223,15 +223,26 @@ class TemplateStore:
         return found
 
     def remove(self, t: Template) -> None:
+        """Remove a template (its lock file stays: a process may be waiting on it)."""
         shutil.rmtree(t.dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / f"{t.key}.lock")
 
     def remove_all(self) -> int:
-        """Remove every template and anything half-made; returns how many templates."""
-        n = len(self.templates())
-        shutil.rmtree(self.root, ignore_errors=True)
-        return n
+        """Remove every template, anything half-made and the lock files: what the store
+        made, never another file of the directory (which may be /dev/shm itself);
+        returns how many templates."""
+        templates = self.templates()
+        for t in templates:
+            self.remove(t)
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.root):
+                path = self.root / name
+                if name.endswith(".building") and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif name.endswith(".lock") and path.is_file():
+                    path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # only when empty
+        return len(templates)
 
     async def get(
         self,
