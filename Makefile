@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 IMAGE_DIR ?= /var/lib/carapace/guest
 
-.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-docker bench-network bench-storage clean
+.PHONY: run test unit integration deps image lint protos bench bench-containerd bench-docker bench-network bench-storage bench-footprint bench-template clean
 
 run: image
 	@echo "host kernel:      $$(uname -r)"
@@ -52,6 +52,8 @@ bench: image
 	$(PY) benchmarks/network.py
 	$(PY) benchmarks/storage.py
 	$(PY) benchmarks/docker.py
+	$(PY) benchmarks/footprint.py
+	$(PY) benchmarks/template.py
 
 bench-docker: image
 	$(PY) benchmarks/docker.py
@@ -64,6 +66,12 @@ bench-network: image
 
 bench-storage: image
 	$(PY) benchmarks/storage.py
+
+bench-footprint: image
+	$(PY) benchmarks/footprint.py
+
+bench-template: image
+	$(PY) benchmarks/template.py
 
 clean:
 	rm -rf $(VENV) $(APT_STAMP)

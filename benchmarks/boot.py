@@ -196,6 +196,7 @@ def bare_argv(
         accel=accel.accel,
         shared_dir=scratch,
         kernel_params=config.hypervisor.kernel_params,
+        tcg_tb_size_mib=config.hypervisor.tcg_tb_size_mib,
     )
     full = qemu_argv(config.hypervisor.path, spec, ChannelFds(-1, -1, -1))  # all dropped
     argv: list[str] = []

@@ -12,10 +12,14 @@ measures, in one invocation (rounds interleaved), N samples of:
 * CRI, runtime handler "carapace": one pod alone (RunPodSandbox, CreateContainer and
   StartContainer of a busybox ``sleep 3600`` container, until it runs), then P pods
   (default 8) started the same way from P threads at once, until all run; while they
-  run: the QEMU processes of our shims and the sum of their VmRSS (peak), per pod.
+  run: the QEMU processes of our shims and the sum of their VmRSS (peak), per pod;
+* a whole CRI pod life, with runtime handler "carapace" and "runc": RunPodSandbox, two
+  containers created and started, 7 ExecSyncs, ContainerStats, StopPodSandbox and
+  RemovePodSandbox, each step timed.
 
-Reports ``carapace ctr run ÷ (bare boot + runc ctr run)`` and ``P pods ÷ 1 pod``,
-prints a Markdown table and writes results/containerd.json and results/containerd.md.
+Reports ``carapace ctr run ÷ (bare boot + runc ctr run)``, ``P pods ÷ 1 pod`` and the
+pod life's steps side by side, prints a Markdown table and writes
+results/containerd.json and results/containerd.md.
 See benchmarks/README.md.
 """
 
@@ -83,6 +87,8 @@ BARE_EXIT = "bare boot: QEMU exits"
 CTR_CARAPACE = "ctr run --rm … true (carapace)"
 CTR_RUNC = "ctr run --rm … true (runc)"
 CRI_ONE = "CRI: 1 pod (carapace)"
+LIFE_CARAPACE = "CRI pod life (carapace)"
+LIFE_RUNC = "CRI pod life (runc)"
 
 
 def cri_many_name(n: int) -> str:
@@ -450,6 +456,172 @@ def measure_pods(
     return float(detail["seconds"])
 
 
+# -- 5. a whole CRI pod life, step by step ---------------------------------------------------
+
+BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
+#: The pod life's ExecSyncs: (container, command, expected exit status).
+LIFE_EXECS: list[tuple[str, list[str], int]] = [
+    ("a", BOOT_ID, 0),
+    ("b", BOOT_ID, 0),
+    ("a", ["uname", "-r"], 0),
+    ("a", ["cat", "/tmp/mark"], 0),
+    ("b", ["cat", "/tmp/mark"], 1),  # separate root filesystems
+    ("b", ["sh", "-c", "echo out; echo err >&2; exit 4"], 4),
+    ("a", ["true"], 0),
+]
+LIFE_CONTAINERS = {
+    "a": ["sh", "-c", "echo from-a > /tmp/mark; exec sleep 3600"],
+    "b": ["sleep", "3600"],
+}
+
+
+def life_steps() -> list[str]:
+    """The pod life's steps, in order (the report's rows)."""
+    steps = ["RunPodSandbox"]
+    for name in LIFE_CONTAINERS:
+        steps += [f"CreateContainer {name}", f"StartContainer {name}"]
+    steps += [f"ExecSync {i + 1}: {c} {' '.join(cmd)}" for i, (c, cmd, _) in enumerate(LIFE_EXECS)]
+    return [*steps, "ContainerStats a", "StopPodSandbox", "RemovePodSandbox"]
+
+
+def measure_pod_life(
+    rig: ContainerdRig, handler: str, label: str, details: list[dict[str, Any]]
+) -> float:
+    """The whole life of a pod with two containers, over CRI, each step timed apart;
+    returns the total, appends the steps' seconds to ``details``."""
+    cri = rig.cri()
+    rt = cri.runtime
+    log_dir = tempfile.mkdtemp(prefix="carapace-bench-life-")
+    config = pod_config(label, log_dir, "carapace-bench", {"carapace-bench": label})
+    steps: dict[str, float] = {}
+    pod_id = ""
+    removed = False
+
+    def step(name: str, call: Callable[..., Any], request: Any) -> Any:
+        """One CRI call, timed: its answer."""
+        t0 = time.perf_counter()
+        try:
+            out = call(request, timeout=CRI_TIMEOUT)
+        except Exception as e:
+            raise BenchError(f"pod life ({handler}), {name}: {_rpc_error(e)}") from e
+        steps[name] = round(time.perf_counter() - t0, 4)
+        return out
+
+    t_start = time.perf_counter()
+    try:
+        pod_id = step(
+            "RunPodSandbox",
+            rt.RunPodSandbox,
+            api.RunPodSandboxRequest(config=config, runtime_handler=handler),
+        ).pod_sandbox_id
+        ids: dict[str, str] = {}
+        for name, command in LIFE_CONTAINERS.items():
+            container = api.ContainerConfig(
+                metadata=api.ContainerMetadata(name=name),
+                image=api.ImageSpec(image=BUSYBOX_IMAGE),
+                command=command,
+                log_path=f"{name}.log",
+            )
+            ids[name] = step(
+                f"CreateContainer {name}",
+                rt.CreateContainer,
+                api.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=container, sandbox_config=config
+                ),
+            ).container_id
+            step(
+                f"StartContainer {name}",
+                rt.StartContainer,
+                api.StartContainerRequest(container_id=ids[name]),
+            )
+        for i, (name, cmd, want) in enumerate(LIFE_EXECS):
+            label_i = f"ExecSync {i + 1}: {name} {' '.join(cmd)}"
+            r = step(
+                label_i,
+                rt.ExecSync,
+                api.ExecSyncRequest(container_id=ids[name], cmd=cmd, timeout=60),
+            )
+            if r.exit_code != want:
+                raise BenchError(
+                    f"pod life ({handler}), {label_i}: exit {r.exit_code}, expected {want}: "
+                    f"{r.stderr.decode(errors='replace')[-200:]}"
+                )
+        stats = step(
+            "ContainerStats a", rt.ContainerStats, api.ContainerStatsRequest(container_id=ids["a"])
+        ).stats
+        if stats.attributes.id != ids["a"]:
+            raise BenchError(f"pod life ({handler}): ContainerStats of {ids['a']} answered {stats}")
+        step("StopPodSandbox", rt.StopPodSandbox, api.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        step(
+            "RemovePodSandbox",
+            rt.RemovePodSandbox,
+            api.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
+        )
+        removed = True
+        total = time.perf_counter() - t_start
+    finally:
+        if pod_id and not removed:
+            remove_pods(rt, [pod_id])
+        cri.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
+    details.append({"label": label, "total_seconds": round(total, 4), "steps": steps})
+    return total
+
+
+def _rpc_error(e: Exception) -> str:
+    code = getattr(e, "code", None)
+    details = getattr(e, "details", None)
+    if callable(code) and callable(details):  # a grpc.RpcError
+        return f"{code().name}: {details()}"
+    return f"{type(e).__name__}: {e}"
+
+
+def life_medians(details: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds of each step over the samples (and of the total)."""
+    out: dict[str, float] = {}
+    for name in [*life_steps(), "total"]:
+        xs = [d["total_seconds"] if name == "total" else d["steps"][name] for d in details]
+        xs = [x for x in xs if x is not None]
+        if xs:
+            out[name] = round(statistics.median(xs), 4)
+    return out
+
+
+def life_table(life: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The pod life's steps, carapace and runc side by side (medians)."""
+    car = life_medians(life.get(LIFE_CARAPACE, []))
+    runc = life_medians(life.get(LIFE_RUNC, []))
+    if not car and not runc:
+        return []
+    total = car.get("total")
+    lines = [
+        "",
+        "A whole CRI pod life (2 containers, 7 execs, stats, teardown), step by step:",
+        "",
+        "| step | carapace s | runc s | carapace - runc s | share of carapace's total |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in [*life_steps(), "total"]:
+        c, r = car.get(name), runc.get(name)
+        diff = "n/a" if c is None or r is None else f"{c - r:+.3f}"
+        share = "n/a" if c is None or not total else f"{100 * c / total:.0f}%"
+        label = "**whole pod life** (wall time)" if name == "total" else name
+        lines.append(f"| {label} | {boot._fmt(c)} | {boot._fmt(r)} | {diff} | {share} |")
+    if total is not None and "RunPodSandbox" in car:
+        rest_c = total - car["RunPodSandbox"]
+        rest_r = None if "total" not in runc else runc["total"] - runc.get("RunPodSandbox", 0.0)
+        execs = [n for n in life_steps() if n.startswith("ExecSync")]
+        exec_c = sum(car.get(n, 0.0) for n in execs)
+        lines += [
+            "",
+            f"carapace without RunPodSandbox (the VM boot): {rest_c:.3f} s"
+            + ("" if rest_r is None else f" against runc's {rest_r:.3f} s ({rest_c / rest_r:.3g}x)")
+            + f"; of it the 7 ExecSyncs {exec_c:.3f} s, the teardown "
+            f"{car.get('StopPodSandbox', 0.0) + car.get('RemovePodSandbox', 0.0):.3f} s.",
+        ]
+    return lines
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -473,6 +645,9 @@ def ratios(results: dict[str, Measurement], n: int) -> dict[str, float | None]:
         "ctr_carapace / bare_boot": boot._ratio(results[CTR_CARAPACE].median, floor),
         f"cri_{n}_pods / cri_1_pod": boot._ratio(many, one),
         f"cri_{n}_pods / ({n} x cri_1_pod)": boot._ratio(many, None if one is None else n * one),
+        "pod_life_carapace / pod_life_runc": boot._ratio(
+            results[LIFE_CARAPACE].median, results[LIFE_RUNC].median
+        ),
     }
 
 
@@ -506,6 +681,7 @@ def markdown(
     cri_details: dict[str, list[dict[str, Any]]],
     others: dict[str, list[int]],
     notes: list[str],
+    life: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     lines = [
         "# carapace containerd benchmark",
@@ -535,6 +711,7 @@ def markdown(
         "ctr_carapace / bare_boot": "carapace ctr run ÷ bare boot",
         f"cri_{n}_pods / cri_1_pod": f"**{n} pods in parallel ÷ 1 pod**",
         f"cri_{n}_pods / ({n} x cri_1_pod)": f"{n} pods in parallel ÷ ({n} x 1 pod)",
+        "pod_life_carapace / pod_life_runc": "**CRI pod life carapace ÷ runc**",
     }
     lines += ["", "| ratio (of medians) | value |", "|---|---:|"]
     for key, label in labels.items():
@@ -564,6 +741,7 @@ def markdown(
                 f"{_mib(d['shim_rss_now_kib'] / k)} | "
                 f"{d['other_qemu_processes']} |"
             )
+    lines += life_table(life or {})
     if notes:
         lines += ["", *[f"- {x}" for x in notes]]
     return "\n".join(lines) + "\n"
@@ -583,6 +761,8 @@ class Bench:
     pods: int
     results: dict[str, Measurement]
     cri_details: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: per pod-life row: each recorded sample's steps
+    life: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: per measurement and recorded sample: the most QEMU processes not ours seen
     others: dict[str, list[int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -622,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.pods
     many = cri_many_name(n)
-    order = [BARE_INIT, BARE_EXIT, CTR_CARAPACE, CTR_RUNC, CRI_ONE, many]
+    order = [BARE_INIT, BARE_EXIT, CTR_CARAPACE, CTR_RUNC, CRI_ONE, many, LIFE_CARAPACE, LIFE_RUNC]
     results = {name: Measurement(name) for name in order}
     prefix = f"bench-{secrets.token_hex(3)}"
     notes: list[str] = []
@@ -688,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = i >= args.warmup
                 tag = f"run {i - args.warmup + 1}/{args.runs}" if record else "warm-up"
                 label = f"{prefix}-{i}"
-                steps = "bare boot, ctr carapace, ctr runc, CRI 1 pod"
+                steps = "bare boot, ctr carapace, ctr runc, CRI 1 pod, pod lives"
                 print(
                     f"[{tag}] {steps}{f', CRI {n} pods' if record else ''} ...",
                     file=sys.stderr,
@@ -707,6 +887,19 @@ def main(argv: list[str] | None = None) -> int:
                     record,
                     partial(measure_pods, rig, monitor, 1, f"{label}-one", one_details),
                 )
+                lives = [(LIFE_CARAPACE, HANDLER), (LIFE_RUNC, "runc")]
+                for name, handler in lives if i % 2 == 0 else lives[::-1]:
+                    bench.one(
+                        name,
+                        record,
+                        partial(
+                            measure_pod_life,
+                            rig,
+                            handler,
+                            f"{label}-life-{handler}",
+                            bench.life.setdefault(name, []) if record else [],
+                        ),
+                    )
                 if record:
                     many_details = bench.cri_details.setdefault(many, [])
                     bench.one(
@@ -761,11 +954,22 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": rat,
         "cri_samples": bench.cri_details,
         "cri_memory": memory,
+        "pod_life_steps": bench.life,
+        "pod_life_medians": {name: life_medians(ds) for name, ds in bench.life.items()},
         "other_qemu_processes_seen": bench.others,
         "notes": notes,
     }
     md = markdown(
-        machine, args.runs, n, order, results, rat, bench.cri_details, bench.others, notes
+        machine,
+        args.runs,
+        n,
+        order,
+        results,
+        rat,
+        bench.cri_details,
+        bench.others,
+        notes,
+        bench.life,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "containerd.json").write_text(json.dumps(report, indent=2) + "\n")
