@@ -11,6 +11,7 @@ once; errors go to ``--log`` as JSON; nothing is left under ``--root`` after
 from __future__ import annotations
 
 import array
+import asyncio
 import ctypes
 import fcntl
 import json
@@ -29,6 +30,11 @@ import pytest
 
 from carapace.config import load_config
 from carapace.image.builder import ImageBuilder
+from carapace.ocirt.layout import Root
+from carapace.protocols.containerd import shim_pb2 as api
+from carapace.protocols.containerd import task_types_pb2 as tt
+from carapace.shim.params import TASK_SERVICE
+from carapace.ttrpc.client import Client
 
 from .conftest import REPO
 
@@ -294,6 +300,86 @@ def test_a_terminal_goes_to_the_console_socket(rt: Runtime, rootfs: Path, tmp_pa
     rt("delete", "t1")
     reap_all()
     assert r.returncode == 0
+
+
+def console_listener(path: str) -> socket.socket:
+    """An engine's console socket: ``create`` and ``exec --tty`` send the pty master
+    to it."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    return listener
+
+
+def receive_master(listener: socket.socket) -> int:
+    conn, _ = listener.accept()
+    with conn:
+        _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    assert len(fds) == 1, fds
+    return fds[0]
+
+
+async def states_of(sock: str, cid: str, clients: int) -> list[int]:
+    """``clients`` connections to the pod's service open at once, each asking the
+    container's status: they take the service's lowest free fd numbers."""
+    conns = [await Client.connect_unix(sock) for _ in range(clients)]
+    try:
+        replies = await asyncio.gather(
+            *(
+                c.call(TASK_SERVICE, "State", api.StateRequest(id=cid), api.StateResponse, 60)
+                for c in conns
+            )
+        )
+    finally:
+        for c in conns:
+            await c.close()
+    return [r.status for r in replies]
+
+
+def test_terminals_in_flight_and_gone_leave_the_container_served(
+    rt: Runtime, rootfs: Path, tmp_path: Path
+) -> None:
+    """The container starts while its pty master is still in flight to the engine
+    (the console socket not read yet): its shell sees no end of input. Then execs with
+    a terminal come and go: the pod's service closes each one's stdio, and its event
+    loop must stop watching those fds first: a later connection given such an fd's
+    number was never answered (and the engine was told the container had stopped)."""
+    b = bundle(tmp_path, rootfs, ["sh"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["process"]["terminal"] = True
+    (b / "config.json").write_text(json.dumps(spec))
+    sock_path = str(tmp_path / "console.sock")
+    service_sock = str(Root(rt.root).socket("t2"))
+    listener = console_listener(sock_path)
+    rt("create", "--bundle", str(b), "--pid-file", str(b / "pid"),
+       "--console-socket", sock_path, "t2")  # fmt: skip
+    rt("start", "t2")  # the master waits in the console socket, unread
+    time.sleep(1)  # the engine takes its time
+    master = receive_master(listener)
+    try:
+        os.write(master, b"echo alive $((6*7))\n")
+        assert b"alive 42" in read_until(master, b"alive 42")
+        for i in range(2):
+            exec_pid_file = b / f"exec{i}.pid"
+            rt("exec", "--tty", "--console-socket", sock_path, "--detach",
+               "--pid-file", str(exec_pid_file), "t2", "tty")  # fmt: skip
+            exec_master = receive_master(listener)
+            try:
+                assert b"/dev/pts/" in read_until(exec_master, b"/dev/pts/")
+                assert reap(int(exec_pid_file.read_text())) == 0
+            finally:
+                os.close(exec_master)
+            assert asyncio.run(states_of(service_sock, "t2", 8)) == [tt.RUNNING] * 8
+            assert rt.state("t2")["status"] == "running"
+            r = rt("exec", "t2", "echo", f"exec {i}", check=False)
+            assert (r.returncode, r.stdout) == (0, f"exec {i}\n"), r.stderr
+        os.write(master, b"exit 3\n")
+        assert reap(int((b / "pid").read_text())) == 3
+    finally:
+        os.close(master)
+        listener.close()
+    rt("delete", "t2")
+    reap_all()
 
 
 def test_hooks_run_on_the_host_and_the_network_they_make_is_the_pods(

@@ -4,15 +4,17 @@ them, the bundle rewriting for the pod's service, the state under --root."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from carapace.errors import InvalidArgument, NotFound
+from carapace.errors import InvalidArgument, NotFound, StateError
 from carapace.oci import Spec
-from carapace.ocirt import bundlespec, cli, verbs
+from carapace.ocirt import bundlespec, cli, lifecycle, verbs
 from carapace.ocirt.layout import ContainerState, Root, rfc3339
 from carapace.protocols import contract
 
@@ -284,3 +286,22 @@ def test_cgroup_v1_fields_left_unset_are_dropped_and_set_ones_refused() -> None:
     assert docker["memory"]["kernel"] == 0  # the caller's document is left as it was
     with pytest.raises(InvalidArgument, match=r"linux.resources.memory.kernel 4096: a cgroup v1"):
         for_guest({"memory": {"kernel": 4096}}, "c1")
+
+
+def test_a_service_that_does_not_answer_is_an_error_not_a_stopped_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container whose service is gone is stopped; one whose service does not answer
+    State in time may well run: saying "stopped" made engines refuse to exec in it."""
+    g = lifecycle.Globals(Root(tmp_path / "root"))
+    sock = tmp_path / "service.sock"
+    monkeypatch.setattr(g.root, "socket", lambda pod: sock)
+    monkeypatch.setattr(lifecycle, "STATE_WAIT", 0.2)
+    alive = os.getpid()  # the container's host process runs
+    st = ContainerState(id="c1", pod="p1", bundle="/b", rootfs="/r", pid=alive, status="created")
+    assert lifecycle.status_of(g, st) == "stopped"  # nobody listens: the service is gone
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+        stuck.bind(str(sock))
+        stuck.listen(8)  # connections are queued, never answered
+        with pytest.raises(StateError, match=r"c1: the pod's service at .* did not tell its state"):
+            lifecycle.status_of(g, st)

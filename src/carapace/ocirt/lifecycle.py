@@ -37,12 +37,18 @@ from carapace.protocols.containerd import shim_pb2 as api
 from carapace.protocols.containerd import task_types_pb2 as tt
 from carapace.resources import check_namespaces
 from carapace.sandbox.plan import check_id
+from carapace.ttrpc import Code
 
 log = logging.getLogger("carapace.ocirt")
 
 STATUS_NAMES = {tt.CREATED: "created", tt.RUNNING: "running", tt.PAUSED: "paused"}
 #: How long ``delete --force`` waits for a killed container to exit.
 KILL_WAIT = 30.0
+#: How long a status waits for the pod's service to answer.
+STATE_WAIT = 30.0
+#: The service's answers to State that mean the container is gone: it does not know
+#: it, or the service ended under the call.
+GONE_CODES = (Code.NOT_FOUND, Code.UNAVAILABLE)
 
 
 @dataclass
@@ -80,16 +86,25 @@ def send_console(console_socket: str, master: int) -> None:
 
 def status_of(g: Globals, st: ContainerState) -> str:
     """runc's status of the container: the service's, and stopped once its host
-    process is gone (that is what the engine waits on)."""
+    process is gone (that is what the engine waits on) or the service does not know
+    it or is gone. A service that does not answer is an error, not a status: a
+    container said to be stopped while it runs misleads the engine."""
     if st.status == "creating":
         return "creating"
     if not pid_alive(st.pid):
         return "stopped"
+    sock = g.root.socket(st.pod)
     try:
         resp = service.call(
-            g.root.socket(st.pod), "State", api.StateRequest(id=st.id), api.StateResponse, 30
+            sock, "State", api.StateRequest(id=st.id), api.StateResponse, STATE_WAIT
         )
-    except CarapaceError:
+    except service.ServiceError as e:
+        if e.code in GONE_CODES:
+            return "stopped"
+        raise StateError(
+            f"container {st.id}: the pod's service at {sock} did not tell its state: {e}"
+        ) from e
+    except NotFound:  # nothing listens: the service ended, the pod's VM with it
         return "stopped"
     return STATUS_NAMES.get(resp.status, "stopped")
 
@@ -316,7 +331,12 @@ def delete(g: Globals, cid: str, force: bool) -> None:
                 return
             raise NotFound(f"container {cid} does not exist")
         st = g.root.load(cid)
-        status = status_of(g, st)
+        try:
+            status = status_of(g, st)
+        except StateError:
+            if not force:
+                raise
+            status = "unknown"  # killed below all the same
         if status in ("running", "paused") and not force:
             raise StateError(f"cannot delete container {cid} that is not stopped: {status}")
         sock = g.root.socket(st.pod)

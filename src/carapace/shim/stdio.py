@@ -16,25 +16,52 @@ import time
 from collections.abc import AsyncIterator
 
 
-async def _wait_fd(fd: int, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
+class FdWait:
+    """Waiting for an fd of ours to be readable (or writable), one waiter at a time.
 
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
+    The event loop must forget an fd before it is closed: its number is soon another
+    file's (a new connection, say), and a loop that still thinks it watches that
+    number never adds the new file to its selector, so nothing ever reads it. A
+    waiter cancelled with its task forgets the fd at once; ``forget`` (called before
+    closing the fd) forgets it and wakes the waiter."""
 
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
+    def __init__(self, writable: bool = False) -> None:
+        self.writable = writable
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fut: asyncio.Future[None] | None = None
+
+    async def wait(self, fd: int) -> None:
+        """Until ``fd`` is ready, or ``forget`` was called."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if self.writable:
+            loop.add_writer(fd, ready)
         else:
-            loop.remove_reader(fd)
+            loop.add_reader(fd, ready)
+        self._fd, self._loop, self._fut = fd, loop, fut
+        try:
+            await fut
+        finally:
+            self.forget()
+
+    def forget(self) -> None:
+        """The loop stops watching the fd (still open: the caller closes it after)."""
+        if self._fd >= 0 and self._loop is not None and not self._loop.is_closed():
+            if self.writable:
+                self._loop.remove_writer(self._fd)
+            else:
+                self._loop.remove_reader(self._fd)
+        self._fd = -1
+        self._loop = None
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+        self._fut = None
 
 
 async def _open_in_thread(path: str, flags: int, opened: threading.Event) -> int:
@@ -97,6 +124,7 @@ class OutputFifo:
         self.path = path
         self.fd = open_fifo(path)
         self.broken = False
+        self._writable = FdWait(writable=True)
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -104,7 +132,7 @@ class OutputFifo:
             try:
                 n = os.write(self.fd, view)
             except BlockingIOError:
-                await _wait_fd(self.fd, writable=True)
+                await self._writable.wait(self.fd)
                 continue
             except OSError:  # the reader went away for good
                 self.broken = True
@@ -112,6 +140,7 @@ class OutputFifo:
             view = view[n:]
 
     def close(self) -> None:
+        self._writable.forget()  # before the fd's number can be another file's
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -129,10 +158,12 @@ class InputFifo:
         self._opening = False
         self._opened = threading.Event()
         self._closed = False
+        self._readable = FdWait()
 
     def close_input(self) -> None:
         """The client closed stdin: deliver what is buffered, then end."""
         self.closing.set()
+        self._readable.forget()  # chunks() reads what is there and ends
 
     def _read(self) -> bytes | None:
         """Up to 64 KiB, b"" at end of file, None when nothing is there now."""
@@ -161,25 +192,18 @@ class InputFifo:
     async def chunks(self) -> AsyncIterator[bytes]:
         if not await self._open():
             return
-        closing = asyncio.ensure_future(self.closing.wait())
-        try:
-            while self.fd >= 0:
-                data = self._read()
-                if data:
-                    yield data
-                    continue
-                if data == b"" or self.closing.is_set():
-                    return
-                readable = asyncio.ensure_future(_wait_fd(self.fd, writable=False))
-                await asyncio.wait({readable, closing}, return_when=asyncio.FIRST_COMPLETED)
-                readable.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await readable
-        finally:
-            closing.cancel()
+        while self.fd >= 0:
+            data = self._read()
+            if data:
+                yield data
+                continue
+            if data == b"" or self.closing.is_set():
+                return
+            await self._readable.wait(self.fd)
 
     def close(self) -> None:
         self._closed = True
+        self._readable.forget()  # before the fd's number can be another file's
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
