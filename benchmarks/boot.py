@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import secrets
 import selectors
 import shutil
@@ -279,19 +280,45 @@ def measure_bare(argv: list[str]) -> tuple[float, float]:
 # -- 2. pod ready -------------------------------------------------------------------------
 
 
-async def _pod_ready(config: Config, sandbox_id: str) -> float:
+#: The agent's line on the guest console with its boot timeline (guest/agent.py).
+GUEST_UP = re.compile(
+    r"guest up: /init at ([\d.]+)s after boot, agent imported at ([\d.]+)s, "
+    r"early init done at ([\d.]+)s"
+)
+#: The steps of that timeline, in the guest's clock (seconds since its kernel started).
+GUEST_STEPS = ("/init started", "agent imported", "early init done")
+
+
+def guest_timeline(console: str) -> dict[str, float]:
+    """The agent's boot timeline from its console output ({} if it printed none)."""
+    m = GUEST_UP.search(console)
+    return {} if m is None else dict(zip(GUEST_STEPS, map(float, m.groups()), strict=True))
+
+
+async def _pod_ready(config: Config, sandbox_id: str, timelines: list[dict[str, float]]) -> float:
     sb = Sandbox(config, SandboxOptions(memory=MEMORY, sandbox_id=sandbox_id))
     try:
         t0 = time.perf_counter()
         await sb.start()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if sb.vm is not None:
+            await asyncio.sleep(0.1)  # (untimed) the console's last lines reach its log
+            with contextlib.suppress(OSError):
+                timeline = guest_timeline(sb.vm.spec.console_log.read_text(errors="replace"))
+                if timeline:
+                    timelines.append({"host: pod ready": round(dt, 4), **timeline})
+        return dt
     finally:
         await sb.destroy()
 
 
-def measure_pod_ready(config: Config, sandbox_id: str) -> float:
+def measure_pod_ready(
+    config: Config, sandbox_id: str, timelines: list[dict[str, float]] | None = None
+) -> float:
+    """Seconds of ``Sandbox.start()``; the guest's own timeline of each boot goes to
+    ``timelines``."""
     try:
-        return asyncio.run(_pod_ready(config, sandbox_id))
+        return asyncio.run(_pod_ready(config, sandbox_id, [] if timelines is None else timelines))
     except Exception as e:
         raise BenchError(f"pod ready: {type(e).__name__}: {e}") from e
 
@@ -551,12 +578,19 @@ def ratios(results: dict[str, Measurement]) -> dict[str, float | None]:
     }
 
 
+def timeline_medians(timelines: list[dict[str, float]]) -> dict[str, float]:
+    """Each step's median over the pod boots that reported it."""
+    keys = [k for k in timelines[0]] if timelines else []
+    return {k: round(statistics.median(t[k] for t in timelines if k in t), 3) for k in keys}
+
+
 def markdown(
     machine: dict[str, Any],
     runs: int,
     results: dict[str, Measurement],
     rat: dict[str, float | None],
     notes: list[str],
+    timeline: dict[str, float] | None = None,
 ) -> str:
     lines = [
         "# carapace boot benchmark",
@@ -583,6 +617,16 @@ def markdown(
     for key, label in labels.items():
         v = rat.get(key)
         lines.append(f"| {label} | {'n/a' if v is None else f'{v:.3g}x'} |")
+    if timeline:
+        lines += [
+            "",
+            "Where a pod's boot goes, by the guest's clock (seconds since its kernel "
+            "started; medians), beside the host's time to pod ready:",
+            "",
+            "| step | s |",
+            "|---|---:|",
+            *[f"| {k} | {v:.3f} |" for k, v in timeline.items()],
+        ]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
@@ -673,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_at_start": os.getloadavg()[0],
     }
     results = {name: Measurement(name) for name in ORDER}
+    timelines: list[dict[str, float]] = []
     notes: list[str] = []
     crun_ids: list[str] = []
     # on SIGTERM, unwind through the finally blocks below (which clean up)
@@ -705,7 +750,12 @@ def main(argv: list[str] | None = None) -> int:
                     results,
                     POD_READY,
                     record,
-                    partial(measure_pod_ready, config, f"{prefix}-pod-{i}"),
+                    partial(
+                        measure_pod_ready,
+                        config,
+                        f"{prefix}-pod-{i}",
+                        timelines if record else None,
+                    ),
                 )
                 _timed(
                     results,
@@ -728,14 +778,16 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("LEFT BEHIND: " + ", ".join(left))
 
     rat = ratios(results)
+    timeline = timeline_medians(timelines)
     report = {
         "machine": machine,
         "runs": args.runs,
         "results": {name: results[name].summary() for name in ORDER},
         "ratios": rat,
+        "guest_timeline": {"median": timeline, "samples": timelines},
         "notes": notes,
     }
-    md = markdown(machine, args.runs, results, rat, notes)
+    md = markdown(machine, args.runs, results, rat, notes, timeline)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "boot.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "boot.md").write_text(md)

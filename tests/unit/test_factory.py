@@ -32,7 +32,8 @@ from carapace.factory import (
     template_key,
     template_spec,
 )
-from carapace.factory.template import INFO, TEMPLATE_FORMAT, file_identity
+from carapace.factory.template import INFO, TEMPLATE_FORMAT, file_identity, loading_all_modules
+from carapace.guest import ALL_MODULES_PARAM
 from carapace.hypervisor import PortForward, TapNic, UserNic, VMSpec, vm_command_line
 from carapace.sandbox.restore import MAX_CLONE_NICS, Restore, plan_restore, template_base
 
@@ -185,6 +186,17 @@ def test_template_spec_has_no_nic_and_its_memory_in_a_shared_file() -> None:
     assert (t.vcpus, t.memory_mib, t.kernel, t.nic_slots) == (1, 1024, pod.kernel, 2)
     fs = template_spec(make_spec(shared_fs="virtio-fs"), work / "build", work / "memory")
     assert fs.hotplug_share  # vhost-user-fs cannot be migrated: clones hot-add it
+
+
+def test_a_template_and_its_clones_load_every_kernel_module_at_start() -> None:
+    work = Path("/dev/shm/t/k.building")
+    pod = make_spec(kernel_params="loglevel=7")
+    t = template_spec(pod, work / "build", work / "memory")
+    assert t.kernel_params == f"loglevel=7 {ALL_MODULES_PARAM}"
+    c = clone_spec(pod, Template(Path("/dev/shm/t/k"), "k"))
+    assert c.kernel_params == t.kernel_params  # the clone asks what its template did
+    assert loading_all_modules(t.kernel_params) == t.kernel_params  # not twice
+    assert loading_all_modules("") == ALL_MODULES_PARAM
 
 
 def test_a_9p_clone_maps_the_template_file_private() -> None:

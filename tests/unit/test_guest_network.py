@@ -649,13 +649,6 @@ def test_bad_neighbours_change_nothing(
     assert rtnl.requests == []
 
 
-def test_set_link_up() -> None:
-    rtnl = routed()
-    network.set_link_up(rtnl, "lo")
-    ((req, what),) = rtnl.requests
-    assert (req, what) == (nl.link_request(1, up=True), "set lo up")
-
-
 def test_the_service_replaces_the_routes_of_the_interfaces_it_configured() -> None:
     rtnl = nic()
     service = network.NetworkService(netlink=lambda: rtnl)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from carapace.agent.client import AgentClient
 from carapace.errors import CarapaceError, HypervisorError
+from carapace.guest import ALL_MODULES_PARAM
 from carapace.hypervisor import VM, VMSpec
 from carapace.protocols.contract import SHARED_FS_VIRTIOFS
 
@@ -83,12 +84,22 @@ class Template:
         return data
 
 
+def loading_all_modules(kernel_params: str) -> str:
+    """``kernel_params`` plus the one that makes the agent load every kernel module it
+    would load on demand: a template's clones then find them loaded (a clone has the
+    template's command line, so it asks the same)."""
+    params = kernel_params.split()
+    return " ".join(params if ALL_MODULES_PARAM in params else [*params, ALL_MODULES_PARAM])
+
+
 def template_spec(spec: VMSpec, run_dir: Path, memory_file: Path) -> VMSpec:
     """The VM a template for pods like ``spec`` is built from: the same machine with
-    no NIC and no virtio-fs device (clones hot-add theirs), RAM in ``memory_file``."""
+    no NIC and no virtio-fs device (clones hot-add theirs), RAM in ``memory_file``,
+    every on-demand kernel module loaded."""
     return dataclasses.replace(
         spec,
         name="template",
+        kernel_params=loading_all_modules(spec.kernel_params),
         run_dir=run_dir,
         shared_dir=run_dir / "shared",
         nics=(),
@@ -111,6 +122,7 @@ def clone_spec(spec: VMSpec, template: Template, memory_fd: int | None = None) -
     memory_file = template.memory_file if memory_fd is None else Path(f"/proc/self/fd/{memory_fd}")
     return dataclasses.replace(
         spec,
+        kernel_params=loading_all_modules(spec.kernel_params),
         nics=(),
         memory_file=memory_file,
         memory_file_shared=virtiofs,

@@ -18,3 +18,23 @@ SHIPPED: tuple[str, ...] = (
     "ttrpc/",
     "protocols/",
 )
+
+#: Where the image lists the kernel modules the agent loads, one path a line in load
+#: order: ``carapace.load`` at start, ``carapace.<group>.load`` the first time the group
+#: is needed (``sysinit.need_modules``: a filesystem mounted, the network configured).
+MODULE_LIST_DIR = "/lib/modules"
+
+
+#: The kernel parameter that makes the agent load every on-demand group at start (a VM
+#: template: the pods restored from it find the modules loaded).
+ALL_MODULES_PARAM = "carapace.modules=all"
+
+
+def module_list(group: str = "") -> str:
+    """The module list of ``group`` ("" for the modules loaded at start)."""
+    return f"{MODULE_LIST_DIR}/carapace{'.' + group if group else ''}.load"
+
+
+#: The first line of ``crun --version`` of the image's crun, written when the image is
+#: built: GetGuestDetails answers it without running crun.
+CRUN_VERSION_FILE = "/usr/share/carapace/crun.version"

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from carapace.guest import sysinit
+from carapace.guest import ALL_MODULES_PARAM, sysinit
 from carapace.guest.server import Agent, guard
 
 log = logging.getLogger("carapace.agent")
@@ -37,7 +37,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def main() -> None:
+def main(init_started: float | None = None) -> None:
+    """Run the agent; ``init_started``: the guest's monotonic clock (seconds since
+    boot) when /init began, before it imported the agent."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -45,13 +47,18 @@ def main() -> None:
     if os.getpid() == 1:
         started = time.monotonic()
         sysinit.early_init()
-        log.info(
-            "guest up: agent started at %.2fs after boot, early init took %.2fs",
-            started,
-            time.monotonic() - started,
-        )
         with open("/proc/cmdline") as f:
             cmdline = f.read()
+        if ALL_MODULES_PARAM in cmdline.split():
+            sysinit.need_all_modules()
+        # the boot's own timeline (the guest clock starts with the kernel)
+        log.info(
+            "guest up: /init at %.2fs after boot, agent imported at %.2fs, early init "
+            "done at %.2fs",
+            started if init_started is None else init_started,
+            started,
+            time.monotonic(),
+        )
         if "carapace.probe=1" in cmdline.split():
             print("CARAPACE-PROBE-OK", flush=True)  # the host's accelerator probe
             sysinit.power_off()

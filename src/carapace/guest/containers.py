@@ -8,9 +8,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import tempfile
 
 from carapace import linux
 from carapace.guest import cgroup
@@ -18,12 +16,19 @@ from carapace.guest.crun import CrunError, process_command
 from carapace.guest.pod import CONTAINERS_DIR, Container, Pod, Process
 from carapace.guest.spec import GuestSpecError, guest_spec, keep_readonly_path_flags
 from carapace.guest.stdio import close_process_streams, spawn
-from carapace.guest.storage import mount_storage
+from carapace.guest.storage import FSTYPE_MODULES, mount_storage
+from carapace.guest.sysinit import need_modules
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import EPHEMERAL_DRIVER
 from carapace.ttrpc import Code, TtrpcError
 
 log = logging.getLogger("carapace.agent")
+
+
+def _rmtree(path: str) -> None:
+    import shutil  # here: not imported at the agent's start (the image has it)
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class ContainerService:
@@ -54,6 +59,7 @@ class ContainerService:
                 for d in ("upper", "work", "rootfs"):
                     os.makedirs(os.path.join(bundle, d))
                 merged = os.path.join(bundle, "rootfs")
+                need_modules(FSTYPE_MODULES["overlay"])
                 linux.mount(
                     "overlay",
                     merged,
@@ -102,7 +108,7 @@ class ContainerService:
                 with contextlib.suppress(OSError):
                     linux.umount(m, lazy=True)
             pod.release_ephemeral(cid)
-            shutil.rmtree(bundle, ignore_errors=True)
+            _rmtree(bundle)
             raise
         pod.containers[cid] = container
         watch = pod.oom.watch(cid, cgroup.container_cgroup(cid))
@@ -150,7 +156,7 @@ class ContainerService:
             with contextlib.suppress(OSError):
                 linux.umount(m, lazy=True)
         pod.release_ephemeral(cid)
-        shutil.rmtree(c.bundle, ignore_errors=True)
+        _rmtree(c.bundle)
         del pod.containers[cid]
         log.info("container %s removed", cid)
 
@@ -180,6 +186,8 @@ class ContainerService:
                 f"resources of container {c.id!r} must be an OCI LinuxResources object, "
                 f"got {type(resources).__name__}",
             )
+        import tempfile  # here: not imported at the agent's start (the image has it)
+
         fd, path = tempfile.mkstemp(prefix="resources-", suffix=".json", dir=c.bundle)
         try:
             with os.fdopen(fd, "w") as f:

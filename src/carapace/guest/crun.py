@@ -8,12 +8,22 @@ import os
 from collections.abc import Sequence
 
 from carapace.errors import CommandNotExecutable, CommandNotFound
+from carapace.guest import CRUN_VERSION_FILE
 from carapace.guest.reaper import Reaper
 from carapace.protocols.contract import GUEST_STATE_DIR
 
 CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"
 CRUN_LOGS = f"{GUEST_STATE_DIR}/crun-logs"
+
+
+def recorded_version(path: str = CRUN_VERSION_FILE) -> str:
+    """The version line the image recorded for its crun, "" if there is none."""
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
 
 
 class CrunError(Exception):
@@ -182,9 +192,10 @@ class Crun:
         await self.run(["update", f"--resources={resources_file}", container_id], container_id)
 
     async def version(self) -> str:
-        """crun's version line; asked once, since the binary cannot change in the guest."""
+        """crun's version line: as the image recorded it when it was built, else asked
+        (once: the binary cannot change in the guest)."""
         if self._version is None:
-            self._version = await self._ask_version()
+            self._version = recorded_version() or await self._ask_version()
         return self._version
 
     async def _ask_version(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 
 SYSFS_SYSTEM = "/sys/devices/system"
 MEMINFO = "/proc/meminfo"
@@ -62,12 +61,20 @@ def _write(path: str, value: str) -> str | None:
     return None
 
 
-@dataclass
 class OnlineResult:
-    cpus: list[int]  # CPUs onlined by this call
-    memory_blocks: list[int]  # memory blocks onlined by this call
-    errors: list[str]  # writes that failed
-    offlined: list[int] = field(default_factory=list)  # CPUs taken offline by this call
+    """What one ``online_all`` did. (Not a dataclass: see guest/pod.py.)"""
+
+    def __init__(
+        self,
+        cpus: list[int],
+        memory_blocks: list[int],
+        errors: list[str],
+        offlined: list[int] | None = None,
+    ) -> None:
+        self.cpus = cpus  # CPUs onlined by this call
+        self.memory_blocks = memory_blocks  # memory blocks onlined by this call
+        self.errors = errors  # writes that failed
+        self.offlined = offlined if offlined is not None else []  # CPUs taken offline
 
 
 def online_all(root: str = SYSFS_SYSTEM, max_cpus: int = 0) -> OnlineResult:

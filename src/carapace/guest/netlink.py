@@ -22,7 +22,7 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from carapace.errors import CarapaceError
 
@@ -127,8 +127,7 @@ def pack_message(kind: int, flags: int, seq: int, body: bytes, pid: int = 0) -> 
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, pid) + body
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     kind: int
     flags: int
     seq: int
@@ -213,8 +212,7 @@ def address_request(
     return kind, req_flags, body
 
 
-@dataclass(frozen=True)
-class RouteEntry:
+class RouteEntry(NamedTuple):
     """A route as netlink has it (addresses packed; ``dst`` empty: the default)."""
 
     family: int
@@ -268,9 +266,11 @@ def neighbour_request(index: int, address: bytes, lladdr: bytes) -> Request:
 # -- replies (pure) ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Link:
-    index: int
+class Link(NamedTuple):
+    # (NamedTuples, not dataclasses: a dataclass compiles its methods when the module
+    # is imported, which costs the guest's start milliseconds each. The field shadows
+    # tuple.index, which nothing here uses.)
+    index: int  # type: ignore[assignment]
     name: str
     mac: bytes
     mtu: int
@@ -281,9 +281,8 @@ class Link:
         return bool(self.flags & IFF_UP)
 
 
-@dataclass(frozen=True)
-class Address:
-    index: int
+class Address(NamedTuple):
+    index: int  # type: ignore[assignment]
     family: int
     address: bytes
     prefix_len: int

@@ -37,6 +37,7 @@ from typing import Protocol
 from carapace.errors import InvalidArgument, NotFound
 from carapace.guest import netlink as nl
 from carapace.guest.netlink import Address, Link, Message, Netlink, NetlinkError, RouteEntry
+from carapace.guest.sysinit import need_modules
 from carapace.protocols import agent_pb2 as pb
 
 log = logging.getLogger("carapace.agent")
@@ -385,12 +386,6 @@ def add_neighbors(rtnl: Rtnl, neighbors: list[pb.ARPNeighbor]) -> None:
         rtnl.request(nl.neighbour_request(index, ip.packed, mac), what)
 
 
-def set_link_up(rtnl: Rtnl, name: str) -> None:
-    """Bring ``name`` up (the guest's lo at boot)."""
-    index = _index_of(links(rtnl))(name)
-    rtnl.request(nl.link_request(index, up=True), f"set {name} up")
-
-
 # -- the service ------------------------------------------------------------------------
 
 
@@ -404,8 +399,14 @@ class NetworkService:
         #: the ones UpdateRoutes replaces)
         self.configured: set[int] = set()
 
+    def _rtnl(self) -> AbstractContextManager[Rtnl]:
+        """A netlink socket, once the NIC driver is loaded (at the first network verb:
+        a NIC plugged before that waits unbound until then)."""
+        need_modules("net")
+        return self._netlink()
+
     async def update_interface(self, req: pb.UpdateInterfaceRequest) -> pb.Interface:
-        with self._netlink() as rtnl:
+        with self._rtnl() as rtnl:
             index, iface = update_interface(rtnl, req.interface)
         self.configured.add(index)
         log.info("interface %s (%s) configured: mtu %d, %d addresses",
@@ -413,20 +414,20 @@ class NetworkService:
         return iface
 
     async def update_routes(self, req: pb.UpdateRoutesRequest) -> pb.Routes:
-        with self._netlink() as rtnl:
+        with self._rtnl() as rtnl:
             now = update_routes(rtnl, list(req.routes.routes), self.configured)
         log.info("routes updated: %d asked, %d in the main table", len(req.routes.routes), len(now))
         return pb.Routes(routes=now)
 
     async def add_arp_neighbors(self, req: pb.AddARPNeighborsRequest) -> pb.Empty:
-        with self._netlink() as rtnl:
+        with self._rtnl() as rtnl:
             add_neighbors(rtnl, list(req.neighbors))
         return pb.Empty()
 
     async def list_interfaces(self, req: pb.ListInterfacesRequest) -> pb.Interfaces:
-        with self._netlink() as rtnl:
+        with self._rtnl() as rtnl:
             return pb.Interfaces(interfaces=list_interfaces(rtnl))
 
     async def list_routes(self, req: pb.ListRoutesRequest) -> pb.Routes:
-        with self._netlink() as rtnl:
+        with self._rtnl() as rtnl:
             return pb.Routes(routes=list_routes(rtnl))

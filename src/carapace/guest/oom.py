@@ -16,7 +16,6 @@ import ctypes
 import logging
 import os
 import struct
-from dataclasses import dataclass
 
 from carapace.guest.cgroup import oom_kills
 
@@ -77,11 +76,11 @@ class Inotify:
         os.close(self.fd)
 
 
-@dataclass
 class _Watch:
-    cgroup_dir: str
-    count: int
-    wd: int = -1  # inotify watch descriptor; -1: polled
+    def __init__(self, cgroup_dir: str, count: int, wd: int = -1) -> None:
+        self.cgroup_dir = cgroup_dir
+        self.count = count
+        self.wd = wd  # inotify watch descriptor; -1: polled
 
 
 class OOMWatcher:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass, field
 
 from carapace import linux
 from carapace.guest.crun import Crun
@@ -21,20 +20,23 @@ from carapace.ttrpc import Code, TtrpcError
 CONTAINERS_DIR = f"{GUEST_STATE_DIR}/containers"
 
 
-@dataclass
 class Process:
-    """A process the agent started: a container's init or an exec."""
+    """A process the agent started: a container's init or an exec.
 
-    container_id: str
-    exec_id: str
-    terminal: bool
-    pid: int = 0
-    stdin: asyncio.StreamWriter | None = None
-    stdout: asyncio.StreamReader | None = None
-    stderr: asyncio.StreamReader | None = None
-    master_fd: int = -1
-    exit: asyncio.Future[int] | None = None
-    fds_to_close: list[int] = field(default_factory=list)
+    (Plain classes here and below, not dataclasses: a dataclass compiles its methods
+    when its module is imported, which costs the guest's start milliseconds each.)"""
+
+    def __init__(self, container_id: str, exec_id: str, terminal: bool, pid: int = 0) -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.terminal = terminal
+        self.pid = pid
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self.master_fd = -1
+        self.exit: asyncio.Future[int] | None = None
+        self.fds_to_close: list[int] = []
 
     def close_child_ends(self) -> None:
         for fd in self.fds_to_close:
@@ -43,15 +45,15 @@ class Process:
         self.fds_to_close.clear()
 
 
-@dataclass
 class Container:
-    id: str
-    bundle: str
-    rootfs: str
-    mounts: list[str]  # guest mount points to undo on removal, innermost last
-    init: Process
-    execs: dict[str, Process] = field(default_factory=dict)
-    started: bool = False
+    def __init__(self, id: str, bundle: str, rootfs: str, mounts: list[str], init: Process) -> None:
+        self.id = id
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.mounts = mounts  # guest mount points to undo on removal, innermost last
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.started = False
 
 
 class Pod:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import platform
 import time
 
 from carapace.guest import hotplug, sysinit
@@ -91,7 +90,7 @@ class SandboxService:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
         return pb.GuestDetailsResponse(
-            kernel_release=platform.release(),
+            kernel_release=os.uname().release,
             online_cpus=len(os.sched_getaffinity(0)),
             mem_total_bytes=mem,
             boot_id=boot_id,

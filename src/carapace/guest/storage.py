@@ -7,6 +7,7 @@ import os
 import time
 
 from carapace import linux
+from carapace.guest.sysinit import need_modules
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import GUEST_EPHEMERAL_DIR
 from carapace.ttrpc import Code, TtrpcError
@@ -31,6 +32,10 @@ def mount_ephemeral(st: pb.Storage) -> None:
         )
     mount_storage(st)
 
+
+#: The on-demand kernel module group (image/builder.ON_DEMAND_MODULES) a filesystem
+#: type needs, loaded before the first mount of that type.
+FSTYPE_MODULES = {"virtiofs": "virtiofs", "9p": "9p", "overlay": "overlay"}
 
 #: Where the guest lists the virtio-fs devices its driver bound, and how long a mount
 #: waits for one (a VM restored from a template gets its device hot-added just before).
@@ -69,6 +74,13 @@ def mount_storage(st: pb.Storage) -> None:
             flags |= MOUNT_FLAGS[o]
         elif o != "rw":
             data.append(o)
+    try:
+        if fstype in FSTYPE_MODULES:
+            need_modules(FSTYPE_MODULES[fstype])
+        elif st.source.startswith("/dev/vd"):
+            need_modules("blk")
+    except OSError as e:
+        raise TtrpcError(Code.INTERNAL, f"cannot mount {fstype} at {st.mount_point}: {e}") from e
     if fstype == "virtiofs":
         wait_virtiofs_device()
     try:

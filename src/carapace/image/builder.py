@@ -2,8 +2,11 @@
 
 Everything comes from Debian packages installed on the host: the distribution
 kernel (kept as an uncompressed vmlinux for the faster PVH boot), its modules,
-busybox-static, Debian's CPython with the stdlib subset the agent imports, crun
-with its libraries, plus protobuf and the agent's own code from the virtualenv.
+Debian's CPython with the stdlib subset the agent imports, crun with its libraries,
+plus protobuf and the agent's own code from the virtualenv; busybox-static for the
+containers' default rootfs. The initramfs holds only what the agent runs (the kernel
+unpacks every byte of it at each boot, uncompressed: faster than decompressing under
+TCG).
 Nothing is downloaded. A manifest records the inputs; an unchanged input set is
 not rebuilt.
 """
@@ -23,15 +26,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from carapace.errors import ImageError
-from carapace.guest import SHIPPED
+from carapace.guest import CRUN_VERSION_FILE, SHIPPED, module_list
 from carapace.image.cpio import Entry, encode_archive
 from carapace.image.sources import (
     extract_vmlinux,
     kernel_package,
-    module_closure,
+    module_lists,
     package_version,
     run_tool,
     shared_libraries,
+    stdlib_imports,
+    strip_module_signature,
 )
 from carapace.image.store import MANIFEST, GuestImage, current_image
 
@@ -41,12 +46,12 @@ GUEST_LIB = "/opt/carapace/lib"  # where the agent package and protobuf live in 
 #: The carapace package directory (found from this file: importing ``carapace`` here
 #: would import the package's API, which imports the sandbox, which reads images).
 PACKAGE_DIR = Path(__file__).parent.parent
-MODULE_LIST = "lib/modules/carapace.load"
 
 #: Debian packages the image is made of (the kernel package is found at build time).
 PACKAGES = ("busybox-static", "python3.11-minimal", "libpython3.11-stdlib", "crun")
 
-#: Kernel modules the guest loads at boot (their dependencies are added from modules.dep).
+#: Kernel modules of the guest (their dependencies are added from modules.dep). Those
+#: of ON_DEMAND_MODULES load the first time they are needed, the others at start.
 GUEST_MODULES = (
     "virtio_pci",
     "virtio_console",
@@ -58,6 +63,18 @@ GUEST_MODULES = (
     "virtio_blk",
     "virtio_balloon",
 )
+
+#: Modules of GUEST_MODULES the agent loads only when it first needs them, by group
+#: (guest/sysinit.need_modules): a filesystem when a storage of its type is mounted,
+#: the NIC driver when the network verbs are first called. Not loading them at start
+#: keeps them off the path to "agent ready" (each costs tens of milliseconds).
+ON_DEMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "virtiofs": ("virtiofs",),
+    "9p": ("9pnet_virtio", "9p"),
+    "overlay": ("overlay",),
+    "net": ("virtio_net",),
+    "blk": ("virtio_blk",),
+}
 
 #: Modules of the stdlib the agent may import lazily (the import capture adds the rest).
 EXTRA_STDLIB = (
@@ -102,9 +119,10 @@ for name, mod in list(sys.modules.items()):
 print(json.dumps(files))
 """
 
-#: Stdlib modules left out of the guest: their importers (asyncio, shutil) work
-#: without them, and they would bring OpenSSL and compression libraries along.
-EXCLUDED_STDLIB = ("ssl", "_ssl", "bz2", "_bz2", "lzma", "_lzma")
+#: Stdlib modules left out of the guest: their importers (asyncio, shutil, hashlib)
+#: work without them, and they would bring OpenSSL (4.6 MiB, to unpack at every boot)
+#: and compression libraries along. hashlib falls back to CPython's built-in hashes.
+EXCLUDED_STDLIB = ("ssl", "_ssl", "_hashlib", "bz2", "_bz2", "lzma", "_lzma")
 
 
 class ImageBuilder:
@@ -149,6 +167,7 @@ class ImageBuilder:
             "agent_sha256": h.hexdigest(),
             "builder_sha256": builder.hexdigest(),
             "modules": list(GUEST_MODULES),
+            "modules_on_demand": {g: list(m) for g, m in ON_DEMAND_MODULES.items()},
         }
 
     # -- outputs --------------------------------------------------------------
@@ -189,7 +208,7 @@ class ImageBuilder:
             except OSError as e:
                 raise ImageError(f"cannot read the kernel {kernel}: {e.strerror}") from e
             (work / "vmlinux").write_bytes(vmlinux)
-            self.progress("[2/4] initramfs: modules, busybox, python, crun, agent")
+            self.progress("[2/4] initramfs: modules, python, crun, agent")
             entries = self._initramfs_entries(release, work)
             initrd = encode_archive(entries)
             (work / "initrd.img").write_bytes(initrd)
@@ -252,10 +271,6 @@ class ImageBuilder:
         files.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         files.file("etc/group", b"root:x:0:\n")
         files.file("etc/hostname", b"carapace\n")
-        # busybox: a shell for debugging and for hooks
-        files.copy("bin/busybox", Path("/bin/busybox"))
-        for applet in ("sh", "mount", "umount", "ls", "cat", "poweroff", "insmod"):
-            files.symlink(f"bin/{applet}", "busybox")
         # kernel modules, in load order
         moddir = Path(f"/lib/modules/{release}")
         try:
@@ -265,10 +280,15 @@ class ImageBuilder:
                 f"cannot read {moddir}/modules.dep ({e.strerror}); is linux-image-{release} "
                 "installed?"
             ) from e
-        order = module_closure(modules_dep, GUEST_MODULES)
-        for rel in order:
-            files.copy(f"lib/modules/{release}/{rel}", moddir / rel)
-        files.file(MODULE_LIST, "".join(f"/lib/modules/{release}/{r}\n" for r in order).encode())
+        for group, order in module_lists(modules_dep, GUEST_MODULES, ON_DEMAND_MODULES).items():
+            for rel in order:
+                # unsigned: the guest kernel then skips checking each module's signature
+                # at load (a cost at every boot), which guards nothing here: the host
+                # that supplies the modules supplies the kernel too
+                data = strip_module_signature((moddir / rel).read_bytes())
+                files.file(f"lib/modules/{release}/{rel}", data)
+            listing = "".join(f"/lib/modules/{release}/{r}\n" for r in order)
+            files.file(module_list(group).lstrip("/"), listing.encode())
         # CPython with just what the agent imports
         elfs = [GUEST_PYTHON, "/usr/bin/crun"]
         for p in elfs:
@@ -277,6 +297,9 @@ class ImageBuilder:
         files.copy("usr/bin/python3.11", Path(GUEST_PYTHON))
         files.symlink("usr/bin/python3", "python3.11")
         files.copy("usr/bin/crun", Path("/usr/bin/crun"))
+        # the agent answers GetGuestDetails with this line instead of running crun
+        crun_version = run_tool(["/usr/bin/crun", "--version"]).splitlines()[:1]
+        files.file(CRUN_VERSION_FILE.lstrip("/"), "".join(crun_version).encode() + b"\n")
         staged = self._stage_python(work)
         for rel, path in sorted(staged.items()):
             files.copy(rel, path)
@@ -312,7 +335,9 @@ class ImageBuilder:
             lib / "google",
             ignore=shutil.ignore_patterns("__pycache__", "*.pyi", "compiler", "testing", "util"),
         )
-        # import the agent with the guest's interpreter and record what it loads
+        # import the agent with the guest's interpreter and record what it loads; and
+        # what its modules import lazily (inside functions)
+        lazy = stdlib_imports(self._agent_sources().values(), EXCLUDED_STDLIB)
         r = subprocess.run(
             [
                 GUEST_PYTHON,
@@ -320,7 +345,7 @@ class ImageBuilder:
                 "-c",
                 _CAPTURE,
                 str(lib),
-                "carapace.guest.agent," + ",".join(EXTRA_STDLIB),
+                ",".join(["carapace.guest.agent", *EXTRA_STDLIB, *sorted(lazy)]),
                 ",".join(EXCLUDED_STDLIB),
             ],
             capture_output=True,
@@ -400,11 +425,21 @@ class InitramfsTree:
 
 
 #: The guest's /init: CPython straight to the agent (which mounts, loads modules, serves).
-INIT_SCRIPT = f"""#!{GUEST_PYTHON} -S
+#: Isolated (-I: no PYTHON* variables from the kernel command line, no script directory
+#: on sys.path) and without site (-S). The garbage collector is off while the agent's
+#: modules load (a collection then would find nothing to free), and what they made is
+#: frozen: it lives as long as the agent, so later collections never scan it.
+INIT_SCRIPT = f"""#!{GUEST_PYTHON} -IS
+import gc
+import time
+started = time.monotonic()
+gc.disable()
 import sys
 sys.path.insert(0, "{GUEST_LIB}")
 from carapace.guest.agent import main
-main()
+gc.freeze()
+gc.enable()
+main(started)
 """
 
 

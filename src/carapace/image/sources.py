@@ -6,9 +6,12 @@ Read-only: asks dpkg-query and ldd, reads files; builds nothing.
 
 from __future__ import annotations
 
+import ast
 import lzma
 import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from carapace.errors import ImageError
 
@@ -96,6 +99,42 @@ def module_closure(modules_dep: str, wanted: Iterable[str]) -> list[str]:
     return order
 
 
+def module_lists(
+    modules_dep: str, modules: Iterable[str], on_demand: dict[str, tuple[str, ...]]
+) -> dict[str, list[str]]:
+    """The module list of each group: ``modules`` and their dependencies in load order,
+    "" for those loaded at start, each ``on_demand`` group for its modules (those of
+    ``modules`` only) without what is loaded at start already."""
+    wanted = list(modules)
+    later = {m for group in on_demand.values() for m in group}
+    boot = module_closure(modules_dep, [m for m in wanted if m not in later])
+    lists = {"": boot}
+    for group, names in on_demand.items():
+        present = [m for m in names if m in wanted]
+        if present:
+            lists[group] = [p for p in module_closure(modules_dep, present) if p not in boot]
+    return lists
+
+
+#: What ends a signed kernel module (scripts/sign-file): signature, then a 12-byte
+#: ``struct module_signature`` whose last field is the signature's length (big endian).
+MODULE_SIG_MARKER = b"~Module signature appended~\n"
+
+
+def strip_module_signature(data: bytes) -> bytes:
+    """A kernel module without its appended signature (unchanged if it has none)."""
+    if not data.endswith(MODULE_SIG_MARKER):
+        return data
+    end = len(data) - len(MODULE_SIG_MARKER)
+    if end < 12:
+        raise ImageError("a kernel module's signature trailer is cut short")
+    sig_len = int.from_bytes(data[end - 4 : end], "big")
+    start = end - 12 - sig_len
+    if start < 0:
+        raise ImageError(f"a kernel module's signature is longer ({sig_len}) than the module")
+    return data[:start]
+
+
 def shared_libraries(paths: Iterable[str]) -> set[str]:
     """Every shared library (and the loader) the ELF files at ``paths`` need."""
     libs: set[str] = set()
@@ -110,3 +149,22 @@ def shared_libraries(paths: Iterable[str]) -> set[str]:
             if target.startswith("/"):
                 libs.add(target)
     return libs
+
+
+def stdlib_imports(sources: Iterable[Path], excluded: Iterable[str] = ()) -> set[str]:
+    """The stdlib modules the ``import`` statements of ``sources`` name, wherever they
+    are (also inside functions, which importing the agent does not run), without the
+    ``excluded`` ones."""
+    names: set[str] = set()
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+    skip = set(excluded)
+    return {
+        n
+        for n in names
+        if n.split(".")[0] in sys.stdlib_module_names and n not in skip and n != "__future__"
+    }
