@@ -7,12 +7,16 @@ measures, in one invocation (rounds interleaved), N samples of:
 
 * bare boot: plain QEMU with the shim's VM size, the same guest kernel and a tiny
   initramfs (``measure_bare`` from benchmarks/boot.py);
-* ``ctr run --rm --runtime io.containerd.carapace.v2 busybox ID true``, wall time;
+* ``ctr run --rm --runtime io.containerd.carapace.v2 busybox ID true``, wall time; and
+  the same with ``--runtime-config-path`` naming a configuration with VM templates on
+  (``[factory] template = true``: the pod restored from a template, built in the
+  warm-up round);
 * the same ``ctr run`` with ``--runtime io.containerd.runc.v2``;
 * CRI, runtime handler "carapace": one pod alone (RunPodSandbox, CreateContainer and
   StartContainer of a busybox ``sleep 3600`` container, until it runs), then P pods
   (default 8) started the same way from P threads at once, until all run; while they
-  run: the QEMU processes of our shims and the sum of their VmRSS (peak), per pod;
+  run: the QEMU processes of our shims and the sum of their VmRSS (peak), per pod; both
+  again with the runtime handler "carapace-template" (pods from a VM template);
 * a whole CRI pod life, with runtime handler "carapace" and "runc": RunPodSandbox, two
   containers created and started, 7 ExecSyncs, ContainerStats, StopPodSandbox and
   RemovePodSandbox, each step timed.
@@ -57,12 +61,14 @@ import cri_api as api  # noqa: E402
 from boot import BenchError, Measurement  # noqa: E402
 
 from carapace.config import load_config  # noqa: E402
+from carapace.factory import TemplateStore  # noqa: E402
 from carapace.sandbox import Sandbox, SandboxOptions  # noqa: E402
 from tests.integration.containerd import rig as rig_module  # noqa: E402
 from tests.integration.containerd.rig import (  # noqa: E402
     BUSYBOX_IMAGE,
     CARAPACE,
     RUNC,
+    TEMPLATE_HANDLER,
     ContainerdRig,
     RigError,
     pod_config,
@@ -74,6 +80,7 @@ BENCH_BASE = Path("/var/lib/carapace-bench")
 BENCH_STATE = Path("/run/carapace-bench/containerd")
 BENCH_BRIDGE = "carapace-bench0"
 BENCH_SUBNET = "10.233.0.0/24"
+BENCH_TEMPLATES = Path("/dev/shm/carapace-bench-templates")
 
 HANDLER = "carapace"  # the CRI runtime handler
 CTR_TIMEOUT = 600.0
@@ -87,12 +94,22 @@ BARE_EXIT = "bare boot: QEMU exits"
 CTR_CARAPACE = "ctr run --rm … true (carapace)"
 CTR_RUNC = "ctr run --rm … true (runc)"
 CRI_ONE = "CRI: 1 pod (carapace)"
+CTR_TEMPLATE = "ctr run --rm … true (carapace, template)"
+CRI_ONE_TEMPLATE = "CRI: 1 pod (carapace, template)"
 LIFE_CARAPACE = "CRI pod life (carapace)"
 LIFE_RUNC = "CRI pod life (runc)"
 
 
-def cri_many_name(n: int) -> str:
-    return f"CRI: {n} pods in parallel (carapace)"
+def cri_many_name(n: int, template: bool = False) -> str:
+    return f"CRI: {n} pods in parallel (carapace{', template' if template else ''})"
+
+
+#: Issue 16's goals for the ratios (a ratio at most this is met).
+GOALS = {
+    "ctr_template / (bare_boot + ctr_runc)": 1.0,
+    "cri_{n}_pods / cri_1_pod": 4.5,
+    "cri_{n}_pods_template / cri_1_pod_template": 4.5,
+}
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -239,6 +256,7 @@ def bench_rig() -> ContainerdRig:
         state=BENCH_STATE,
         cni_dir=BENCH_BASE / "cni",
         log_path=BENCH_BASE / "containerd.log",
+        template_dir=BENCH_TEMPLATES,
     )
 
 
@@ -287,11 +305,24 @@ def kill_leftovers(rig: ContainerdRig, monitor: Monitor) -> list[str]:
 # -- 1-3. ctr run and the bare boot -------------------------------------------------------
 
 
-def measure_ctr_run(rig: ContainerdRig, runtime: str, cid: str) -> float:
+def measure_ctr_run(
+    rig: ContainerdRig, runtime: str, cid: str, config_path: Path | None = None
+) -> float:
+    """``ctr run --rm`` of ``true``; ``config_path``: the runtime's configuration
+    (``--runtime-config-path``)."""
+    extra = [] if config_path is None else ["--runtime-config-path", str(config_path)]
     t0 = time.perf_counter()
     try:
         rig.ctr(
-            "run", "--rm", "--runtime", runtime, BUSYBOX_IMAGE, cid, "true", timeout=CTR_TIMEOUT
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            *extra,
+            BUSYBOX_IMAGE,
+            cid,
+            "true",
+            timeout=CTR_TIMEOUT,
         )
     except RigError as e:
         raise BenchError(f"ctr run ({runtime}): {str(e).strip()[-500:]}") from e
@@ -312,7 +343,9 @@ class PodRun:
     error: str | None = None
 
 
-def start_pod(rt: Any, pod: PodRun, log_dir: str, label: str, go: threading.Event) -> None:
+def start_pod(
+    rt: Any, pod: PodRun, log_dir: str, label: str, go: threading.Event, handler: str = HANDLER
+) -> None:
     """RunPodSandbox, CreateContainer, StartContainer, then ContainerStatus until the
     container is running; ``pod`` gets the ids as they come (for the cleanup)."""
     config = pod_config(pod.name, log_dir, "carapace-bench", {"carapace-bench": label})
@@ -320,7 +353,7 @@ def start_pod(rt: Any, pod: PodRun, log_dir: str, label: str, go: threading.Even
     t0 = time.perf_counter()
     try:
         pod.pod_id = rt.RunPodSandbox(
-            api.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=CRI_TIMEOUT
+            api.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout=CRI_TIMEOUT
         ).pod_sandbox_id
         pod.container_id = rt.CreateContainer(
             api.CreateContainerRequest(
@@ -386,15 +419,23 @@ def _join_all(threads: list[threading.Thread]) -> None:
 
 
 def measure_pods(
-    rig: ContainerdRig, monitor: Monitor, n: int, label: str, details: list[dict[str, Any]]
+    rig: ContainerdRig,
+    monitor: Monitor,
+    n: int,
+    label: str,
+    details: list[dict[str, Any]],
+    handler: str = HANDLER,
 ) -> float:
-    """Wall time until all ``n`` pods' containers run; appends the sample's details."""
+    """Wall time until all ``n`` pods' containers run (runtime handler ``handler``);
+    appends the sample's details."""
     cri = rig.cri()
     log_dir = tempfile.mkdtemp(prefix="carapace-bench-cri-")
     pods = [PodRun(f"{label}-p{i}") for i in range(n)]
     go = threading.Event()
     threads = [
-        threading.Thread(target=start_pod, args=(cri.runtime, p, log_dir, label, go), daemon=True)
+        threading.Thread(
+            target=start_pod, args=(cri.runtime, p, log_dir, label, go, handler), daemon=True
+        )
         for p in pods
     ]
     detail: dict[str, Any] = {"pods": n, "label": label}
@@ -638,6 +679,8 @@ def ratios(results: dict[str, Measurement], n: int) -> dict[str, float | None]:
     runc = results[CTR_RUNC].median
     one = results[CRI_ONE].median
     many = results[cri_many_name(n)].median
+    one_t = results[CRI_ONE_TEMPLATE].median
+    many_t = results[cri_many_name(n, True)].median
     return {
         "ctr_carapace / (bare_boot + ctr_runc)": boot._ratio(
             results[CTR_CARAPACE].median, None if floor is None or runc is None else floor + runc
@@ -645,6 +688,11 @@ def ratios(results: dict[str, Measurement], n: int) -> dict[str, float | None]:
         "ctr_carapace / bare_boot": boot._ratio(results[CTR_CARAPACE].median, floor),
         f"cri_{n}_pods / cri_1_pod": boot._ratio(many, one),
         f"cri_{n}_pods / ({n} x cri_1_pod)": boot._ratio(many, None if one is None else n * one),
+        "ctr_template / (bare_boot + ctr_runc)": boot._ratio(
+            results[CTR_TEMPLATE].median, None if floor is None or runc is None else floor + runc
+        ),
+        "cri_1_pod_template / cri_1_pod": boot._ratio(one_t, one),
+        f"cri_{n}_pods_template / cri_1_pod_template": boot._ratio(many_t, one_t),
         "pod_life_carapace / pod_life_runc": boot._ratio(
             results[LIFE_CARAPACE].median, results[LIFE_RUNC].median
         ),
@@ -712,11 +760,20 @@ def markdown(
         f"cri_{n}_pods / cri_1_pod": f"**{n} pods in parallel ÷ 1 pod**",
         f"cri_{n}_pods / ({n} x cri_1_pod)": f"{n} pods in parallel ÷ ({n} x 1 pod)",
         "pod_life_carapace / pod_life_runc": "**CRI pod life carapace ÷ runc**",
+        "ctr_template / (bare_boot + ctr_runc)": (
+            "**carapace ctr run from a template ÷ (bare boot + runc ctr run)**"
+        ),
+        "cri_1_pod_template / cri_1_pod": "CRI 1 pod from a template ÷ cold",
+        f"cri_{n}_pods_template / cri_1_pod_template": (
+            f"**{n} pods in parallel ÷ 1 pod, from a template**"
+        ),
     }
-    lines += ["", "| ratio (of medians) | value |", "|---|---:|"]
+    goals = {k.replace("{n}", str(n)): g for k, g in GOALS.items()}
+    lines += ["", "| ratio (of medians) | value | goal |", "|---|---:|---:|"]
     for key, label in labels.items():
         v = rat.get(key)
-        lines.append(f"| {label} | {'n/a' if v is None else f'{v:.3g}x'} |")
+        goal = f"≤ {goals[key]:g}x" if key in goals else ""
+        lines.append(f"| {label} | {'n/a' if v is None else f'{v:.3g}x'} | {goal} |")
 
     lines += [
         "",
@@ -725,7 +782,7 @@ def markdown(
         "| shim RSS per pod MiB | other QEMU seen |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in (CRI_ONE, cri_many_name(n)):
+    for name in (CRI_ONE, cri_many_name(n), CRI_ONE_TEMPLATE, cri_many_name(n, True)):
         for i, d in enumerate(cri_details.get(name, []), 1):
             if "qemu_processes" not in d:
                 lines.append(f"| {name} #{i} | interrupted | | | | | | | | |")
@@ -802,7 +859,20 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.pods
     many = cri_many_name(n)
-    order = [BARE_INIT, BARE_EXIT, CTR_CARAPACE, CTR_RUNC, CRI_ONE, many, LIFE_CARAPACE, LIFE_RUNC]
+    many_t = cri_many_name(n, True)
+    order = [
+        BARE_INIT,
+        BARE_EXIT,
+        CTR_CARAPACE,
+        CTR_TEMPLATE,
+        CTR_RUNC,
+        CRI_ONE,
+        many,
+        CRI_ONE_TEMPLATE,
+        many_t,
+        LIFE_CARAPACE,
+        LIFE_RUNC,
+    ]
     results = {name: Measurement(name) for name in order}
     prefix = f"bench-{secrets.token_hex(3)}"
     notes: list[str] = []
@@ -868,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = i >= args.warmup
                 tag = f"run {i - args.warmup + 1}/{args.runs}" if record else "warm-up"
                 label = f"{prefix}-{i}"
-                steps = "bare boot, ctr carapace, ctr runc, CRI 1 pod, pod lives"
+                steps = "bare boot, ctr carapace (cold, template), ctr runc, CRI 1 pod, pod lives"
                 print(
                     f"[{tag}] {steps}{f', CRI {n} pods' if record else ''} ...",
                     file=sys.stderr,
@@ -880,12 +950,25 @@ def main(argv: list[str] | None = None) -> int:
                 bench.one(
                     CTR_CARAPACE, record, partial(measure_ctr_run, rig, CARAPACE, f"{label}-c")
                 )
+                bench.one(
+                    CTR_TEMPLATE,
+                    record,
+                    partial(measure_ctr_run, rig, CARAPACE, f"{label}-t", rig.template_config),
+                )
                 bench.one(CTR_RUNC, record, partial(measure_ctr_run, rig, RUNC, f"{label}-r"))
                 one_details = bench.cri_details.setdefault(CRI_ONE, []) if record else []
                 bench.one(
                     CRI_ONE,
                     record,
                     partial(measure_pods, rig, monitor, 1, f"{label}-one", one_details),
+                )
+                one_t = bench.cri_details.setdefault(CRI_ONE_TEMPLATE, []) if record else []
+                bench.one(
+                    CRI_ONE_TEMPLATE,
+                    record,
+                    partial(
+                        measure_pods, rig, monitor, 1, f"{label}-onet", one_t, TEMPLATE_HANDLER
+                    ),
                 )
                 lives = [(LIFE_CARAPACE, HANDLER), (LIFE_RUNC, "runc")]
                 for name, handler in lives if i % 2 == 0 else lives[::-1]:
@@ -907,6 +990,24 @@ def main(argv: list[str] | None = None) -> int:
                         record,
                         partial(measure_pods, rig, monitor, n, f"{label}-par", many_details),
                     )
+                    many_t_details = bench.cri_details.setdefault(many_t, [])
+                    bench.one(
+                        many_t,
+                        record,
+                        partial(
+                            measure_pods,
+                            rig,
+                            monitor,
+                            n,
+                            f"{label}-part",
+                            many_t_details,
+                            TEMPLATE_HANDLER,
+                        ),
+                    )
+            # the templates the pods were restored from (the rig removes them at its stop)
+            machine["templates"] = [
+                {"key": t.key, **t.info()} for t in TemplateStore(rig.template_dir).templates()
+            ]
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: cleaning up ...", file=sys.stderr, flush=True)
@@ -939,12 +1040,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     bad_counts = [
         d["qemu_processes"]
-        for d in bench.cri_details.get(many, [])
+        for d in [*bench.cri_details.get(many, []), *bench.cri_details.get(many_t, [])]
         if "qemu_processes" in d and d["qemu_processes"] != n
     ]
     if bad_counts:
         notes.append(f"QEMU processes while all {n} pods ran: {bad_counts}, expected {n}.")
 
+    if not machine.get("templates"):
+        notes.append(
+            "no VM template was found after the runs: the template rows are cold boots "
+            "(see the containerd log)."
+        )
+    else:
+        builds = [t.get("build_seconds") for t in machine["templates"]]
+        notes.append(
+            f"template rows: pods restored from {len(builds)} template(s), built in the "
+            f"warm-up round (build seconds: {builds})."
+        )
     rat = ratios(results, n)
     memory = {name: memory_summary(ds) for name, ds in bench.cri_details.items()}
     report = {

@@ -4,9 +4,14 @@ memory of idle pods restored from one template against idle cold pods.
 Rows, interleaved in rounds so that machine load affects all alike: the bare boot to
 /init (boot.py's floor), a cold pod ready (virtio-fs, the default), a pod ready from a
 template with virtio-fs (its own copy of the template's RAM) and with 9p (the template's
-RAM shared copy-on-write). Then ``--pods`` idle pods of each kind at once, measured by
-QEMU's PSS (footprint.py's reading). Templates live in a directory of this run's, built
-before the timed rounds (their build time is reported), removed at the end.
+RAM shared copy-on-write), and a pod whose VM it takes from a pool of pre-booted VMs
+(``carapace factory pool --size 1``, started by the benchmark on an endpoint of its
+own; before each pool sample the pool is full and idle, and the round goes on only once
+it booted the replacement, so its boots never overlap another row). Then ``--pods``
+idle pods of each kind at once, measured by QEMU's PSS (footprint.py's reading), and
+what the pool costs while it waits: the PSS of its idle VM. Templates live in a
+directory of this run's, built before the timed rounds (their build time is reported),
+removed at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import platform
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +41,15 @@ import footprint  # noqa: E402
 from boot import BenchError  # noqa: E402
 
 from carapace.config import Config, load_config  # noqa: E402
-from carapace.factory import TemplateStore  # noqa: E402
+from carapace.errors import CarapaceError  # noqa: E402
+from carapace.factory import TemplateStore, pool  # noqa: E402
 from carapace.sandbox import Sandbox  # noqa: E402
 
 MEMORY_MIB = 1024
 #: The goals issue 16 sets, beside the figures.
 GOALS = {"template ready / bare boot": 0.5, "cold ready / bare boot": 1.5}
+POOL = "pool"
+POOL_READY_TIMEOUT = 300.0
 KINDS = {
     "cold": ("virtio-fs", False),
     "template virtio-fs": ("virtio-fs", True),
@@ -54,14 +64,81 @@ def kind_config(base: Config, kind: str, template_dir: Path) -> Config:
     return dataclasses.replace(cfg, factory=factory)
 
 
-async def ready_once(cfg: Config, sid: str, template: bool) -> float:
+async def ready_once(cfg: Config, sid: str, template: bool, pooled: bool = False) -> float:
     sb, dt = await footprint.start_pod(cfg, sid)
     try:
         if template and not sb.template:
             raise BenchError(f"pod {sid} booted cold though templates are on (see the log)")
+        if pooled and not sb.pooled:
+            raise BenchError(f"pod {sid} did not take a pool VM (see the log)")
     finally:
         await sb.destroy()
     return dt
+
+
+class PoolProcess:
+    """``carapace factory pool`` of one VM, on the benchmark's own endpoint."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.endpoint = scratch / "vmcache.sock"
+        self.config_file = scratch / "pool.toml"
+        self.config_file.write_text(
+            f'[factory]\nvm_cache_number = 1\nvm_cache_endpoint = "{self.endpoint}"\n'
+        )
+        self.log = scratch / "pool.log"
+        carapace = Path(sys.executable).parent / "carapace"
+        self.proc = subprocess.Popen(
+            [str(carapace), "--config", str(self.config_file), "factory", "pool"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def config(self) -> Config:
+        return load_config(self.config_file)
+
+    def wait_full(self) -> dict[str, object]:
+        """Until its VM is ready and it boots none."""
+        deadline = time.monotonic() + POOL_READY_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the VM pool exited: {self.log.read_text()[-1500:]}")
+            try:
+                st = pool.status(self.endpoint)
+                if st.get("ready") == 1 and st.get("booting") == 0:
+                    return st
+            except CarapaceError:
+                pass  # not serving yet
+            if time.monotonic() > deadline:
+                raise BenchError(f"the VM pool did not fill: {self.log.read_text()[-1500:]}")
+            time.sleep(0.2)
+
+    def idle_vm_memory(self) -> dict[str, Any]:
+        """QEMU memory of the pool's waiting VM (footprint.qemu_memory)."""
+        pids = [
+            int(d.name)
+            for d in Path("/proc").iterdir()
+            if d.name.isdigit() and b"\0carapace-pool:" in _cmdline(d)
+        ]
+        if len(pids) != 1:
+            raise BenchError(f"pool VMs found: {pids}; expected 1")
+        return footprint.qemu_memory(pids[0], MEMORY_MIB)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _cmdline(d: Path) -> bytes:
+    try:
+        return (d / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 async def idle_pss(cfg: Config, n: int, prefix: str, settle: float) -> dict[str, Any]:
@@ -101,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     template_dir = Path(f"/dev/shm/carapace-bench-{os.getpid()}")
     scratch = Path(f"/tmp/carapace-bench-template-{os.getpid()}")
     scratch.mkdir()
-    samples: dict[str, list[float]] = {"bare boot": [], **{k: [] for k in KINDS}}
+    samples: dict[str, list[float]] = {"bare boot": [], **{k: [] for k in KINDS}, POOL: []}
     report: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -112,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_mib": MEMORY_MIB,
     }
     failed = False
+    vm_pool: PoolProcess | None = None
     try:
         bare = boot.bare_argv(
             base,
@@ -135,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
             kind = "template 9p" if nine_p else "template virtio-fs"
             builds[kind] = float(str(info.get("build_seconds", 0)))
         report["template_build_seconds"] = builds
+        vm_pool = PoolProcess(scratch)
+        vm_pool.wait_full()
+        report["pool_idle_vm"] = vm_pool.idle_vm_memory()
         for r in range(args.runs):
             samples["bare boot"].append(boot.measure_bare(bare)[0])
             for kind in KINDS:
                 cfg = kind_config(base, kind, template_dir)
                 dt = asyncio.run(ready_once(cfg, f"{prefix}{r}", KINDS[kind][1]))
                 samples[kind].append(dt)
+            vm_pool.wait_full()
+            dt = asyncio.run(ready_once(vm_pool.config(), f"{prefix}p{r}", False, pooled=True))
+            samples[POOL].append(dt)
+            vm_pool.wait_full()  # its replacement booted before the next row
         med = {k: statistics.median(v) for k, v in samples.items()}
         report["ready_seconds"] = {k: [round(x, 3) for x in v] for k, v in samples.items()}
         report["ready_median"] = {k: round(v, 3) for k, v in med.items()}
@@ -148,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "cold ready / bare boot": med["cold"] / med["bare boot"],
             "template ready / bare boot": med["template virtio-fs"] / med["bare boot"],
             "template 9p ready / bare boot": med["template 9p"] / med["bare boot"],
+            "pool ready / bare boot": med[POOL] / med["bare boot"],
         }
         report["ratios"] = {k: round(v, 2) for k, v in ratios.items()}
         if args.pods > 0:
@@ -166,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         report["error"] = str(e)
         failed = True
     finally:
+        if vm_pool is not None:
+            vm_pool.stop()
         shutil.rmtree(template_dir, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     report["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -204,6 +292,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{d['qemu_rss_mib_median']} | {d['virtiofsd_pss_mib_median']} |"
             )
         lines += ["", "Goal: PSS <= 120 MiB per pod with 8 idle pods.", ""]
+    waiting = report.get("pool_idle_vm")
+    if waiting:
+        lines += [
+            f"The pool's cost while it waits: its idle VM's QEMU PSS "
+            f"{waiting['pss_kib'] / 1024:.1f} MiB (RSS {waiting['rss_kib'] / 1024:.1f} MiB) "
+            "per VM kept ready.",
+            "",
+        ]
     m = report["machine"]
     lines.append(f"Machine: {m['cpus']} CPUs, {m['host_kernel']}, {m['accel']}; {report['date']}")
     return "\n".join(lines) + "\n"

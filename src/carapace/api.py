@@ -90,6 +90,11 @@ class Sandbox:
         return self._sandbox.template
 
     @property
+    def pooled(self) -> bool:
+        """Whether the pod's VM was taken from the pool of pre-booted VMs."""
+        return self._sandbox.pooled
+
+    @property
     def qemu_pid(self) -> int:
         return self._sandbox.vm_pid
 

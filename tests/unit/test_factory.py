@@ -36,6 +36,7 @@ from carapace.factory.template import INFO, TEMPLATE_FORMAT, file_identity, load
 from carapace.guest import ALL_MODULES_PARAM
 from carapace.hypervisor import PortForward, TapNic, UserNic, VMSpec, vm_command_line
 from carapace.sandbox.restore import MAX_CLONE_NICS, Restore, plan_restore, template_base
+from tests.tooling.vmspecs import make_spec
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 T = TypeVar("T")
@@ -46,23 +47,6 @@ def run(coro: Awaitable[T]) -> T:
         return await asyncio.wait_for(coro, 10)
 
     return asyncio.run(go())
-
-
-def make_spec(**kw: Any) -> VMSpec:
-    args: dict[str, Any] = {
-        "name": "pod-1",
-        "run_dir": Path("/run/carapace/pod-1"),
-        "kernel": Path("/var/lib/carapace/guest/vmlinux"),
-        "initrd": Path("/var/lib/carapace/guest/initrd.img"),
-        "vcpus": 1,
-        "memory_mib": 1024,
-        "accel": "tcg",
-        "shared_dir": Path("/run/carapace/pod-1/shared"),
-        "nic_slots": 2,
-        "tcg_tb_size_mib": 64,
-    }
-    args.update(kw)
-    return VMSpec(**args)
 
 
 def fake_identity(

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,16 @@ def add_factory_parser(sub: Any) -> None:
     st = fsub.add_parser("status", help="list the templates and whether pods use them")
     st.add_argument("--json", action="store_true")
     fsub.add_parser("destroy", help="remove every template")
+    pool = fsub.add_parser(
+        "pool",
+        help="keep pre-booted VMs for pods to take (runs until SIGTERM or SIGINT)",
+    )
+    pool.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        help="VMs to keep ready (default: [factory] vm_cache_number)",
+    )
 
 
 def _source_path(inputs: object, name: str) -> str:
@@ -142,6 +153,55 @@ async def init_template(cfg: Config) -> tuple[str, bool]:
     return key, key not in before
 
 
+#: Where a pool keeps its VMs' sockets and logs until a pod takes them: in the runtime's
+#: run dir (a pod's run dir is beside it, on the same filesystem, so a VM's sockets are
+#: renamed into it); a name no sandbox id can have (``ID_RE`` begins alphanumeric).
+POOL_DIR = ".pool"
+
+
+async def serve_pool(cfg: Config, size: int) -> None:
+    """The VM pool of the configuration's default pod, until SIGTERM or SIGINT."""
+    import signal
+
+    from carapace.agent.client import AgentClient
+    from carapace.daemons import CAP_MKNOD, drop_capabilities
+    from carapace.factory.pool import VMPool, pool_key, why_not_pooled
+    from carapace.hypervisor import choose_accelerator, new_vm, vm_command_line
+    from carapace.sandbox import Sandbox, SandboxOptions
+    from carapace.sandbox.plan import NIC_SLOTS
+    from carapace.sandbox.restore import pool_base
+
+    hv, rt = cfg.hypervisor, cfg.runtime
+    pod = Sandbox(cfg, SandboxOptions())
+    kernel, initrd = pod.kernel_initrd()
+    accel = choose_accelerator(hv.accel, hv.path, kernel, initrd, Path(rt.state_dir) / "accel.json")
+    spec = pod.vm_spec(kernel, initrd, accel.accel, ())
+    why = why_not_pooled(spec)
+    if why is not None:
+        raise CarapaceError(f"no VM pool for this configuration's pods: {why}")
+    base = pool_base(spec, NIC_SLOTS)
+    key, _ = pool_key(hv.path, base, vm_command_line)
+    run_root = Path(rt.run_dir)
+    pre_exec = [drop_capabilities(CAP_MKNOD)]
+    pool = VMPool(
+        hv.path,
+        base,
+        key,
+        size,
+        run_root / POOL_DIR,
+        run_root,
+        new_vm,
+        AgentClient.connect,
+        hv.boot_timeout,
+        pre_exec,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await pool.run(Path(cfg.factory.vm_cache_endpoint), stop)
+
+
 def cmd_factory(cfg: Config, args: argparse.Namespace) -> int:
     if args.factory_command == "status":
         status = factory_status(cfg)
@@ -161,5 +221,20 @@ def cmd_factory(cfg: Config, args: argparse.Namespace) -> int:
         print(f"template {key} {done} in {cfg.factory.template_dir}")
         if not cfg.factory.template:
             print("note: pods start from templates only with [factory] template = true")
+        return 0
+    if args.factory_command == "pool":
+        from carapace.factory.pool import MAX_POOL_SIZE
+
+        size = args.size or cfg.factory.vm_cache_number
+        if not 1 <= size <= MAX_POOL_SIZE:
+            raise CarapaceError(
+                f"pool size {size}; accepted: 1 to {MAX_POOL_SIZE} (--size, or [factory] "
+                "vm_cache_number)"
+            )
+        # a service: what it boots and hands over is logged (stderr), debug or not
+        pool_log = logging.getLogger("carapace.factory")
+        if not pool_log.isEnabledFor(logging.INFO):
+            pool_log.setLevel(logging.INFO)
+        asyncio.run(serve_pool(cfg, size))
         return 0
     raise CarapaceError(f"unknown factory command {args.factory_command!r}")

@@ -97,6 +97,12 @@ class RuntimeConfig:
     kill_timeout: float = 10.0
 
 
+#: The most VMs a pool of pre-booted VMs may keep (``factory.pool.MAX_POOL_SIZE``).
+MAX_VM_CACHE = 64
+#: The longest unix socket path (sun_path holds 108 bytes with its NUL).
+MAX_UNIX_PATH = 107
+
+
 @dataclass
 class FactoryConfig:
     """VM templates (Kata's VM factory): pods start by restoring a VM saved once it
@@ -107,6 +113,11 @@ class FactoryConfig:
     template: bool = False
     #: Where templates live: their RAM is a file here, so this must be a tmpfs.
     template_dir: str = "/dev/shm/carapace/templates"
+    #: Take pods' VMs from a pool of pre-booted ones (Kata's VMCache) when one is
+    #: ready: the number of VMs ``carapace factory pool`` keeps (0: no pool).
+    vm_cache_number: int = 0
+    #: Where the pool serves (a unix socket) and pods ask it.
+    vm_cache_endpoint: str = "/run/carapace/vmcache.sock"
 
 
 @dataclass
@@ -205,6 +216,17 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             f"{source} [factory] template_dir: {cfg.factory.template_dir!r}; accepted: an "
             "absolute path (on a tmpfs) of at most 56 characters (the template VM's "
             "sockets are made below it)"
+        )
+    if not 0 <= cfg.factory.vm_cache_number <= MAX_VM_CACHE:
+        raise InvalidArgument(
+            f"{source} [factory] vm_cache_number: {cfg.factory.vm_cache_number}; accepted: 0 "
+            f"(no pool) to {MAX_VM_CACHE}"
+        )
+    endpoint = cfg.factory.vm_cache_endpoint
+    if not os.path.isabs(endpoint) or len(endpoint.encode()) > MAX_UNIX_PATH:
+        raise InvalidArgument(
+            f"{source} [factory] vm_cache_endpoint: {endpoint!r}; accepted: an absolute path "
+            f"of at most {MAX_UNIX_PATH} bytes (a unix socket)"
         )
     if cfg.runtime.sandbox_cgroup_prefix not in SANDBOX_CGROUP_PREFIXES:
         raise InvalidArgument(

@@ -154,13 +154,27 @@ def template_key(
     """(key, the inputs it is the digest of) of the template for pods like ``spec``:
     the template's command line with neutral paths, and the files it starts from."""
     neutral = Path("/template")
-    argv = command_line(binary, template_spec(spec, neutral / "build", neutral / "memory"))
+    vm = template_spec(spec, neutral / "build", neutral / "memory")
+    return command_line_key(binary, vm, command_line, TEMPLATE_FORMAT, identity)
+
+
+def command_line_key(
+    binary: str,
+    vm: VMSpec,
+    command_line: Callable[[str, VMSpec], list[str]],
+    kind: object,
+    identity: Callable[[str | Path], dict[str, object]] = file_identity,
+) -> tuple[str, dict[str, object]]:
+    """(key, the inputs it is the digest of) of the VM ``vm`` (its paths made neutral
+    by the caller): its QEMU command line, the identity of the QEMU binary, kernel and
+    initrd it starts from, and ``kind`` (what the key is for, and its format)."""
+    argv = command_line(binary, vm)
     inputs: dict[str, object] = {
-        "format": TEMPLATE_FORMAT,
+        "format": kind,
         "argv": argv[1:],
         "qemu": identity(binary),
-        "kernel": identity(spec.kernel),
-        "initrd": identity(spec.initrd),
+        "kernel": identity(vm.kernel),
+        "initrd": identity(vm.initrd),
     }
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return digest[:24], inputs

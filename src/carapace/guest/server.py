@@ -113,19 +113,26 @@ class Agent:
             self.server.register_typed(AGENT_SERVICE, name, req, guard(name, handler))
 
     async def serve(self) -> None:
-        """Serve the host on the agent port, reopening it whenever the host goes away."""
+        """Serve the host on the agent port, one connection after another: when the
+        host goes away (the port reads end of file), the next one is waited for."""
         self.pod.reaper.install()
         os.makedirs(CONTAINERS_DIR, exist_ok=True)
         log.info("agent %s serving on virtio port %s", AGENT_VERSION, AGENT_PORT_NAME)
+        port = -1
         while True:
-            path = sysinit.find_virtio_port(AGENT_PORT_NAME)
-            if path is None:
-                await asyncio.sleep(0.01)
-                continue
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            if port < 0:
+                path = sysinit.find_virtio_port(AGENT_PORT_NAME)
+                if path is None:
+                    await asyncio.sleep(0.01)
+                    continue
+                # held open for good, each connection reading and writing copies of it:
+                # a close makes the guest kernel throw away what the host sent meanwhile
+                # (a host that connected just then lost its first request: seen with a
+                # VM that waited in a pool between two hosts)
+                port = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                reader = await read_pipe(fd)
-                writer = await write_pipe(os.dup(fd))
+                reader = await read_pipe(os.dup(port))
+                writer = await write_pipe(os.dup(port))
             except OSError:
                 await asyncio.sleep(0.01)
                 continue
@@ -135,5 +142,5 @@ class Agent:
                 log.exception("agent connection failed")
             finally:
                 writer.close()
-            # the host closed its end (or was not connected yet): reopen shortly
+            # the host closed its end (or was not connected yet): read again shortly
             await asyncio.sleep(0.01)

@@ -268,6 +268,22 @@ class VM(Protocol):
         """Hot-remove a NIC added at boot or by ``add_nic``; returns once it is gone."""
         ...
 
+    async def close_qmp(self) -> None:
+        """Close this side's QMP connection (another may connect then)."""
+        ...
+
+    async def hand_over(self) -> tuple[int, int, int]:
+        """Give the running VM away (a pool's VM to a pod): (its pid, a pidfd of it,
+        the host end of its console); from then on this object neither reads its
+        console nor stops or kills it, and ``wait`` only reaps it."""
+        ...
+
+    async def adopt(self, pid: int, pidfd: int, console: int) -> int:
+        """Take over a running VM another process started (``hand_over``'s three)
+        instead of starting one; its QMP and agent sockets are at ``spec``'s paths.
+        The fds are this object's from then on. Returns the pid once QMP answers."""
+        ...
+
 
 #: The most bytes ``tail`` reads from the end of a file, and the longest line it shows.
 TAIL_BYTES = 64 << 10

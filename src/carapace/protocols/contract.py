@@ -85,6 +85,21 @@ def vm_name(sandbox_id: str) -> str:
     return f"{VM_NAME_PREFIX}{sandbox_id}"
 
 
+#: What the names of a VM pool's VMs begin with (``pool_vm_name``).
+POOL_VM_NAME = "pool:"
+
+
+def pool_vm_name(pool_pid: int, serial: int) -> str:
+    """The name (``VMSpec.name``) of a pool's VM: with ':', which no sandbox id has
+    (``ID_RE``), so no pod's VM name is ever a pool VM's."""
+    return f"{POOL_VM_NAME}{pool_pid}:{serial}"
+
+
+def is_pool_vm_name(name: str) -> bool:
+    """Whether ``name`` is the ``vm_name`` of a pool's VM."""
+    return re.fullmatch(rf"{VM_NAME_PREFIX}{POOL_VM_NAME}[0-9]+:[0-9]+", name) is not None
+
+
 # -- host cgroups ---------------------------------------------------------------------
 
 #: The kernel's default CFS period (µs): CPU amounts become quota/period with it.

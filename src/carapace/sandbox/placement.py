@@ -99,6 +99,13 @@ class SandboxCgroupPlacement:
             raise HostError(f"sandbox {self.plan.id}: its host cgroup is not made yet")
         return self.cgroup.preexec_fn()
 
+    def adopt_vm(self, pid: int) -> None:
+        """Move a VM process started elsewhere (a pool's) into the sandbox cgroup, its
+        memory charged here from now on."""
+        if self.cgroup is None:
+            raise HostError(f"sandbox {self.plan.id}: its host cgroup is not made yet")
+        self.cgroup.join(pid, move_memory=True)
+
     def place_vcpus(self, threads: dict[int, int], pod_cpus: float) -> None:
         """Place the vCPU threads (again after hotplug). Legacy: all of them in the pod
         cgroup. Otherwise only for a fractional CPU amount, which caps their host CPU

@@ -23,7 +23,7 @@ from carapace.hostcgroup import (
     resolve_devices,
 )
 from carapace.hostcgroup.cgroupspath import pod_cgroup_path, sandbox_cgroup_path
-from carapace.hypervisor import PortForward, memory_headroom_mib
+from carapace.hypervisor import Nic, PortForward, VMSpec, memory_headroom_mib
 from carapace.oci.bundle import Mount, Spec
 from carapace.protocols.contract import ID_RE, SHARED_FS_VIRTIOFS
 from carapace.resources import ContainerResources
@@ -271,3 +271,37 @@ def plan_sandbox(
     if spec is not None:
         plan.check_fit(sandbox_id, sandbox_resources, [], (plan.vcpus, plan.memory_mib))
     return plan
+
+
+#: Free PCIe slots a pod VM boots with, for interfaces added while it runs.
+NIC_SLOTS = 2
+
+
+def vm_spec(
+    plan: SandboxPlan,
+    hv: HypervisorConfig,
+    shared_dir: Path,
+    kernel: Path,
+    initrd: Path,
+    accel: str,
+    nics: tuple[Nic, ...],
+) -> VMSpec:
+    """The VM of the pod ``plan`` as it would boot."""
+    return VMSpec(
+        name=plan.id,
+        run_dir=plan.run_dir,
+        kernel=kernel,
+        initrd=initrd,
+        vcpus=plan.vcpus,
+        memory_mib=plan.memory_mib,
+        accel=accel,
+        shared_dir=shared_dir,
+        kernel_params=hv.kernel_params,
+        max_vcpus=plan.max_vcpus,
+        max_memory_mib=plan.max_memory_mib,
+        nics=nics,
+        nic_slots=NIC_SLOTS,
+        shared_fs=plan.shared_fs,
+        tcg_tb_size_mib=hv.tcg_tb_size_mib,
+        free_page_reporting=hv.reclaim_guest_freed_memory,
+    )

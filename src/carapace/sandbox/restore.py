@@ -1,4 +1,5 @@
-"""Starting a pod from a VM template (``carapace.factory``) instead of a boot.
+"""Starting a pod from a VM template (``carapace.factory``) or with a VM taken from a
+pool of pre-booted ones (``factory.pool``), instead of a boot.
 
 ``plan_restore`` says whether a pod can (a pure verdict, with the reason when not: the
 pod then boots cold, and the log says why). ``Restore`` gets the template (built on
@@ -13,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,9 +31,12 @@ from carapace.factory import (
     copy_sparse,
     template_key,
 )
+from carapace.factory.pool import Handover, pool_key, pool_vm_spec, take, why_not_pooled
 from carapace.hypervisor import VM, Nic, TapNic, VMSpec
 from carapace.protocols.contract import SHARED_FS_VIRTIOFS
 from carapace.sandbox.network import NIC_APPEAR_TIMEOUT, wait_for_nic
+from carapace.sandbox.placement import SandboxCgroupPlacement
+from carapace.sandbox.state import SandboxRecord
 
 log = logging.getLogger("carapace.sandbox")
 
@@ -150,16 +155,85 @@ class Restore:
             self.memory_fd = None
 
     async def resume(self, vm: VM, connect: Callable[[VM], Awaitable[AgentClient]]) -> AgentClient:
-        """Once QEMU runs: wait for the restored guest, hot-add the share, connect the
-        agent, reseed the guest's CRNG and set its clock, hot-add the NICs."""
+        """Once QEMU runs: wait for the restored guest, then ``make_it_the_pods``."""
         await vm.wait_restored()
-        if vm.spec.hotplug_share:
-            await vm.add_share()
-        agent = await connect(vm)
-        await agent.reseed_random_dev(os.urandom(SEED_BYTES))
-        await agent.set_guest_date_time(time.time_ns())
-        for nic in self.nics:
-            await vm.add_nic(nic)
-        for nic in self.nics:
-            await wait_for_nic(agent, nic.mac, NIC_APPEAR_TIMEOUT)
-        return agent
+        return await make_it_the_pods(vm, self.nics, connect)
+
+
+async def make_it_the_pods(
+    vm: VM, nics: tuple[TapNic, ...], connect: Callable[[VM], Awaitable[AgentClient]]
+) -> AgentClient:
+    """What a VM booted before its pod existed (restored from a template, or taken from
+    a pool) needs first: the pod's share hot-added, the agent connected, the guest's
+    CRNG reseeded from host bytes and its clock set, the pod's NICs hot-added."""
+    if vm.spec.hotplug_share:
+        await vm.add_share()
+    agent = await connect(vm)
+    await agent.reseed_random_dev(os.urandom(SEED_BYTES))
+    await agent.set_guest_date_time(time.time_ns())
+    for nic in nics:
+        await vm.add_nic(nic)
+    for nic in nics:
+        await wait_for_nic(agent, nic.mac, NIC_APPEAR_TIMEOUT)
+    return agent
+
+
+def pool_base(spec: VMSpec, nic_slots: int) -> VMSpec:
+    """``spec`` as far as a pool's VM goes: no boot NICs, room for the pod's NICs and
+    the ``nic_slots`` free ones every pod has."""
+    return dataclasses.replace(spec, nics=(), nic_slots=nic_slots + MAX_CLONE_NICS)
+
+
+@dataclass
+class Taken:
+    """A pod's VM taken from the pool: the handover, and the VM as the pod sees it."""
+
+    handover: Handover
+    spec: VMSpec
+    nics: tuple[TapNic, ...]
+
+
+async def adopt(
+    vm: VM,
+    taken: Taken,
+    record: SandboxRecord,
+    placement: SandboxCgroupPlacement,
+    files_limit: int | None,
+) -> int:
+    """Take over the pool's VM: recorded first (``state.release`` kills it by its
+    name whatever fails next), then moved into the sandbox's cgroup, with the pod's
+    file limit. Returns its pid."""
+    h = taken.handover
+    record.qemu_pid, record.qemu_name = h.pid, h.vm_name
+    record.save()
+    pid = await vm.adopt(*h.give())
+    placement.adopt_vm(pid)
+    if files_limit is not None:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (files_limit, files_limit))
+    return pid
+
+
+async def attempt_take(
+    sandbox_id: str,
+    config: Config,
+    spec: VMSpec,
+    nic_slots: int,
+    command_line: Callable[[str, VMSpec], list[str]],
+) -> Taken | None:
+    """Pod ``sandbox_id``'s VM from the pool of pre-booted VMs, or None with the
+    reason logged (no pool, none ready, another shape: the pod starts otherwise)."""
+    why = plan_restore(spec.nics) or why_not_pooled(spec)
+    if why is None:
+        base = pool_base(spec, nic_slots)
+        key, _ = pool_key(config.hypervisor.path, base, command_line)
+        own = pool_vm_spec(base, spec.run_dir, spec.name)
+        endpoint = Path(config.factory.vm_cache_endpoint)
+        try:
+            h = await asyncio.to_thread(take, endpoint, key, own.agent_socket, own.qmp_socket)
+        except CarapaceError as e:
+            why = str(e)
+        else:
+            log.info("sandbox %s: VM %s taken from the pool (pid %d)", sandbox_id, h.vm_name, h.pid)
+            return Taken(h, own, tuple(n for n in spec.nics if isinstance(n, TapNic)))
+    log.info("sandbox %s: not from the VM pool: %s", sandbox_id, why)
+    return None

@@ -25,23 +25,29 @@ from carapace.daemons import CAP_MKNOD, drop_capabilities
 from carapace.errors import (
     AlreadyExists,
     CarapaceError,
-    HypervisorError,
     ImageError,
-    NotFound,
     StateError,
 )
 from carapace.hostcgroup import CgroupDriver, driver
-from carapace.hypervisor import VM, AccelChoice, VMSpec
+from carapace.hypervisor import VM, AccelChoice, Nic, VMSpec
 from carapace.image.store import GuestImage, current_image
 from carapace.network.stats import InterfaceStats
 from carapace.protocols import agent_pb2 as pb
 from carapace.protocols.contract import SHARED_FS_VIRTIOFS
+from carapace.sandbox.boot import answering_agent, guest_files
 from carapace.sandbox.containers import ContainerVerbs, PodContainer
 from carapace.sandbox.network import PodNetwork
 from carapace.sandbox.placement import SandboxCgroupPlacement
-from carapace.sandbox.plan import HostFacts, SandboxOptions, plan_sandbox
+from carapace.sandbox.plan import NIC_SLOTS, HostFacts, SandboxOptions, plan_sandbox, vm_spec
 from carapace.sandbox.resize import Resizer
-from carapace.sandbox.restore import Restore, attempt_restore
+from carapace.sandbox.restore import (
+    Restore,
+    Taken,
+    adopt,
+    attempt_restore,
+    attempt_take,
+    make_it_the_pods,
+)
 from carapace.sandbox.state import Runstate, SandboxRecord, check_transition, release, requires
 from carapace.storage.share import HostMounts, Mounts, PodShare, shared_storage
 from carapace.storage.virtiofsd import Virtiofsd
@@ -49,8 +55,6 @@ from carapace.storage.volumes import SourceFacts, plan_mounts, probe_source
 
 log = logging.getLogger("carapace.sandbox")
 
-#: Free PCIe slots a pod VM boots with, for interfaces added while it runs.
-NIC_SLOTS = 2
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -112,6 +116,8 @@ class Sandbox(ContainerVerbs):
         self.boot_id = ""
         #: The key of the VM template the pod was restored from ("": it booted).
         self.template = ""
+        #: Whether the pod's VM was taken from the pool of pre-booted VMs.
+        self.pooled = False
         self.virtiofsd: Virtiofsd | None = None
         self._fs_watch: asyncio.Future[None] | None = None
         self._made_run_dir = False
@@ -174,18 +180,14 @@ class Sandbox(ContainerVerbs):
             self._image = img
         return self._image
 
-    def _kernel_initrd(self) -> tuple[Path, Path]:
+    def kernel_initrd(self) -> tuple[Path, Path]:
+        """The guest kernel and initrd (the configured ones, else the image's)."""
+        return guest_files(self.config.hypervisor, self.image)
+
+    def vm_spec(self, kernel: Path, initrd: Path, accel: str, nics: tuple[Nic, ...]) -> VMSpec:
+        """The pod's VM, as it would boot."""
         hv = self.config.hypervisor
-        if hv.kernel and hv.initrd:
-            kernel, initrd = Path(hv.kernel), Path(hv.initrd)
-        else:
-            img = self.image()
-            kernel = Path(hv.kernel) if hv.kernel else img.kernel
-            initrd = Path(hv.initrd) if hv.initrd else img.initrd
-        for what, p in (("kernel", kernel), ("initrd", initrd)):
-            if not p.is_file():
-                raise NotFound(f"guest {what} {p} does not exist")
-        return kernel, initrd
+        return vm_spec(self.plan, hv, self.shared_dir, kernel, initrd, accel, nics)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class Sandbox(ContainerVerbs):
     async def start(self) -> None:
         """Make the run dir and host cgroups, boot the VM, wait for the agent, create
         the guest sandbox."""
-        kernel, initrd = self._kernel_initrd()
+        kernel, initrd = self.kernel_initrd()
         hv, rt = self.config.hypervisor, self.config.runtime
         accel = self.parts.choose_accelerator(
             hv.accel, hv.path, kernel, initrd, Path(rt.state_dir) / "accel.json"
@@ -211,47 +213,42 @@ class Sandbox(ContainerVerbs):
             self.share.create()
             self.placement.make()
             nics = await self.network.prepare()
-            spec = VMSpec(
-                name=self.id,
-                run_dir=self.run_dir,
-                kernel=kernel,
-                initrd=initrd,
-                vcpus=self.plan.vcpus,
-                memory_mib=self.plan.memory_mib,
-                accel=accel.accel,
-                shared_dir=self.shared_dir,
-                kernel_params=hv.kernel_params,
-                max_vcpus=self.plan.max_vcpus,
-                max_memory_mib=self.plan.max_memory_mib,
-                nics=nics,
-                nic_slots=NIC_SLOTS,
-                shared_fs=self.plan.shared_fs,
-                tcg_tb_size_mib=hv.tcg_tb_size_mib,
-                free_page_reporting=hv.reclaim_guest_freed_memory,
-            )
-            restore = await self._restore(spec) if self.config.factory.template else None
+            spec = self.vm_spec(kernel, initrd, accel.accel, nics)
+            factory = self.config.factory
+            taken = await self._take(spec) if factory.vm_cache_number > 0 else None
+            restore = await self._restore(spec) if factory.template and not taken else None
             try:
-                if restore is not None:
+                if taken is not None:
+                    spec = taken.spec
+                elif restore is not None:
                     spec = restore.vm_spec(spec, NIC_SLOTS)
                 if self.plan.shared_fs == SHARED_FS_VIRTIOFS:
                     await self._start_virtiofsd(spec)
                 vm = self.vm = self.parts.new_vm(hv.path, spec, rt.kill_vm_with_owner)
-                # the VM is in the sandbox's cgroup and has its files limit from its
-                # first instruction on
-                vm.pre_exec.append(self.placement.join_vm())
-                vm.pre_exec.append(drop_capabilities(CAP_MKNOD))
-                if self.plan.files_limit is not None:
-                    vm.pre_exec.append(_nofile_setter(self.plan.files_limit))
-                self.record.qemu_pid = await vm.start()
+                if taken is not None:
+                    pid = await adopt(vm, taken, self.record, self.placement, self.plan.files_limit)
+                    self.record.qemu_pid = pid
+                else:
+                    # the VM is in the sandbox's cgroup and has its files limit from
+                    # its first instruction on
+                    vm.pre_exec.append(self.placement.join_vm())
+                    vm.pre_exec.append(drop_capabilities(CAP_MKNOD))
+                    if self.plan.files_limit is not None:
+                        vm.pre_exec.append(_nofile_setter(self.plan.files_limit))
+                    self.record.qemu_pid = await vm.start()
             finally:
                 if restore is not None:
                     restore.close()
+                if taken is not None:
+                    taken.handover.abandon()  # the VM's unless given to it
             self.record.save()
             log.info(
                 "sandbox %s: VM pid %d (%s: %s)", self.id, self.vm_pid, accel.accel, accel.reason
             )
             if restore is not None:
                 agent = self.agent = await restore.resume(vm, self._connect_agent)
+            elif taken is not None:
+                agent = self.agent = await make_it_the_pods(vm, taken.nics, self._connect_agent)
             else:
                 agent = self.agent = await self._connect_agent(vm)
             self.network.close_fds()
@@ -265,6 +262,12 @@ class Sandbox(ContainerVerbs):
         except BaseException:
             await self._release()
             raise
+
+    async def _take(self, spec: VMSpec) -> Taken | None:
+        """The pod's VM from the pool of pre-booted VMs, or None (logged why)."""
+        taken = await attempt_take(self.id, self.config, spec, NIC_SLOTS, self.parts.command_line)
+        self.pooled = taken is not None
+        return taken
 
     async def _restore(self, spec: VMSpec) -> Restore | None:
         """The pod's start from a VM template, or None (it boots cold; logged why)."""
@@ -304,31 +307,12 @@ class Sandbox(ContainerVerbs):
 
     async def _connect_agent(self, vm: VM) -> AgentClient:
         """Connect to the agent and wait for it to answer (or the VM to die)."""
-        agent = await self.parts.connect_agent(str(vm.spec.agent_socket))
-        self.agent = agent
         timeout = self.config.hypervisor.boot_timeout
-        check = asyncio.ensure_future(agent.check(timeout))
-        exit_wait = asyncio.ensure_future(vm.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {check, exit_wait}, timeout=timeout + 1, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            exit_wait.cancel()
-        if check in done and check.exception() is None:
-            return agent
-        check.cancel()
-        console = vm.console_tail(15) or "(the console printed nothing)"
-        if exit_wait in done or vm.exited():
-            code = vm.returncode
-            why = f"QEMU exited with status {'?' if code is None else code}"
-        elif check.done() and check.exception() is not None:
-            why = f"the agent failed: {check.exception()}"
-        else:
-            why = f"the agent did not answer within {timeout:g}s"
-        raise HypervisorError(
-            f"sandbox {self.id}: the VM failed to boot ({why}). Console log tail:\n{console}"
-        )
+
+        def keep(agent: AgentClient) -> None:
+            self.agent = agent
+
+        return await answering_agent(vm, self.parts.connect_agent, keep, timeout, self.id)
 
     @requires(Runstate.RUNNING)
     async def add_interface(self, netns: str, name: str) -> pb.Interface:
@@ -359,7 +343,18 @@ class Sandbox(ContainerVerbs):
                         await self.remove_container(cid)
                 with contextlib.suppress(CarapaceError, OSError):
                     await self.agent.destroy_sandbox(timeout=5)
+                    # the guest synced its files and answered: nothing in it is lost
+                    # if QEMU ends now rather than after the guest kernel's power-off
+                    self._end_vm()
             await self._release()
+
+    def _end_vm(self) -> None:
+        """End QEMU at once (its virtio-fs daemon ends with it: not an accident)."""
+        watch, self._fs_watch = self._fs_watch, None
+        if watch is not None:
+            watch.cancel()
+        if self.vm is not None:
+            self.vm.kill()
 
     async def _release(self) -> None:
         watch, self._fs_watch = self._fs_watch, None  # the VM stops now: not an accident

@@ -25,7 +25,7 @@ from carapace import linux
 from carapace.errors import CarapaceError, StateError
 from carapace.hostcgroup import CgroupHandle
 from carapace.network.tcfilter import teardown
-from carapace.protocols.contract import ID_RE, VM_NAME_PREFIX
+from carapace.protocols.contract import ID_RE, is_pool_vm_name, vm_name
 from carapace.storage.virtiofsd import kill_daemons
 
 STATE_FILE = "state.json"
@@ -108,6 +108,9 @@ class SandboxRecord:
     owner_pid: int = field(default_factory=os.getpid)
     created_at: float = field(default_factory=time.time)
     qemu_pid: int = 0
+    #: The name QEMU runs under when it is not the sandbox's own (a VM taken from a
+    #: pool: ``factory.pool.pool_vm_name``); "" for ``vm_name(id)``.
+    qemu_name: str = ""
     vcpus: int = 0
     memory_mib: int = 0
     accel: str = ""
@@ -158,13 +161,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _is_our_qemu(pid: int, sandbox_id: str) -> bool:
+def _is_our_qemu(pid: int, name: str) -> bool:
+    """Whether process ``pid`` is a QEMU named ``name`` (its ``-name``)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return any(a.startswith(f"{VM_NAME_PREFIX}{sandbox_id},".encode()) for a in argv)
+    return any(a.startswith(f"{name},".encode()) for a in argv)
 
 
 def release(record: SandboxRecord, run_root: Path | str, kill_wait: float = 5.0) -> list[str]:
@@ -212,7 +216,8 @@ def check_record(record: SandboxRecord, run_root: Path) -> str:
 
 def _release(record: SandboxRecord, kill_wait: float) -> list[str]:
     problems: list[str] = []
-    if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid, record.id):
+    name = record.qemu_name if is_pool_vm_name(record.qemu_name) else vm_name(record.id)
+    if record.qemu_pid and pid_alive(record.qemu_pid) and _is_our_qemu(record.qemu_pid, name):
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.qemu_pid, signal.SIGKILL)
         deadline = time.monotonic() + kill_wait

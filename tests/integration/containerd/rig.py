@@ -27,7 +27,10 @@ Choices (see ``config_text``):
   appended from ``carapace.cli.install.SNIPPET`` (= deploy/containerd-carapace.toml)
   with one change: its ConfigPath names the rig's own carapace configuration
   (``carapace_config``, all defaults), not /etc/carapace/configuration.toml, which a
-  test host need not have.
+  test host need not have. A second handler, ``carapace-template``
+  (``TEMPLATE_HANDLER``), is the same runtime with its own configuration
+  (``template_config``): ``[factory] template = true`` with the rig's own template
+  directory (``template_dir``, under /dev/shm), which ``stop()`` empties and removes.
 - ``restrict_oom_score_adj = true``: the host lacks CAP_SYS_RESOURCE, so lowering
   oom_score_adj fails (see shared/DESIGN.md).
 """
@@ -71,11 +74,17 @@ CNI_DIR = BASE / "cni"
 BRIDGE = f"carapace-test{RIG}"
 POD_SUBNET = f"10.{234 + int(RIG)}.0.0/24"
 
+#: The rig's VM templates (a tmpfs, as the default template_dir; short: the path of a
+#: clone's RAM and sockets must fit QEMU's limits).
+TEMPLATE_DIR = Path(f"/dev/shm/carapace-test{_SUFFIX}-templates")
+
 BUSYBOX_IMAGE = "carapace.local/busybox:latest"
 PAUSE_IMAGE = "carapace.local/pause:latest"
 NAMESPACES = ("default", "k8s.io")
 RUNC = "io.containerd.runc.v2"
 CARAPACE = "io.containerd.carapace.v2"
+#: The CRI runtime handler of carapace with VM templates on.
+TEMPLATE_HANDLER = "carapace-template"
 
 #: Plugins that cannot work on this host (no btrfs/zfs volume, no thin pool, no aufs
 #: module) or that only add noise; disabling them keeps the log about real failures.
@@ -214,6 +223,7 @@ class ContainerdRig:
         cni_dir: Path = CNI_DIR,
         log_path: Path = BASE / "containerd.log",
         extra_path: Sequence[Path] = (),
+        template_dir: Path = TEMPLATE_DIR,
     ) -> None:
         self.root = root
         self.state = state
@@ -222,6 +232,8 @@ class ContainerdRig:
         self.cni_conf_dir = cni_dir / "net.d"
         self.config_path = root.parent / "containerd.toml"
         self.carapace_config = root.parent / "carapace-configuration.toml"
+        self.template_config = root.parent / "carapace-template-configuration.toml"
+        self.template_dir = template_dir
         self.log_path = log_path
         self.extra_path = list(extra_path)
         self.snapshotter = "overlayfs"
@@ -292,6 +304,11 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
             # the carapace runtime as deploy/containerd-carapace.toml registers it
             + "\n"
             + SNIPPET.replace(_toml_str(CARAPACE_CONFIG_PATH), _toml_str(str(self.carapace_config)))
+            # the same runtime, its pods started from VM templates
+            + "\n"
+            + SNIPPET.replace(_toml_str(CARAPACE_CONFIG_PATH), _toml_str(str(self.template_config)))
+            .replace("runtimes.carapace]", f"runtimes.{TEMPLATE_HANDLER}]")
+            .replace("runtimes.carapace.options]", f"runtimes.{TEMPLATE_HANDLER}.options]")
         )
 
     def environment(self) -> dict[str, str]:
@@ -325,6 +342,11 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
         self.config_path.write_text(self.config_text())
         self.carapace_config.write_text(
             "# carapace configuration of the test containerd's runtime: all defaults\n"
+        )
+        self.template_config.write_text(
+            "# carapace configuration of the test containerd's runtime handler "
+            f"{TEMPLATE_HANDLER}\n[factory]\ntemplate = true\n"
+            f"template_dir = {_toml_str(str(self.template_dir))}\n"
         )
         self._ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
         self._host_dirs_before = {p for p in host_dirs_containerd_may_create() if p.exists()}
@@ -440,7 +462,7 @@ disabled_plugins = {_toml_list(DISABLED_PLUGINS)}
                 problems.append(f"umount {target}: {r.stderr.strip()} (detached lazily)")
         if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode == 0:
             subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
-        for d in (self.root, self.state, self.cni_dir):
+        for d in (self.root, self.state, self.cni_dir, self.template_dir):
             shutil.rmtree(d, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.state.parent.rmdir()  # /run/carapace-test when nothing else is in it

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,43 @@ START_TIMEOUT = 30.0
 CONSOLE_DRAIN = 2.0
 
 
+#: The exit status an adopted QEMU reports: its parent (the pool) reaps it, so the
+#: real one is not ours to read.
+UNKNOWN_STATUS = 255
+
+
+class AdoptedProcess:
+    """A QEMU process another process started (``QemuVM.adopt``): signalled and waited
+    for through a pidfd, so a reused pid is never hit."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[None] | None = None
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            if self._exited is None:
+                loop = asyncio.get_running_loop()
+                self._exited = loop.create_future()
+                loop.add_reader(self.pidfd, self._on_exit)
+            await asyncio.shield(self._exited)
+        return UNKNOWN_STATUS
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.pidfd)
+        self.returncode = UNKNOWN_STATUS
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(None)
+        os.close(self.pidfd)
+        self.pidfd = -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None and self.pidfd >= 0:
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+
 class QemuVM:
     """One QEMU process running one pod VM (a ``carapace.hypervisor.VM``)."""
 
@@ -47,9 +85,12 @@ class QemuVM:
         self.binary = binary
         self.spec = spec
         self.die_with_owner = die_with_owner
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | AdoptedProcess | None = None
         self.qmp: QMPClient | None = None
         self._console: asyncio.Task[None] | None = None
+        self._console_sock: socket.socket | None = None
+        #: Given away (``hand_over``): never stopped or killed from here.
+        self._handed_over = False
         #: Hot-remove vCPUs under TCG anyway (QEMU may abort afterwards: see vcpu_plan);
         #: for a test that proves the mechanism on a VM it throws away.
         self.unplug_under_tcg = False
@@ -105,10 +146,40 @@ class QemuVM:
             channels.close()
             raise
         channels.close_qemu_ends()  # QEMU has its own copies
-        console = ConsoleLog(self.spec.console_log)
-        self._console = asyncio.ensure_future(console.pump(channels.console_host))
+        self._pump_console(channels.console_host)
         await self._wait_up()
         return self.proc.pid
+
+    def _pump_console(self, sock: socket.socket) -> None:
+        self._console_sock = sock
+        console = ConsoleLog(self.spec.console_log)
+        self._console = asyncio.ensure_future(console.pump(sock))
+
+    async def adopt(self, pid: int, pidfd: int, console: int) -> int:
+        """Take over a VM another process started (``VM.adopt``)."""
+        self.proc = AdoptedProcess(pid, pidfd)
+        self._pump_console(socket.socket(fileno=console))
+        await self._wait_up()
+        return pid
+
+    async def hand_over(self) -> tuple[int, int, int]:
+        """Give the running VM away (``VM.hand_over``)."""
+        if self.proc is None or self.proc.returncode is not None or self._console_sock is None:
+            raise HypervisorError(f"VM {self.spec.name} is not running: nothing to hand over")
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            # a copy survives the pump, which closes its socket when it stops
+            console = os.dup(self._console_sock.fileno())
+        except OSError:
+            os.close(pidfd)
+            raise
+        self._handed_over = True
+        pump, self._console = self._console, None
+        if pump is not None:  # stopped now: its owner reads the console from here on
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        await self.close_qmp()
+        return self.proc.pid, pidfd, console
 
     async def _wait_up(self) -> None:
         """Wait until QEMU answers on QMP (it is up), or raise why it did not."""
@@ -354,7 +425,7 @@ class QemuVM:
 
     async def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the guest to power off, then ``quit``, then kill."""
-        if self.proc is None:
+        if self.proc is None or self._handed_over:
             return
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
@@ -378,9 +449,9 @@ class QemuVM:
             await asyncio.gather(pump, return_exceptions=True)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
+        if self.proc is not None and self.proc.returncode is None and not self._handed_over:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.send_signal(signal.SIGKILL)
 
     async def close_qmp(self) -> None:
         if self.qmp is not None:
