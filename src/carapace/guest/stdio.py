@@ -218,4 +218,6 @@ async def _read(stream: asyncio.StreamReader | None, n: int) -> pb.ReadStreamRes
     if stream is None:
         return pb.ReadStreamResponse(eof=True)
     data = await stream.read(min(n or READ_CHUNK, READ_CHUNK))
-    return pb.ReadStreamResponse(data=data, eof=not data)
+    # the last bytes of a stream whose writers are gone come with its end: one
+    # exchange fewer per stream of a short-lived process
+    return pb.ReadStreamResponse(data=data, eof=not data or stream.at_eof())

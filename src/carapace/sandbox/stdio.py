@@ -69,12 +69,12 @@ async def _pump_out(
             data, eof = await agent.read_stream(stream, cid, exec_id)
         except AgentError:
             return
-        if eof:
-            return
-        if sink is not None:
+        if data and sink is not None:  # the last bytes may come with the end
             r = sink(data)
             if r is not None:
                 await r
+        if eof:
+            return
 
 
 async def _pump_in(

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -17,20 +16,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.message import DecodeError
 
 from carapace import __version__, linux
-from carapace.config import load_config
 from carapace.errors import CarapaceError, InvalidArgument, NotFound
 from carapace.oci import Bundle
-from carapace.protocols.containerd import shim_pb2 as api
-from carapace.sandbox.plan import check_id
-from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
-from carapace.shim.events import Publisher
+from carapace.protocols.contract import ID_RE
 from carapace.shim.params import (
     LISTEN_FD_ENV,
     SOCKET_DIR,
@@ -40,8 +36,13 @@ from carapace.shim.params import (
     parse_args,
     socket_path,
 )
-from carapace.shim.service import TaskService
-from carapace.ttrpc import Server
+
+if TYPE_CHECKING:
+    from carapace.sandbox.state import SandboxRecord
+
+# containerd runs this program for every container's start and delete, and waits for
+# it: those actions import only what they need (the serving daemon imports the rest,
+# in ``serve``); the sandbox package alone takes a Python tenth of a second.
 
 log = logging.getLogger("carapace.shim")
 
@@ -147,6 +148,39 @@ def cmd_start(args: ShimArgs) -> int:
     return _announce(bundle, sock, config_path)
 
 
+def checked_pod_id(pod: str) -> str:
+    """``pod`` if it is a valid pod id (``ID_RE``), else InvalidArgument saying what is
+    accepted (``check_id``'s words; the sandbox package is imported only then)."""
+    if isinstance(pod, str) and ID_RE.fullmatch(pod):
+        return pod
+    from carapace.sandbox.plan import check_id
+
+    return check_id(pod, "pod id")
+
+
+def release_dead_owners_pod(pod: str, config_path: str | None) -> None:
+    """Release the VM, mounts and run dir of ``pod`` if the process that made it is
+    gone (what is wrong is said on stderr)."""
+    from carapace.config import load_config
+
+    config = load_config(config_path)
+    run_dir = Path(config.runtime.run_dir) / pod
+    if not run_dir.exists():
+        return  # released already (by its shim, as it should be)
+    from carapace.sandbox.state import STATE_FILE, SandboxRecord, pid_alive, release
+
+    rec: SandboxRecord | None = None
+    if (run_dir / STATE_FILE).exists():
+        try:
+            rec = SandboxRecord.load(run_dir)
+        except (OSError, ValueError, TypeError) as e:
+            print(f"carapace shim delete: unreadable {run_dir / STATE_FILE}: {e}", file=sys.stderr)
+    if rec is not None and not pid_alive(rec.owner_pid):
+        problems = release(rec, config.runtime.run_dir)
+        if problems:
+            print(f"carapace shim delete: {'; '.join(problems)}", file=sys.stderr)
+
+
 def cmd_delete(args: ShimArgs) -> int:
     """Clean up what a dead shim left for this container: the rootfs mount in the
     bundle, and the pod's VM, mounts and run dir if the pod's shim is gone."""
@@ -158,7 +192,7 @@ def cmd_delete(args: ShimArgs) -> int:
         loaded = None
     pod = loaded.spec.pod_id(args.id) if loaded is not None else args.id
     try:
-        check_id(pod, "pod id")  # from an annotation: checked here as in start
+        checked_pod_id(pod)  # from an annotation: checked here as in start
     except InvalidArgument as e:
         print(f"carapace shim delete: {e}", file=sys.stderr)
         pod = ""
@@ -169,27 +203,37 @@ def cmd_delete(args: ShimArgs) -> int:
     meta: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         meta = json.loads((bundle / SHIM_FILE).read_text())
-    config = load_config(meta.get("config") or None)
-    run_dir = Path(config.runtime.run_dir) / pod
-    rec: SandboxRecord | None = None
-    if pod and (run_dir / STATE_FILE).exists():
-        try:
-            rec = SandboxRecord.load(run_dir)
-        except (OSError, ValueError, TypeError) as e:
-            print(f"carapace shim delete: unreadable {run_dir / STATE_FILE}: {e}", file=sys.stderr)
-    if rec is not None and not pid_alive(rec.owner_pid):
-        problems = release(rec, config.runtime.run_dir)
-        if problems:
-            print(f"carapace shim delete: {'; '.join(problems)}", file=sys.stderr)
     sock = meta.get("socket") or (pod and socket_path(args.address, args.namespace, pod))
-    if os.path.exists(sock) and not connectable(sock):
-        with contextlib.suppress(OSError):
-            os.unlink(sock)
+    # a pod whose shim still answers is that shim's to clean up (it owns the VM and the
+    # run dir): only a dead shim's leftovers are released here
+    if not (sock and connectable(sock)):
+        if pod:
+            release_dead_owners_pod(pod, meta.get("config") or None)
+        if sock and os.path.exists(sock):
+            with contextlib.suppress(OSError):
+                os.unlink(sock)
+    from carapace.protocols.containerd import shim_pb2 as api
+
     resp = api.DeleteResponse(exit_status=DEAD_SHIM_STATUS)
     resp.exited_at.GetCurrentTime()
     sys.stdout.buffer.write(resp.SerializeToString())
     sys.stdout.flush()
     return 0
+
+
+class LogrusFormatter(logging.Formatter):
+    """Times as containerd's own log lines have them: UTC, RFC 3339, with the
+    milliseconds (a shim's steps take a few of them)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return logrus_time(record.created)
+
+
+def logrus_time(seconds: float) -> str:
+    """``seconds`` since the epoch as ``2026-11-26T19:28:58.123Z``."""
+    whole = int(seconds)
+    millis = min(int((seconds - whole) * 1000), 999)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{millis:03d}Z"
 
 
 def _setup_logging(debug: bool, pod: str) -> None:
@@ -201,10 +245,9 @@ def _setup_logging(debug: bool, pod: str) -> None:
         stream = os.fdopen(fd, "w", buffering=1)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        logging.Formatter(
+        LogrusFormatter(
             f'time="%(asctime)s" level=%(levelname)s msg="%(message)s" '
-            f"runtime=io.containerd.carapace.v2 pod={pod[:12]}",
-            datefmt="%Y-%m-%dT%H:%M:%S%z",
+            f"runtime=io.containerd.carapace.v2 pod={pod[:12]}"
         )
     )
     root = logging.getLogger()
@@ -215,6 +258,12 @@ def _setup_logging(debug: bool, pod: str) -> None:
 
 
 async def serve(args: ShimArgs) -> int:
+    import asyncio
+
+    from carapace.shim.events import Publisher
+    from carapace.shim.service import TaskService
+    from carapace.ttrpc import Server
+
     _setup_logging(args.debug, args.id)
     fd = int(os.environ.pop(LISTEN_FD_ENV))
     listener = socket.socket(fileno=fd)
@@ -259,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidArgument(
                 "no action given; accepted: start, delete (the serving mode is started by start)"
             )
+        import asyncio
+
         return asyncio.run(serve(args))
     except CarapaceError as e:
         print(f"containerd-shim-carapace-v2: {e}", file=sys.stderr)
