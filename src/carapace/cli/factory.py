@@ -163,7 +163,6 @@ async def serve_pool(cfg: Config, size: int) -> None:
     """The VM pool of the configuration's default pod, until SIGTERM or SIGINT."""
     import signal
 
-    from carapace.agent.client import AgentClient
     from carapace.daemons import CAP_MKNOD, drop_capabilities
     from carapace.factory.pool import VMPool, pool_key, why_not_pooled
     from carapace.hypervisor import choose_accelerator, new_vm, vm_command_line
@@ -191,7 +190,6 @@ async def serve_pool(cfg: Config, size: int) -> None:
         run_root / POOL_DIR,
         run_root,
         new_vm,
-        AgentClient.connect,
         hv.boot_timeout,
         pre_exec,
     )

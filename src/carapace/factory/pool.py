@@ -11,8 +11,12 @@ device (the pod hot-adds its own), free PCIe root ports for them, every on-deman
 kernel module loaded. What a handover moves:
 
 - the VM's agent and QMP sockets: renamed from the pool's directory into the pod's run
-  dir (the pool closes its own QMP and agent connections first; QEMU and the agent
-  accept the pod's);
+  dir. The pool closes its QMP connection first (QEMU accepts the pod's), and never
+  connects to the agent: it knows the agent is up from its line on the console
+  (``AGENT_SERVING``), so the pod's connection is the agent's first, as in a boot of
+  the pod's own (a second host on the agent's port once lost its first request: the
+  agent closed and reopened the port between hosts, and a close throws away what the
+  host sent; the agent now holds the port open);
 - over the socket (SCM_RIGHTS): a pidfd of QEMU (the pod signals and waits through
   it, never by a pid that could be reused) and the host end of the VM's serial console
   (the pod reads it into its own console log from then on).
@@ -40,15 +44,15 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from carapace.agent.client import AgentClient
-from carapace.errors import CarapaceError, InvalidArgument
+from carapace.errors import CarapaceError, HypervisorError, InvalidArgument
 from carapace.factory.template import command_line_key, file_identity, loading_all_modules
 from carapace.hypervisor import VM, VMSpec
-from carapace.protocols.contract import SHARED_FS_VIRTIOFS, pool_vm_name
+from carapace.protocols.contract import AGENT_SERVING, SHARED_FS_VIRTIOFS, pool_vm_name
 
 log = logging.getLogger("carapace.factory")
 
@@ -60,6 +64,9 @@ MAX_POOL_SIZE = 64
 MAX_LINE = 4096
 #: How long a pod waits for the pool's answer.
 TAKE_TIMEOUT = 10.0
+#: How often and how far back a pool looks at a booting VM's console for the agent.
+SERVING_POLL = 0.05
+SERVING_LINES = 40
 #: Pause before booting again after a pool VM failed to boot.
 RETRY_PAUSE = 5.0
 
@@ -275,7 +282,6 @@ class VMPool:
         root: Path,
         run_root: Path,
         new_vm: Callable[[str, VMSpec, bool], VM],
-        connect_agent: Callable[[str], Awaitable[AgentClient]],
         boot_timeout: float,
         pre_exec: list[Callable[[], None]] | None = None,
     ) -> None:
@@ -283,7 +289,7 @@ class VMPool:
             raise InvalidArgument(f"pool size {size}; accepted: 1 to {MAX_POOL_SIZE}")
         self.binary, self.base, self.key, self.size = binary, base, key, size
         self.root, self.run_root = root, run_root
-        self.new_vm, self.connect_agent = new_vm, connect_agent
+        self.new_vm = new_vm
         self.boot_timeout = boot_timeout
         self.pre_exec = pre_exec or []
         self.ready: list[PoolVM] = []
@@ -351,16 +357,29 @@ class VMPool:
         p = PoolVM(vm, vm_dir)
         try:
             await vm.start()
-            agent = await self.connect_agent(str(spec.agent_socket))
-            try:
-                await agent.check(self.boot_timeout)
-            finally:
-                await agent.close()
+            await self._wait_serving(vm)
             await vm.close_qmp()  # the pod connects its own
         except BaseException:
             await self._discard(p)
             raise
         return p
+
+    async def _wait_serving(self, vm: VM) -> None:
+        """Until the agent says on the console that it serves its port. The pool never
+        connects to the agent: the pod's connection is its first, as in a pod's own
+        boot (and the pod's first request proves it answers)."""
+        deadline = time.monotonic() + self.boot_timeout
+        while AGENT_SERVING not in vm.console_tail(SERVING_LINES):
+            if vm.exited():
+                raise HypervisorError(
+                    f"pool VM {vm.spec.name} exited while it booted: {vm.console_tail(10)}"
+                )
+            if time.monotonic() > deadline:
+                raise HypervisorError(
+                    f"pool VM {vm.spec.name}: the agent did not start within "
+                    f"{self.boot_timeout:g}s: {vm.console_tail(10)}"
+                )
+            await asyncio.sleep(SERVING_POLL)
 
     async def _reap(self, p: PoolVM) -> None:
         """Wait for a handed-over VM to end (QEMU is our child), then remove its

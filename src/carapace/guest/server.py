@@ -23,7 +23,7 @@ from carapace.guest.processes import ProcessService
 from carapace.guest.sandbox import AGENT_VERSION, SandboxService
 from carapace.guest.stdio import StdioService, read_pipe, write_pipe
 from carapace.protocols import agent_pb2 as pb
-from carapace.protocols.contract import AGENT_PORT_NAME, AGENT_SERVICE
+from carapace.protocols.contract import AGENT_PORT_NAME, AGENT_SERVICE, AGENT_SERVING
 from carapace.ttrpc import Code, Server, TtrpcError
 from carapace.ttrpc.errors import CARAPACE_CODES
 
@@ -117,7 +117,7 @@ class Agent:
         host goes away (the port reads end of file), the next one is waited for."""
         self.pod.reaper.install()
         os.makedirs(CONTAINERS_DIR, exist_ok=True)
-        log.info("agent %s serving on virtio port %s", AGENT_VERSION, AGENT_PORT_NAME)
+        log.info("agent %s %s", AGENT_VERSION, AGENT_SERVING)
         port = -1
         while True:
             if port < 0:

@@ -85,6 +85,9 @@ def vm_name(sandbox_id: str) -> str:
     return f"{VM_NAME_PREFIX}{sandbox_id}"
 
 
+#: What the agent says on the console once it serves its port (a pool waits for it).
+AGENT_SERVING = f"serving on virtio port {AGENT_PORT_NAME}"
+
 #: What the names of a VM pool's VMs begin with (``pool_vm_name``).
 POOL_VM_NAME = "pool:"
 
