@@ -287,12 +287,21 @@ GUEST_UP = re.compile(
 )
 #: The steps of that timeline, in the guest's clock (seconds since its kernel started).
 GUEST_STEPS = ("/init started", "agent imported", "early init done")
+#: The agent's line when it opened its port (guest/server.py): the timeline's last step.
+GUEST_PORT = re.compile(r"agent port \S+ opened at ([\d.]+)s after boot")
+PORT_STEP = "agent port opened"
 
 
 def guest_timeline(console: str) -> dict[str, float]:
     """The agent's boot timeline from its console output ({} if it printed none)."""
     m = GUEST_UP.search(console)
-    return {} if m is None else dict(zip(GUEST_STEPS, map(float, m.groups()), strict=True))
+    if m is None:
+        return {}
+    steps = dict(zip(GUEST_STEPS, map(float, m.groups()), strict=True))
+    port = GUEST_PORT.search(console, m.end())
+    if port is not None:
+        steps[PORT_STEP] = float(port.group(1))
+    return steps
 
 
 async def _pod_ready(config: Config, sandbox_id: str, timelines: list[dict[str, float]]) -> float:
@@ -580,7 +589,7 @@ def ratios(results: dict[str, Measurement]) -> dict[str, float | None]:
 
 def timeline_medians(timelines: list[dict[str, float]]) -> dict[str, float]:
     """Each step's median over the pod boots that reported it."""
-    keys = [k for k in timelines[0]] if timelines else []
+    keys = list(dict.fromkeys(k for t in timelines for k in t))
     return {k: round(statistics.median(t[k] for t in timelines if k in t), 3) for k in keys}
 
 

@@ -7,8 +7,10 @@ import asyncio
 import functools
 import logging
 import os
+import sys
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
@@ -16,8 +18,6 @@ from carapace.guest import sysinit
 from carapace.guest.clone import CloneService
 from carapace.guest.containers import ContainerService
 from carapace.guest.crun import CrunError
-from carapace.guest.netlink import NetlinkError
-from carapace.guest.network import NetworkService
 from carapace.guest.pod import CONTAINERS_DIR, Pod
 from carapace.guest.processes import ProcessService
 from carapace.guest.sandbox import AGENT_VERSION, SandboxService
@@ -27,6 +27,9 @@ from carapace.protocols.contract import AGENT_PORT_NAME, AGENT_SERVICE, AGENT_SE
 from carapace.ttrpc import Code, Server, TtrpcError
 from carapace.ttrpc.errors import CARAPACE_CODES
 
+if TYPE_CHECKING:
+    from carapace.guest.network import NetworkService
+
 log = logging.getLogger("carapace.agent")
 
 Handler = Callable[[Any], Awaitable[Message]]
@@ -35,10 +38,24 @@ Handler = Callable[[Any], Awaitable[Message]]
 #: a handler raises is a bug of the agent: logged with its traceback, answered UNKNOWN.
 EXPECTED_ERRORS: tuple[tuple[type[Exception], Code], ...] = (
     (CrunError, Code.INTERNAL),
-    (NetlinkError, Code.INTERNAL),  # the kernel refused: its errno and text
     # carapace's own errors, with the codes the shim answers them with too
     *CARAPACE_CODES,
 )
+#: The module of the network verbs' kernel errors (``NetlinkError``: the kernel refused,
+#: with its errno and text), answered INTERNAL too. Imported with the network service,
+#: the first time a network verb is called (a pod without a network never needs it).
+NETLINK_MODULE = "carapace.guest.netlink"
+
+
+def expected_code(e: Exception) -> Code | None:
+    """The status an expected failure is answered with (None: a bug of the agent)."""
+    for cls, code in EXPECTED_ERRORS:
+        if isinstance(e, cls):
+            return code
+    netlink = sys.modules.get(NETLINK_MODULE)
+    if netlink is not None and isinstance(e, netlink.NetlinkError):
+        return Code.INTERNAL
+    return None
 
 
 def guard(method: str, handler: Handler) -> Handler:
@@ -52,15 +69,40 @@ def guard(method: str, handler: Handler) -> Handler:
         except TtrpcError:
             raise
         except Exception as e:
-            for cls, code in EXPECTED_ERRORS:
-                if isinstance(e, cls):
-                    log.warning("%s failed: %s", method, e)
-                    reason = e.reason if isinstance(e, CrunError) else ""
-                    raise TtrpcError(code, str(e), reason) from e
+            code = expected_code(e)
+            if code is not None:
+                log.warning("%s failed: %s", method, e)
+                reason = e.reason if isinstance(e, CrunError) else ""
+                raise TtrpcError(code, str(e), reason) from e
             log.exception("%s failed", method)
             raise TtrpcError(Code.UNKNOWN, str(e) or type(e).__name__) from e
 
     return run
+
+
+class LazyNetwork:
+    """The network service (guest/network.py and its netlink code), imported and made
+    the first time one of its verbs is called: off the path to "agent ready"."""
+
+    def __init__(self) -> None:
+        self._service: NetworkService | None = None
+
+    def service(self) -> NetworkService:
+        if self._service is None:
+            from carapace.guest.network import NetworkService
+
+            self._service = NetworkService()
+        return self._service
+
+    def verb(self, name: str) -> Handler:
+        """The handler of the service's method ``name``."""
+
+        async def call(req: Any) -> Message:
+            handler: Handler = getattr(self.service(), name)
+            return await handler(req)
+
+        call.__name__ = call.__qualname__ = name
+        return call
 
 
 class Agent:
@@ -72,7 +114,7 @@ class Agent:
         processes = ProcessService(self.pod)
         stdio = StdioService(self.pod)
         sandbox = SandboxService(self.pod, containers)
-        network = NetworkService()
+        network = LazyNetwork()
         clone = CloneService()
         self.server = Server()
         #: (method, request type, handler) of every verb of the agent API
@@ -101,11 +143,11 @@ class Agent:
             ("OnlineCPUMem", pb.OnlineCPUMemRequest, sandbox.online_cpu_mem),
             ("Check", pb.CheckRequest, sandbox.check),
             ("Version", pb.CheckRequest, sandbox.version),
-            ("UpdateInterface", pb.UpdateInterfaceRequest, network.update_interface),
-            ("UpdateRoutes", pb.UpdateRoutesRequest, network.update_routes),
-            ("AddARPNeighbors", pb.AddARPNeighborsRequest, network.add_arp_neighbors),
-            ("ListInterfaces", pb.ListInterfacesRequest, network.list_interfaces),
-            ("ListRoutes", pb.ListRoutesRequest, network.list_routes),
+            ("UpdateInterface", pb.UpdateInterfaceRequest, network.verb("update_interface")),
+            ("UpdateRoutes", pb.UpdateRoutesRequest, network.verb("update_routes")),
+            ("AddARPNeighbors", pb.AddARPNeighborsRequest, network.verb("add_arp_neighbors")),
+            ("ListInterfaces", pb.ListInterfacesRequest, network.verb("list_interfaces")),
+            ("ListRoutes", pb.ListRoutesRequest, network.verb("list_routes")),
             ("ReseedRandomDev", pb.ReseedRandomDevRequest, clone.reseed_random_dev),
             ("SetGuestDateTime", pb.SetGuestDateTimeRequest, clone.set_guest_date_time),
         )
@@ -130,6 +172,8 @@ class Agent:
                 # (a host that connected just then lost its first request: seen with a
                 # VM that waited in a pool between two hosts)
                 port = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                # the boot timeline's last step (the guest clock starts with the kernel)
+                log.info("agent port %s opened at %.2fs after boot", path, time.monotonic())
             try:
                 reader = await read_pipe(os.dup(port))
                 writer = await write_pipe(os.dup(port))

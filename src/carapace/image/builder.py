@@ -428,7 +428,8 @@ class InitramfsTree:
 #: Isolated (-I: no PYTHON* variables from the kernel command line, no script directory
 #: on sys.path) and without site (-S). The garbage collector is off while the agent's
 #: modules load (a collection then would find nothing to free), and what they made is
-#: frozen: it lives as long as the agent, so later collections never scan it.
+#: frozen: it lives as long as the agent, so later collections never scan it. Modules
+#: the boot path never uses are deferred (``carapace.guest.DEFERRED_IMPORTS``).
 INIT_SCRIPT = f"""#!{GUEST_PYTHON} -IS
 import gc
 import time
@@ -436,6 +437,8 @@ started = time.monotonic()
 gc.disable()
 import sys
 sys.path.insert(0, "{GUEST_LIB}")
+from carapace.guest import defer_imports
+defer_imports()
 from carapace.guest.agent import main
 gc.freeze()
 gc.enable()
