@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carapace import annotations as pod_annotations
+import carapace.annotations as pod_annotations
 from carapace import hostinfo, resources, sizing
 from carapace.config import Config, HypervisorConfig
 from carapace.errors import InvalidArgument, shown
