@@ -5,9 +5,11 @@ child before exec (join cgroups, set limits, die with the owner)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,3 +59,18 @@ async def spawn_logged(
         )
     finally:
         log_file.close()
+
+
+def listen_unix(path: Path, backlog: int = 4) -> socket.socket:
+    """A unix socket listening at ``path``, mode 0600 before it listens."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale one (an earlier VM of a run dir, a pool that died)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

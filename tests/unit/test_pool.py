@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from carapace.factory import template_key
 from carapace.factory.pool import (
     MAX_LINE,
     Handover,
+    VMPool,
     decode_line,
     encode_line,
     pool_key,
@@ -27,11 +29,12 @@ from carapace.factory.pool import (
     receive_message,
     send_message,
     socket_target,
+    status,
     take,
     why_not_pooled,
 )
 from carapace.guest import ALL_MODULES_PARAM
-from carapace.hypervisor import TapNic, VMSpec, vm_command_line
+from carapace.hypervisor import VM, TapNic, VMSpec, vm_command_line
 from carapace.hypervisor.qemu.vm import UNKNOWN_STATUS, AdoptedProcess
 from carapace.protocols.contract import ID_RE, is_pool_vm_name, pool_vm_name, vm_name
 from carapace.sandbox.restore import MAX_CLONE_NICS, pool_base
@@ -237,3 +240,39 @@ def test_an_abandoned_handover_kills_its_vm() -> None:
             child.kill()
             child.wait()
         b.close()
+
+
+def test_one_pool_per_endpoint_serving_its_status(tmp_path: Path) -> None:
+    """The pool's serving side with VMs that never boot: its socket is 0600, it answers
+    status and refuses a take saying why, a second pool on the endpoint is refused, and
+    stopping removes the socket and the pool's directory."""
+
+    def no_vm(binary: str, spec: VMSpec, die_with_owner: bool) -> VM:
+        raise OSError("no VM in a unit test")
+
+    def new_pool() -> VMPool:
+        return VMPool(
+            "/usr/bin/qemu", spec(), "k" * 24, 1, tmp_path / ".pool", tmp_path, no_vm, 5.0
+        )
+
+    endpoint = tmp_path / "vmcache.sock"
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        first = asyncio.ensure_future(new_pool().run(endpoint, stop))
+        for _ in range(200):
+            if endpoint.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert stat.S_IMODE(endpoint.stat().st_mode) == 0o600
+        st = await asyncio.to_thread(status, endpoint)
+        assert (st["ok"], st["ready"], st["key"]) == (True, 0, "k" * 24)
+        with pytest.raises(CarapaceError, match="another VM shape"):
+            await asyncio.to_thread(take, endpoint, "other", tmp_path / "a", tmp_path / "q")
+        with pytest.raises(CarapaceError, match=f"a VM pool serves {endpoint} already"):
+            await new_pool().run(endpoint, asyncio.Event())
+        stop.set()
+        await asyncio.wait_for(first, 10)
+        assert not endpoint.exists() and not (tmp_path / ".pool").exists()
+
+    asyncio.run(main())

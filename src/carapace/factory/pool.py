@@ -38,6 +38,7 @@ import array
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from carapace.daemons import listen_unix
 from carapace.errors import CarapaceError, HypervisorError, InvalidArgument
 from carapace.factory.template import command_line_key, file_identity, loading_all_modules
 from carapace.hypervisor import VM, VMSpec
@@ -304,12 +306,23 @@ class VMPool:
     async def run(self, endpoint: Path, stop: asyncio.Event) -> None:
         """Serve on ``endpoint`` and keep the pool full until ``stop`` is set; then
         kill the VMs still held and remove the pool's directory."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         endpoint.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            endpoint.unlink()  # a stale one: a live pool would still hold its lock
-        server = await asyncio.start_unix_server(self._serve, path=str(endpoint))
-        os.chmod(endpoint, 0o600)
+        lock = os.open(f"{endpoint}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise CarapaceError(f"a VM pool serves {endpoint} already") from None
+        try:
+            await self._run(endpoint, stop)
+        finally:
+            os.close(lock)  # the lock file stays: another pool may be waiting on it
+
+    async def _run(self, endpoint: Path, stop: asyncio.Event) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # a stale socket of a pool that died is replaced (a live one holds the lock);
+        # mode 0600 before it listens (listen_unix)
+        server = await asyncio.start_unix_server(self._serve, sock=listen_unix(endpoint))
         filler = asyncio.ensure_future(self._fill(stop))
         log.info("VM pool of %d (key %s) serving on %s", self.size, self.key, endpoint)
         try:

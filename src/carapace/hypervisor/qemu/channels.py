@@ -8,12 +8,10 @@ end the host reads into a capped log (``hypervisor.console``).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
+from carapace.daemons import listen_unix
 from carapace.hypervisor.base import VMSpec
 
 
@@ -24,21 +22,6 @@ class ChannelFds:
     agent: int  # listening: the agent's virtio-serial port
     qmp: int  # listening: the QMP monitor
     console: int  # connected: the serial console
-
-
-def listen_unix(path: Path, backlog: int = 4) -> socket.socket:
-    """A unix socket listening at ``path``, mode 0600 before it listens."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a stale one of an earlier VM of this run dir
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 @dataclass
