@@ -219,14 +219,18 @@ def test_an_abandoned_handover_kills_its_vm() -> None:
     child = subprocess.Popen(["sleep", "60"])
     a, b = socket.socketpair()
     try:
-        h = Handover(child.pid, os.pidfd_open(child.pid), a, "carapace-pool:1:1")
+        agent, agent_peer = socket.socketpair()
+        h = Handover(child.pid, os.pidfd_open(child.pid), a, "carapace-pool:1:1", agent)
         h.abandon()
         assert child.wait(10) == -signal.SIGKILL
-        assert h.pidfd == -1 and a.fileno() == -1
+        assert h.pidfd == -1 and a.fileno() == -1 and agent.fileno() == -1
+        assert agent_peer.recv(1) == b""  # the agent connection is closed too
+        agent_peer.close()
         # given away first: abandon leaves the VM alone
         child2 = subprocess.Popen(["sleep", "60"])
         c, d = socket.socketpair()
-        h2 = Handover(child2.pid, os.pidfd_open(child2.pid), c, "carapace-pool:1:2")
+        agent2, _peer2 = socket.socketpair()
+        h2 = Handover(child2.pid, os.pidfd_open(child2.pid), c, "carapace-pool:1:2", agent2)
         pid, pidfd, console = h2.give()
         h2.abandon()
         assert child2.poll() is None and pid == child2.pid
@@ -235,6 +239,7 @@ def test_an_abandoned_handover_kills_its_vm() -> None:
         child2.kill()
         child2.wait()
         d.close()
+        _peer2.close()
     finally:
         if child.poll() is None:
             child.kill()

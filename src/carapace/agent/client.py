@@ -12,6 +12,7 @@ import asyncio
 import collections
 import json
 import logging
+import socket
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -44,6 +45,12 @@ class AgentClient:
         self._oom_poll: asyncio.Task[None] | None = None
         self._bad_oom = RateLimitedLog(log)
         self._oom_dropped = RateLimitedLog(log)
+
+    @classmethod
+    async def over(cls, sock: socket.socket) -> AgentClient:
+        """A client on a connection made already (a pool VM's, handed over)."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(Client(reader, writer))
 
     @classmethod
     async def connect(cls, socket_path: str, attempts: int = 100) -> AgentClient:

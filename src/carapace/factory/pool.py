@@ -10,16 +10,14 @@ A pool VM has the shape a VM template has (``pool_vm_spec``): no NIC and no virt
 device (the pod hot-adds its own), free PCIe root ports for them, every on-demand
 kernel module loaded. What a handover moves:
 
-- the VM's agent and QMP sockets: renamed from the pool's directory into the pod's run
-  dir. The pool closes its QMP connection first (QEMU accepts the pod's), and never
-  connects to the agent: it knows the agent is up from its line on the console
-  (``AGENT_SERVING``), so the pod's connection is the agent's first, as in a boot of
-  the pod's own (a second host on the agent's port once lost its first request: the
-  agent closed and reopened the port between hosts, and a close throws away what the
-  host sent; the agent now holds the port open);
+- the VM's agent and QMP socket files, renamed into the pod's run dir (the pool closes
+  its QMP connection first; QEMU accepts the pod's);
 - over the socket (SCM_RIGHTS): a pidfd of QEMU (the pod signals and waits through
-  it, never by a pid that could be reused) and the host end of the VM's serial console
-  (the pod reads it into its own console log from then on).
+  it, never by a pid that could be reused), the host end of the VM's serial console,
+  and the pool's connection to the agent, made as QEMU started and never used: the
+  agent's first and only host, as in a pod's own boot (a second host on the agent's
+  port was seen to lose its first request). The pool knows the agent is up from its
+  line on the console (``AGENT_SERVING``).
 
 The pod then joins QEMU to its host cgroups, sets its file limit, hot-adds its share
 and NICs, reseeds the guest's CRNG and sets its clock, as a pod restored from a
@@ -27,9 +25,8 @@ template does. QEMU stays the pool's child (the pool reaps it when the pod ends 
 it is started without "die with the owner", so a pod's VM outlives a restart of the
 pool, and the pool kills the VMs it still holds when it stops.
 
-The protocol: one JSON line from the pod (``{"op": "take", "key", "agent_socket",
-"qmp_socket"}`` or ``{"op": "status"}``), one JSON line back (``{"ok": true, ...}``
-or ``{"ok": false, "error": ...}``), with the two fds on a taken VM's answer.
+The protocol: one JSON line each way (``{"op": "take" or "status", ...}``, then
+``{"ok": ..., ...}``), the three fds with a taken VM's answer.
 """
 
 from __future__ import annotations
@@ -158,7 +155,7 @@ def send_message(sock: socket.socket, message: dict[str, object], fds: list[int]
         sock.sendall(data)
 
 
-def receive_message(sock: socket.socket, max_fds: int = 2) -> tuple[dict[str, object], list[int]]:
+def receive_message(sock: socket.socket, max_fds: int = 3) -> tuple[dict[str, object], list[int]]:
     """One message and the fds that came with it (blocking; the caller set a timeout)."""
     data = b""
     fds: list[int] = []
@@ -190,12 +187,14 @@ def receive_message(sock: socket.socket, max_fds: int = 2) -> tuple[dict[str, ob
 @dataclass
 class Handover:
     """A pool VM handed to a pod: QEMU's pid and a pidfd of it, the host end of its
-    serial console, and the name QEMU runs under (its ``-name``)."""
+    serial console, the name QEMU runs under (its ``-name``), and the connection to
+    its agent (made when QEMU started, never used by the pool)."""
 
     pid: int
     pidfd: int
     console: socket.socket
     vm_name: str
+    agent: socket.socket
 
     def give(self) -> tuple[int, int, int]:
         """(pid, pidfd, console fd) for the VM object that takes them over
@@ -216,6 +215,7 @@ class Handover:
             os.close(self.pidfd)
             self.pidfd = -1
         self.console.close()
+        self.agent.close()
 
 
 def take(endpoint: Path, key: str, agent_socket: Path, qmp_socket: Path) -> Handover:
@@ -232,13 +232,13 @@ def take(endpoint: Path, key: str, agent_socket: Path, qmp_socket: Path) -> Hand
         if not answer.get("ok"):
             raise CarapaceError(f"the VM pool: {answer.get('error', 'no reason given')}")
         pid, name = answer.get("pid"), answer.get("vm_name")
-        if len(fds) != 2 or not isinstance(pid, int) or not isinstance(name, str):
-            raise CarapaceError(f"the VM pool answered {answer} with {len(fds)} fds; expected 2")
+        if len(fds) != 3 or not isinstance(pid, int) or not isinstance(name, str):
+            raise CarapaceError(f"the VM pool answered {answer} with {len(fds)} fds; expected 3")
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return Handover(pid, fds[0], socket.socket(fileno=fds[1]), name)
+    return Handover(pid, fds[0], socket.socket(fileno=fds[1]), name, socket.socket(fileno=fds[2]))
 
 
 def status(endpoint: Path) -> dict[str, object]:
@@ -270,6 +270,9 @@ def _ask(endpoint: Path, request: dict[str, object]) -> tuple[dict[str, object],
 class PoolVM:
     vm: VM
     dir: Path
+    #: The connection to the agent's port, made as QEMU starts (as a pod's own boot
+    #: does) and handed to the pod unused: the agent's first and only host.
+    agent: socket.socket | None = None
 
 
 class VMPool:
@@ -370,6 +373,8 @@ class VMPool:
         p = PoolVM(vm, vm_dir)
         try:
             await vm.start()
+            p.agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            p.agent.connect(str(spec.agent_socket))  # QEMU listens: at once
             await self._wait_serving(vm)
             await vm.close_qmp()  # the pod connects its own
         except BaseException:
@@ -403,6 +408,8 @@ class VMPool:
             shutil.rmtree(p.dir, ignore_errors=True)
 
     async def _discard(self, p: PoolVM) -> None:
+        if p.agent is not None:
+            p.agent.close()
         p.vm.kill()
         with contextlib.suppress(Exception):
             await p.vm.stop(1)
@@ -462,16 +469,19 @@ class VMPool:
         p = self.ready.pop(0)
         self._wake.set()
         try:
+            assert p.agent is not None
+            agent = os.dup(p.agent.fileno())
             pid, pidfd, console = await p.vm.hand_over()
         except BaseException:
             await self._discard(p)
             raise
+        p.agent.close()
         try:
             os.rename(p.vm.spec.agent_socket, agent_to)
             os.rename(p.vm.spec.qmp_socket, qmp_to)
         except OSError:
-            os.close(pidfd)
-            os.close(console)
+            for fd in (pidfd, console, agent):
+                os.close(fd)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             raise
@@ -479,12 +489,12 @@ class VMPool:
         self._handed = {f for f in self._handed if not f.done()}
         self.taken += 1
         log.info("pool VM %s (pid %d) handed over", p.vm.spec.name, pid)
-        return {"ok": True, "pid": pid, "vm_name": p.vm.spec.vm_name}, [pidfd, console]
+        answer: dict[str, object] = {"ok": True, "pid": pid, "vm_name": p.vm.spec.vm_name}
+        return answer, [pidfd, console, agent]
 
 
 def _send_now(sock: socket.socket, answer: dict[str, object], fds: list[int]) -> None:
-    """Send on a stream's socket (through a copy of its fd: sendmsg carries the fds).
-    The stream has written nothing and an answer is a few hundred bytes, so the empty
-    socket buffer takes it at once, though the socket does not block."""
+    """Send on a stream's socket through a copy of its fd (sendmsg carries the fds):
+    a few hundred bytes, which its empty buffer takes at once, blocking or not."""
     with socket.socket(fileno=os.dup(sock.fileno())) as dup:
         send_message(dup, answer, fds)

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -191,6 +192,16 @@ class Taken:
     handover: Handover
     spec: VMSpec
     nics: tuple[TapNic, ...]
+    #: The agent connection the pool made at the VM's start, once the pod has it.
+    agent: socket.socket | None = None
+
+    async def connect_agent(self, _path: str) -> AgentClient:
+        """The pod's client of the VM's agent: on the pool's connection, the agent's
+        first and only host (a second host on its port may lose its first request)."""
+        sock, self.agent = self.agent, None
+        if sock is None:
+            raise CarapaceError("the pool VM's agent connection was used already")
+        return await AgentClient.over(sock)
 
 
 async def adopt(
@@ -207,6 +218,7 @@ async def adopt(
     record.qemu_pid, record.qemu_name = h.pid, h.vm_name
     record.save()
     pid = await vm.adopt(*h.give())
+    taken.agent = socket.socket(fileno=h.agent.detach())
     placement.adopt_vm(pid)
     if files_limit is not None:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (files_limit, files_limit))

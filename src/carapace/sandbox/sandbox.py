@@ -248,7 +248,9 @@ class Sandbox(ContainerVerbs):
             if restore is not None:
                 agent = self.agent = await restore.resume(vm, self._connect_agent)
             elif taken is not None:
-                agent = self.agent = await make_it_the_pods(vm, taken.nics, self._connect_agent)
+                agent = self.agent = await make_it_the_pods(
+                    vm, taken.nics, lambda v: self._connect_agent(v, taken.connect_agent)
+                )
             else:
                 agent = self.agent = await self._connect_agent(vm)
             self.network.close_fds()
@@ -305,14 +307,18 @@ class Sandbox(ContainerVerbs):
             )
             self.vm.kill()
 
-    async def _connect_agent(self, vm: VM) -> AgentClient:
-        """Connect to the agent and wait for it to answer (or the VM to die)."""
+    async def _connect_agent(
+        self, vm: VM, connect: Callable[[str], Awaitable[AgentClient]] | None = None
+    ) -> AgentClient:
+        """Connect to the agent (by ``connect``, else at its socket) and wait for it to
+        answer (or the VM to die)."""
         timeout = self.config.hypervisor.boot_timeout
 
         def keep(agent: AgentClient) -> None:
             self.agent = agent
 
-        return await answering_agent(vm, self.parts.connect_agent, keep, timeout, self.id)
+        how = connect or self.parts.connect_agent
+        return await answering_agent(vm, how, keep, timeout, self.id)
 
     @requires(Runstate.RUNNING)
     async def add_interface(self, netns: str, name: str) -> pb.Interface:
