@@ -53,13 +53,27 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
         raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
 
 
-def bind_mount(source: str, target: str, readonly: bool = False, recursive: bool = True) -> None:
+def bind_mount(
+    source: str,
+    target: str,
+    readonly: bool = False,
+    recursive: bool = True,
+    readonly_below: bool = True,
+    propagation: int = 0,
+) -> None:
     """Bind ``source`` at ``target`` (with the mounts below it when ``recursive``),
-    nosuid and nodev, read-only when asked: the bind and every mount below it. The bind
-    is cloned detached, given its attributes, then moved into place (open_tree,
-    mount_setattr, move_mount), so every copy that propagates from ``target`` (a
-    guest-visible view, a file daemon's namespace) has them too."""
-    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
+    nosuid and nodev, read-only when asked: the bind itself, and every mount below it
+    unless ``readonly_below`` is false (runc's ``ro``, which is not recursive: the
+    mounts below keep their own flags). ``propagation`` (``MS_PRIVATE``, ``MS_SLAVE``;
+    0 leaves the clone in its source's peer group) is set on every mount of the clone
+    before it is attached: a private clone never sees a mount the host makes later
+    under ``source``, a slave clone does. The bind is cloned detached, given its
+    attributes, then moved into place (open_tree, mount_setattr, move_mount), so every
+    copy that propagates from ``target`` (a guest-visible view, a file daemon's
+    namespace) has them too."""
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+    if readonly and readonly_below:
+        attrs |= MOUNT_ATTR_RDONLY
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     fd = _libc.syscall(
         _SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), source.encode(), ctypes.c_uint(flags)
@@ -68,7 +82,10 @@ def bind_mount(source: str, target: str, readonly: bool = False, recursive: bool
         err = ctypes.get_errno()
         raise OSError(err, f"open_tree {source}: {os.strerror(err)}")
     try:
-        _setattr(fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, attrs, f"bind of {source}")
+        what = f"bind of {source}"
+        _setattr(fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, attrs, what, propagation)
+        if readonly and not readonly_below:
+            _setattr(fd, b"", AT_EMPTY_PATH, MOUNT_ATTR_RDONLY, what)
         if not os.path.lexists(target):
             os.makedirs(target)
         rc = _libc.syscall(
@@ -124,8 +141,10 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def _setattr(dirfd: int, path: bytes, flags: int, attr_set: int, what: str) -> None:
-    attr = _MountAttr(attr_set, 0, 0, 0)
+def _setattr(
+    dirfd: int, path: bytes, flags: int, attr_set: int, what: str, propagation: int = 0
+) -> None:
+    attr = _MountAttr(attr_set, 0, propagation, 0)
     rc = _libc.syscall(
         _SYS_MOUNT_SETATTR,
         ctypes.c_int(dirfd),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from carapace.errors import InvalidArgument
+from carapace.linux import MS_PRIVATE, MS_SLAVE
 from carapace.oci.bundle import Mount, Spec
 from carapace.oci.spec import default_spec
 from carapace.protocols import contract
@@ -24,16 +25,25 @@ class FakeMounts:
     def __init__(self, record: SandboxRecord) -> None:
         self.record = record
         self.binds: list[tuple[str, str, bool, bool]] = []
+        #: (target, readonly_below, propagation) of each bind
+        self.bind_modes: list[tuple[str, bool, int]] = []
         self.shared: list[str] = []
         self.slaves: list[str] = []
         self.unmounted: list[str] = []
 
     def bind_mount(
-        self, source: str, target: str, readonly: bool = False, recursive: bool = True
+        self,
+        source: str,
+        target: str,
+        readonly: bool = False,
+        recursive: bool = True,
+        readonly_below: bool = True,
+        propagation: int = 0,
     ) -> None:
         assert os.path.lexists(target), "the target is made before the bind"
         assert target in SandboxRecord.load(Path(self.record.run_dir)).mounts, "recorded first"
         self.binds.append((source, target, readonly, recursive))
+        self.bind_modes.append((target, readonly_below, propagation))
 
     def make_shared(self, target: str) -> None:
         self.shared.append(target)
@@ -57,6 +67,7 @@ def share(tmp_path: Path) -> PodShare:
     s = PodShare(run / "shared", record, FakeMounts(record), (str(tmp_path / "own"),))
     s.create()
     s.mounts.binds.clear()  # type: ignore[attr-defined]
+    s.mounts.bind_modes.clear()  # type: ignore[attr-defined]
     return s
 
 
@@ -81,6 +92,18 @@ def test_volumes_are_bound_into_the_share_and_the_guest_gets_their_paths(
             "source": str(hosts),
             "options": ["bind", "rprivate", "rw"],
         },
+        {
+            "destination": "/late",
+            "type": "bind",
+            "source": str(data),
+            "options": ["rbind", "rslave"],
+        },
+        {
+            "destination": "/all-ro",
+            "type": "bind",
+            "source": str(data),
+            "options": ["rbind", "rro"],
+        },
     ]
     mounts, storages = share.share_volumes("c1", Spec.from_dict(spec).mounts)
     by_dest = {m.destination: m for m in mounts}
@@ -90,23 +113,37 @@ def test_volumes_are_bound_into_the_share_and_the_guest_gets_their_paths(
     assert by_dest["/etc/hosts"] == Mount(
         "/etc/hosts", "bind", "/run/carapace/shared/c1/volumes/1", ("rbind", "rw")
     )
+    assert by_dest["/late"].options == ("rbind",)
+    assert by_dest["/all-ro"].options == ("rbind", "ro")
     assert by_dest["/proc"].type == "proc"  # guest mounts pass as they are
     assert storages == []
     binds = fakes(share).binds
     # made in the host's view; the VM's view gets them by propagation
     target0 = str(share.source_dir / "c1" / "volumes" / "0")
     target1 = str(share.source_dir / "c1" / "volumes" / "1")
+    target2 = str(share.source_dir / "c1" / "volumes" / "2")
+    target3 = str(share.source_dir / "c1" / "volumes" / "3")
     # bound through /proc/self/fd/N of the source opened without following symlinks
     assert [(t, ro, rec) for _, t, ro, rec in binds] == [
         (target0, True, True),
         (target1, False, False),
+        (target2, False, True),
+        (target3, True, True),
+    ]
+    # ro alone leaves the mounts below the bind as they are (runc's ro), rro does not;
+    # a volume follows the host's later mounts only under rslave
+    assert fakes(share).bind_modes == [
+        (target0, False, MS_PRIVATE),
+        (target1, False, MS_PRIVATE),
+        (target2, False, MS_SLAVE),
+        (target3, True, MS_PRIVATE),
     ]
     assert all(s.startswith("/proc/self/fd/") for s, _, _, _ in binds)
     assert Path(target0).is_dir() and Path(target1).is_file()
     views = [str(share.source_dir), str(share.shared_dir)]
-    assert share.record.mounts == [*views, target0, target1]
+    assert share.record.mounts == [*views, target0, target1, target2, target3]
     share.unshare("c1")
-    assert fakes(share).unmounted == [target1, target0]
+    assert fakes(share).unmounted == [target3, target2, target1, target0]
     assert share.record.mounts == views and not (share.source_dir / "c1").exists()
 
 

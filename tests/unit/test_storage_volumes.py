@@ -76,10 +76,54 @@ def test_refused_sources_name_the_mount(source: str, why: str) -> None:
     assert why in str(e.value) and "accepted:" in str(e.value)
 
 
-@pytest.mark.parametrize("prop", ["shared", "rshared", "slave", "rslave", "unbindable"])
+@pytest.mark.parametrize("prop", ["shared", "rshared", "unbindable", "runbindable"])
 def test_propagation_the_share_cannot_honour_is_refused(prop: str) -> None:
-    with pytest.raises(InvalidArgument, match=f"propagation '{prop}'.*accepted: private, rprivate"):
+    with pytest.raises(InvalidArgument) as e:
         plan(bind("/srv/data", "/d", prop))
+    msg = str(e.value)
+    assert msg.startswith(f"mount at /d (source /srv/data): propagation '{prop}'"), msg
+    assert "cannot reach the host; accepted: rprivate (None), rslave (HostToContainer)" in msg
+    assert ("(Kubernetes mountPropagation Bidirectional)" in msg) == prop.endswith("shared")
+
+
+@pytest.mark.parametrize("prop", ["slave", "rslave"])
+def test_slave_propagation_follows_the_host(prop: str) -> None:
+    p = plan(bind("/srv/data", "/d", prop, "ro"))
+    (b,) = p.binds
+    assert (b.follows_host, b.readonly, b.readonly_below) == (True, True, False)
+    # a mount the host makes later may be writable: the host enforces ro, not the guest
+    assert p.mounts == (Mount("/d", "bind", "", ("rbind",)),)
+
+
+def test_recursive_readonly_with_slave_propagation_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match=r"'rro'.*'rslave'.*accepted: 'rro' with rprivate"):
+        plan(bind("/srv/data", "/d", "rslave", "rro"))
+
+
+def test_slave_propagation_on_a_memory_volume_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match=r"memory-backed volume.*accepted: rprivate \(None\)"):
+        plan(bind("/k/pods/u/volumes/kubernetes.io~empty-dir/mem", "/d", "rslave"))
+
+
+@pytest.mark.parametrize(
+    ("options", "submounts", "below", "guest_ro"),
+    [
+        (("rbind", "ro"), False, False, True),  # nothing below: the guest may say ro too
+        (("rbind", "ro"), True, False, False),  # a writable submount below: host enforces
+        (("bind", "ro"), True, False, True),  # non-recursive bind: no submount carried
+        (("rbind", "rro"), True, True, True),  # recursive read-only
+        (("rbind", "rw"), True, False, False),
+    ],
+)
+def test_read_only_as_runc_does_it(
+    options: tuple[str, ...], submounts: bool, below: bool, guest_ro: bool
+) -> None:
+    facts = {"/srv/sub": SourceFacts("/srv/sub", "dir", has_submounts=submounts)}
+    p = plan_mounts([Mount("/d", "bind", "/srv/sub", options)], facts.__getitem__, ())
+    (b,) = p.binds
+    assert (b.readonly_below, b.guest_readonly) == (below, guest_ro)
+    assert ("ro" in p.mounts[0].options) == guest_ro
+    assert "rro" not in p.mounts[0].options  # the guest's crun gets plain ro
 
 
 def test_private_propagation_and_host_only_options_are_taken() -> None:
@@ -144,7 +188,7 @@ def test_guest_paths_are_refused_as_sources() -> None:
     ("text", "mount"),
     [
         ("/srv:/data", Mount("/data", "bind", "/srv", ("rbind", "rw"))),
-        ("/srv:/data:ro", Mount("/data", "bind", "/srv", ("rbind", "ro"))),
+        ("/srv:/data:ro", Mount("/data", "bind", "/srv", ("rbind", "rro"))),
         ("/srv/f:/etc/f:rw", Mount("/etc/f", "bind", "/srv/f", ("rbind", "rw"))),
     ],
 )
@@ -160,6 +204,6 @@ def test_parse_volume_refuses(text: str) -> None:
 
 def test_volume_mounts_from_the_python_api() -> None:
     assert volume_mounts({"/srv": "/data:ro", "/etc/app": "/etc/app"}) == (
-        Mount("/data", "bind", "/srv", ("rbind", "ro")),
+        Mount("/data", "bind", "/srv", ("rbind", "rro")),
         Mount("/etc/app", "bind", "/etc/app", ("rbind", "rw")),
     )

@@ -5,7 +5,8 @@ container: its rootfs (``<run dir>/shared/<container>/rootfs``) and its bind vol
 
 Every mount is recorded in the sandbox's state before it is made, so a dead owner's
 mounts are found and released (``state.release``). Every bind is nodev and nosuid,
-read-only (with every mount below it) where asked; a source is opened once without
+read-only where asked (the bind for ``ro``, every mount below it too for ``rro``),
+private or, for ``rslave``, a slave of the source's mount; a source is opened once without
 following symlinks and bound through its file descriptor, so what was checked is what
 is bound.
 """
@@ -98,7 +99,13 @@ class Mounts(Protocol):
     """The host mount calls sharing makes (``carapace.linux`` on a real host)."""
 
     def bind_mount(
-        self, source: str, target: str, readonly: bool = False, recursive: bool = True
+        self,
+        source: str,
+        target: str,
+        readonly: bool = False,
+        recursive: bool = True,
+        readonly_below: bool = True,
+        propagation: int = 0,
     ) -> None: ...
 
     def make_shared(self, target: str) -> None: ...
@@ -114,9 +121,15 @@ class HostMounts:
     """The real host's mount calls."""
 
     def bind_mount(
-        self, source: str, target: str, readonly: bool = False, recursive: bool = True
+        self,
+        source: str,
+        target: str,
+        readonly: bool = False,
+        recursive: bool = True,
+        readonly_below: bool = True,
+        propagation: int = 0,
     ) -> None:
-        linux.bind_mount(source, target, readonly=readonly, recursive=recursive)
+        linux.bind_mount(source, target, readonly, recursive, readonly_below, propagation)
 
     def make_shared(self, target: str) -> None:
         linux.make_shared(target)
@@ -222,7 +235,12 @@ class PodShare:
                 self._record_mount(str(target))
                 made.append(str(target))
                 self.mounts.bind_mount(
-                    f"/proc/self/fd/{fd}", str(target), readonly=b.readonly, recursive=b.recursive
+                    f"/proc/self/fd/{fd}",
+                    str(target),
+                    readonly=b.readonly,
+                    recursive=b.recursive,
+                    readonly_below=b.readonly_below,
+                    propagation=linux.MS_SLAVE if b.follows_host else linux.MS_PRIVATE,
                 )
             finally:
                 os.close(fd)

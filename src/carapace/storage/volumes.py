@@ -8,8 +8,16 @@ or refused with an error naming it. Nothing is dropped:
 - **guest mounts** (proc, sysfs, tmpfs, devpts, mqueue, cgroup): made by crun in the
   guest as the spec says;
 - **shared binds**: a host directory or regular file, bound into the share
-  (``<shared>/<container>/volumes/<n>``, nodev and nosuid; read-only, recursively,
-  when the spec says ``ro``) and bound from there in the guest;
+  (``<shared>/<container>/volumes/<n>``, nodev and nosuid) and bound from there in the
+  guest. Read-only as runc does it: ``ro`` makes the bind read-only and leaves the
+  mounts below it (``rbind``) with their own flags (CRI's non-recursive read-only);
+  ``rro`` makes them read-only too. Where a writable mount lies below a read-only
+  bind, the host's mounts enforce it and the guest's bind stays writable, since the
+  guest sees the volume as one filesystem. Propagation as kubelet asks: ``rprivate``
+  (mountPropagation None, and the default) never shows a mount the host makes later
+  under the source; ``rslave`` (HostToContainer) does, through the share;
+  ``rshared`` (Bidirectional) is refused: a mount made in the VM cannot reach the
+  host;
 - **ephemeral**: a bind of a host tmpfs that the engine made as the pod's memory
   (CRI's and Docker's ``/dev/shm``, kubelet's emptyDir ``medium: Memory``) becomes a
   tmpfs in the guest of the same size, one per pod and source, shared by the pod's
@@ -35,9 +43,21 @@ from carapace.protocols import contract
 
 #: Mount types crun makes in the guest without a host path.
 GUEST_MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2")
-#: Propagation options the share honours: a volume's mounts never propagate (the
-#: guest has its own mount table; a host mount made later under a volume is not seen).
-PROPAGATION_SUPPORTED = ("private", "rprivate")
+#: Propagation options the share honours: private (a host mount made later under a
+#: volume is not seen) and slave (it is, through the share). A mount made in the guest
+#: never reaches the host: the guest has its own mount table.
+PROPAGATION_SUPPORTED = ("private", "rprivate", "slave", "rslave")
+#: Propagation options under which a volume follows the host's later mounts.
+FOLLOWS_HOST = ("slave", "rslave")
+#: Kubernetes' names of the propagation options (for error messages).
+KUBERNETES_PROPAGATION = {
+    "rprivate": "None",
+    "rslave": "HostToContainer",
+    "rshared": "Bidirectional",
+    "shared": "Bidirectional",
+}
+#: Recursive read-only (runc's ``rro``): every mount below the bind read-only too.
+RECURSIVE_READONLY = "rro"
 PROPAGATION_OPTIONS = (
     "private",
     "rprivate",
@@ -51,7 +71,7 @@ PROPAGATION_OPTIONS = (
 #: Host trees a volume may not be, nor lie in.
 FORBIDDEN_TREES = ("/proc", "/sys", "/dev")
 #: Options of a bind that are for the host's mount call, not for the guest's.
-HOST_ONLY_OPTIONS = frozenset({"bind", "rbind", *PROPAGATION_OPTIONS})
+HOST_ONLY_OPTIONS = frozenset({"bind", "rbind", "ro", RECURSIVE_READONLY, *PROPAGATION_OPTIONS})
 #: kubelet's directory of a pod's emptyDir volumes.
 EMPTY_DIR_MARK = "/volumes/kubernetes.io~empty-dir/"
 
@@ -65,6 +85,7 @@ class SourceFacts:
     on_tmpfs: bool = False
     size_bytes: int = 0  # the filesystem's size (a tmpfs's size= limit)
     mode: int = 0o755  # the directory's permission bits
+    has_submounts: bool = False  # a mount lies below the source
 
 
 def probe_source(path: str) -> SourceFacts:
@@ -95,6 +116,7 @@ def probe_source(path: str) -> SourceFacts:
         on_tmpfs=linux.fs_type(real) == "tmpfs",
         size_bytes=vfs.f_blocks * vfs.f_frsize,
         mode=stat.S_IMODE(m),
+        has_submounts=kind == "dir" and any(p != real for p in linux.mounts_under(real)),
     )
 
 
@@ -107,6 +129,20 @@ class SharedBind:
     is_dir: bool
     readonly: bool
     recursive: bool
+    #: ``rro``: the mounts below the bind read-only too (``ro`` alone: the bind only)
+    readonly_below: bool = False
+    #: ``rslave``: a mount the host makes later under the source is seen
+    follows_host: bool = False
+    #: a mount lay below the source when it was shared
+    has_submounts: bool = False
+
+    @property
+    def guest_readonly(self) -> bool:
+        """Whether the guest's bind may be read-only too: only where nothing writable
+        can be below it (the guest sees the volume as one filesystem)."""
+        if not self.readonly or self.follows_host:
+            return False
+        return self.readonly_below or not self.recursive or not self.has_submounts
 
     def host_target(self, container_dir: str) -> str:
         return f"{container_dir}/volumes/{self.index}"
@@ -174,10 +210,19 @@ def check_source(m: Mount, facts: SourceFacts, own_dirs: Iterable[str]) -> None:
 def check_propagation(m: Mount) -> None:
     for o in m.options:
         if o in PROPAGATION_OPTIONS and o not in PROPAGATION_SUPPORTED:
+            k8s = KUBERNETES_PROPAGATION.get(o)
+            named = f" (Kubernetes mountPropagation {k8s})" if k8s else ""
             raise InvalidArgument(
-                f"{_where(m)}: propagation {o!r} cannot be honoured across the VM "
-                f"boundary; accepted: {', '.join(PROPAGATION_SUPPORTED)}"
+                f"{_where(m)}: propagation {o!r}{named} cannot be honoured: a mount made "
+                "in the pod VM cannot reach the host; accepted: rprivate (None), rslave "
+                "(HostToContainer)"
             )
+    if RECURSIVE_READONLY in m.options and any(o in FOLLOWS_HOST for o in m.options):
+        raise InvalidArgument(
+            f"{_where(m)}: recursive read-only ({RECURSIVE_READONLY!r}) with propagation "
+            "'rslave': a mount the host makes later would be writable; accepted: "
+            f"{RECURSIVE_READONLY!r} with rprivate, or 'ro' with rslave"
+        )
 
 
 def is_bind(m: Mount) -> bool:
@@ -233,8 +278,17 @@ def plan_mounts(
         facts = probe(m.source)
         check_source(m, facts, own)
         guest_options = tuple(o for o in m.options if o not in HOST_ONLY_OPTIONS)
-        readonly = "ro" in m.options
+        readonly = "ro" in m.options or RECURSIVE_READONLY in m.options
+        follows_host = any(o in FOLLOWS_HOST for o in m.options)
         if is_memory_volume(m, facts):
+            if follows_host:
+                raise InvalidArgument(
+                    f"{_where(m)}: propagation 'rslave' (HostToContainer) on a "
+                    "memory-backed volume: the pod VM has its own tmpfs for it and sees "
+                    "no host mount; accepted: rprivate (None)"
+                )
+            if readonly:
+                guest_options = ("ro", *guest_options)
             key = ephemeral_key(facts.path)
             eph = ephemeral.setdefault(key, Ephemeral(key, facts.size_bytes, facts.mode))
             out.append(Mount(m.destination, "bind", eph.guest_path, ("rbind", *guest_options)))
@@ -245,8 +299,13 @@ def plan_mounts(
             is_dir=facts.kind == "dir",
             readonly=readonly,
             recursive="bind" not in m.options,
+            readonly_below=RECURSIVE_READONLY in m.options,
+            follows_host=follows_host,
+            has_submounts=facts.has_submounts,
         )
         binds.append(bind)
+        if bind.guest_readonly:
+            guest_options = ("ro", *guest_options)
         out.append(Mount(m.destination, "bind", "", ("rbind", *guest_options)))
     return MountPlan(tuple(out), tuple(binds), tuple(ephemeral.values()))
 
@@ -277,7 +336,8 @@ def parse_volume(text: str) -> Mount:
             "/srv/data:/data:ro"
         )
     host, guest = parts
-    return Mount(guest, "bind", host, ("rbind", mode))
+    # read-only is recursive here, as Docker's -v ...:ro is
+    return Mount(guest, "bind", host, ("rbind", RECURSIVE_READONLY if mode == "ro" else mode))
 
 
 def volume_mounts(volumes: Mapping[str, str]) -> tuple[Mount, ...]:

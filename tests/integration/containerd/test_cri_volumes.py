@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import cri_api as api
+import grpc
 import pytest
 
 from ..conftest import RUN_ROOT
@@ -249,9 +250,13 @@ def test_host_path_rw_8mib_both_ways(vpod: VolPod, made: Made, tmp_path: Path) -
     assert {"rw", "nodev", "nosuid"} <= opts, opts
 
 
-def test_host_path_readonly_erofs_also_in_subdir_and_submount(
+def test_host_path_readonly_is_not_recursive_as_cri_asks(
     vpod: VolPod, made: Made, tmp_path: Path
 ) -> None:
+    """CRI's read-only (containerd 1.6: ``rbind``, ``ro``) is runc's ``ro``: the bind is
+    read-only, a mount below it keeps its own flags (Kubernetes' non-recursive
+    read-only). The host's mounts enforce both: the guest sees the volume as one
+    filesystem."""
     pod, d = vpod.pod, tmp_path / "hostpath-ro"
     (d / "sub").mkdir(parents=True)
     (d / "mnt").mkdir()
@@ -264,21 +269,129 @@ def test_host_path_readonly_erofs_also_in_subdir_and_submount(
             [api.Mount(container_path="/data", host_path=str(d), readonly=True)],
         )
         assert pod.out(cid, ["cat", "/data/sub/f"]) == "in sub\n"
-        # recursive: the submount is there, read-only too
+        # the submount is there, and writable as it is on the host
         assert pod.out(cid, ["cat", "/data/mnt/marker"]) == "in a submount\n"
-        for path in ("/data/new", "/data/sub/new", "/data/sub/f", "/data/mnt/new"):
+        for path in ("/data/new", "/data/sub/new", "/data/sub/f"):
             assert_erofs(pod.exec(cid, ["sh", "-c", f"echo x > {path}"]), f"write {path}")
         assert_erofs(pod.exec(cid, ["mkdir", "/data/sub/d"]), "mkdir /data/sub/d")
-        assert_erofs(pod.exec(cid, ["rm", "/data/mnt/marker"]), "rm /data/mnt/marker")
+        pod.out(cid, ["sh", "-c", "echo from-guest > /data/mnt/new && rm /data/mnt/marker"])
         assert sorted(os.listdir(d)) == ["mnt", "sub"]
-        assert os.listdir(d / "sub") == ["f"] and os.listdir(d / "mnt") == ["marker"]
-        # on the host: every mount of the volume in the share is ro, nodev, nosuid
+        assert os.listdir(d / "sub") == ["f"] and os.listdir(d / "mnt") == ["new"]
+        assert (d / "mnt" / "new").read_text() == "from-guest\n"
+        # on the host: the volume's bind in the share is ro, its submount rw; both
+        # nodev, nosuid
         share = share_of(pod.id, cid, d)
         found = mounts_at_or_under(share)
         assert [t for t, _, _ in found] == [share, f"{share}/mnt"], found
         for target, _, opts in found:
-            assert {"ro", "nodev", "nosuid"} <= opts, (target, opts)
+            assert {"nodev", "nosuid"} <= opts, (target, opts)
+        assert "ro" in found[0][2] and "rw" in found[1][2], found
         made.remove_all()  # before the host's tmpfs goes
+
+
+@contextlib.contextmanager
+def shared_mount_of(path: Path) -> Iterator[Path]:
+    """``path`` bound onto itself as a shared mount (kubelet's volumes lie on shared
+    mounts; containerd refuses HostToContainer and Bidirectional on a private one)."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_host_mounts_reach_a_host_to_container_volume_only(
+    vpod: VolPod, made: Made, tmp_path: Path
+) -> None:
+    """mountPropagation HostToContainer (``rslave``): a mount the host makes under the
+    volume after the container started is seen in it; None (``rprivate``) never sees
+    one; a mount the container makes never reaches the host (the guest has its own
+    mount table)."""
+    pod = vpod.pod
+    follow, private = tmp_path / "follow", tmp_path / "private"
+    for d in (follow, private):
+        (d / "late").mkdir(parents=True)
+    prop = api.MountPropagation
+    with shared_mount_of(follow), shared_mount_of(private):
+        cid = made.sleeper(
+            pod,
+            "prop",
+            [
+                api.Mount(
+                    container_path="/follow",
+                    host_path=str(follow),
+                    propagation=prop.PROPAGATION_HOST_TO_CONTAINER,
+                ),
+                api.Mount(
+                    container_path="/private",
+                    host_path=str(private),
+                    propagation=prop.PROPAGATION_PRIVATE,
+                ),
+            ],
+        )
+        # the container looks before the host mounts: an empty directory in both
+        assert pod.out(cid, ["ls", "-A", "/follow/late", "/private/late"]).split() == [
+            "/follow/late:",
+            "/private/late:",
+        ]
+        with host_tmpfs(follow / "late", "4m"), host_tmpfs(private / "late", "4m"):
+            for d in (follow, private):
+                (d / "late" / "marker").write_text("mounted later\n")
+
+            def seen() -> bool:
+                return pod.exec(cid, ["cat", "/follow/late/marker"])[1] == "mounted later\n"
+
+            wait_for("the host's later mount in the HostToContainer volume", seen, 10)
+            code, out, err = pod.exec(cid, ["cat", "/private/late/marker"])
+            assert code != 0 and "No such file" in err, (code, out, err)
+            # the container writes into the host's mount through the volume
+            pod.out(cid, ["sh", "-c", "echo from-guest > /follow/late/g"])
+            assert (follow / "late" / "g").read_text() == "from-guest\n"
+            # on the host: the share follows the source (a slave), the private one not
+            follow_share = share_of(pod.id, cid, follow)
+            assert [t for t, _, _ in mounts_at_or_under(follow_share)] == [
+                follow_share,
+                f"{follow_share}/late",
+            ]
+            private_share = share_of(pod.id, cid, private)
+            assert [t for t, _, _ in mounts_at_or_under(private_share)] == [private_share]
+            made.remove_all()  # before the host's mounts go
+
+
+def test_bidirectional_propagation_is_refused_naming_the_volume(
+    vpod: VolPod, made: Made, tmp_path: Path
+) -> None:
+    """CRI creates the task (the shim's Create) at StartContainer: the refusal comes
+    there."""
+    d = tmp_path / "both"
+    d.mkdir()
+    run_dir = str(RUN_ROOT / vpod.pod.id)
+
+    def volume_binds() -> list[str]:
+        return [t for t, _, _ in host_mounts() if t.startswith(run_dir + "/") and "/volumes/" in t]
+
+    before = volume_binds()  # the pod's own (sandbox) container's
+    with shared_mount_of(d):
+        cid = made.create(
+            vpod.pod,
+            "bidi",
+            ["true"],
+            [
+                api.Mount(
+                    container_path="/both",
+                    host_path=str(d),
+                    propagation=api.MountPropagation.PROPAGATION_BIDIRECTIONAL,
+                )
+            ],
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            made.start(cid)
+    msg = str(e.value.details())
+    assert f"mount at /both (source {d})" in msg, msg
+    assert "(Kubernetes mountPropagation Bidirectional) cannot be honoured" in msg, msg
+    assert "accepted: rprivate (None), rslave (HostToContainer)" in msg, msg
+    assert volume_binds() == before  # nothing was bound for it
 
 
 # -- emptyDir ---------------------------------------------------------------------------------
@@ -446,8 +559,12 @@ def test_cri_mount_of_root_is_refused(vpod: VolPod, made: Made) -> None:
 # -- ctr run --mount --------------------------------------------------------------------------
 
 
-def ctr_run(ctr: CtrFn, cid: str, mount: str, *cmd: str) -> subprocess.CompletedProcess[str]:
-    argv = ["run", "--rm", "--runtime", CARAPACE, "--mount", mount, BUSYBOX_IMAGE, cid, *cmd]
+def ctr_run(
+    ctr: CtrFn, cid: str, mount: str | Sequence[str], *cmd: str
+) -> subprocess.CompletedProcess[str]:
+    mounts = [mount] if isinstance(mount, str) else list(mount)
+    options = [o for m in mounts for o in ("--mount", m)]
+    argv = ["run", "--rm", "--runtime", CARAPACE, *options, BUSYBOX_IMAGE, cid, *cmd]
     try:
         return ctr(*argv, input="", check=False, timeout=240)
     finally:
@@ -471,21 +588,46 @@ def test_ctr_run_mount_rbind_rw(ctr: CtrFn, tmp_path: Path) -> None:
     assert second.split()[0] == sha256((tmp_path / "out").read_bytes())
 
 
-def test_ctr_run_mount_rbind_ro(ctr: CtrFn, tmp_path: Path) -> None:
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "in").write_text("read me\n")
-    r = ctr_run(
-        ctr,
-        f"vol-ro-{uuid.uuid4().hex[:6]}",
-        f"type=bind,src={tmp_path},dst=/data,options=rbind:ro",
-        "sh",
-        "-c",
-        "cat /data/in; echo x > /data/sub/f",
+def test_ctr_run_read_only_mounts_as_runc_makes_them(ctr: CtrFn, tmp_path: Path) -> None:
+    """``rbind,ro``: the bind read-only, a submount as it is on the host (writable);
+    ``rbind,rro``: the submount read-only too; ``bind,ro`` (not recursive): no
+    submount, its mount point's own (empty) directory."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "mnt").mkdir()
+    (src / "in").write_text("read me\n")
+    probes = ["/ro/new", "/ro/sub/f", "/ro/mnt/new", "/rro/new", "/rro/mnt/other", "/rro/sub/f"]
+    script = "; ".join(
+        [
+            "cat /ro/in /rro/in /nonrec/in",
+            *[f"(echo x > {p}) 2>&1" for p in probes],
+            "cat /rro/mnt/marker",
+            "ls -A /nonrec/mnt | wc -l",
+        ]
     )
-    assert r.returncode != 0, (r.stdout, r.stderr)
-    assert r.stdout == "read me\n", r.stderr
-    assert EROFS in r.stderr, r.stderr
-    assert os.listdir(tmp_path / "sub") == []
+    with host_tmpfs(src / "mnt", "4m"):
+        (src / "mnt" / "marker").write_text("in a submount\n")
+        r = ctr_run(
+            ctr,
+            f"vol-ro-{uuid.uuid4().hex[:6]}",
+            [
+                f"type=bind,src={src},dst=/ro,options=rbind:ro",
+                f"type=bind,src={src},dst=/rro,options=rbind:rro",
+                f"type=bind,src={src},dst=/nonrec,options=bind:ro",
+            ],
+            "sh",
+            "-c",
+            script,
+        )
+        on_host = sorted(os.listdir(src / "mnt"))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["read me"] * 3, lines
+    refused = {p for p in probes if f"can't create {p}: {EROFS}" in r.stdout}
+    assert refused == set(probes) - {"/ro/mnt/new"}, r.stdout
+    assert lines[-2:] == ["in a submount", "0"], lines
+    assert on_host == ["marker", "new"]
+    assert sorted(os.listdir(src)) == ["in", "mnt", "sub"] and os.listdir(src / "sub") == []
 
 
 def test_ctr_run_refuses_root_and_shared_propagation(ctr: CtrFn, tmp_path: Path) -> None:
