@@ -37,7 +37,13 @@ from carapace.sandbox import Sandbox, SandboxOptions
 from carapace.shim.events import oneline
 from carapace.shim.interfaces import EventPublisher, SandboxFactory, SandboxLike
 from carapace.shim.metrics import host_v1_metrics, to_v1_metrics
-from carapace.shim.params import METRICS_URL, TASK_SERVICE, config_path_of, join_pod_namespaces
+from carapace.shim.params import (
+    METRICS_URL,
+    TASK_SERVICE,
+    config_path_of,
+    join_pod_namespaces,
+    refuse_host_namespaces,
+)
 from carapace.shim.podwatch import PodWatch
 from carapace.shim.stdio import ProcessStdio
 from carapace.shim.tasks import Container, Proc, now
@@ -208,6 +214,8 @@ class TaskService:
             raise InvalidArgument(
                 f"container {req.id} belongs to pod {pod}, but this shim serves pod {self.pod_id}"
             )
+        if spec.is_pause:  # a CRI pod: refused in the pod's words before anything is made
+            refuse_host_namespaces(spec, self.pod_id)
         stdio = ProcessStdio(req.stdin, req.stdout, req.stderr, req.terminal)
         c = Container(req.id, req.bundle, spec, bundle.rootfs, Proc(req.id, "", stdio))
         booted_here = False

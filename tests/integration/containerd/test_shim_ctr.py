@@ -300,11 +300,18 @@ def test_exec_output_and_exit_codes(ctr: CtrFn, shared: Shared) -> None:
     assert r.stdout.strip() != host_kernel()
 
 
-def exec_tty(containerd: ContainerdRig, cid: str, *cmd: str) -> str:
+def exec_tty(
+    containerd: ContainerdRig,
+    cid: str,
+    *cmd: str,
+    namespace: str = NAMESPACE,
+    exec_id: str = "",
+) -> str:
     """``ctr task exec -t`` under ``script`` (a terminal of 33 rows and 101 columns);
-    what it printed, without carriage returns."""
-    exec_id = f"t-{uuid.uuid4().hex[:8]}"
-    ctr_argv = ["ctr", "-a", str(containerd.socket), "-n", NAMESPACE]
+    what it printed, without carriage returns. ``exec_id``: a short one of its own
+    unless given."""
+    exec_id = exec_id or f"t-{uuid.uuid4().hex[:8]}"
+    ctr_argv = ["ctr", "-a", str(containerd.socket), "-n", namespace]
     inner = shlex.join([*ctr_argv, "task", "exec", "-t", "--exec-id", exec_id, cid, *cmd])
     # script's stdin: a pipe that stays open and empty (at end of file, script would
     # type an end-of-file character into the terminal)
