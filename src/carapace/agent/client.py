@@ -326,6 +326,41 @@ class AgentClient:
         r = await self._call("ListRoutes", pb.ListRoutesRequest(), pb.Routes)
         return list(r.routes)
 
+    # -- port forwarding ----------------------------------------------------------------
+
+    async def listening_ports(self, known: list[int], wait: float) -> list[int]:
+        """The TCP ports something listens on in the guest, as soon as they differ
+        from ``known`` or after ``wait`` seconds; as the guest says (unchecked)."""
+        req = pb.ListeningPortsRequest(known_ports=known, timeout_ms=int(wait * 1000))
+        r = await self._call("ListeningPorts", req, pb.ListeningPortsResponse, wait + 30)
+        return list(r.ports)
+
+    async def open_port(self, port: int) -> int:
+        """Connect to ``port`` in the guest; the connection's id (never 0)."""
+        req = pb.OpenPortConnectionRequest(port=port)
+        r = await self._call("OpenPortConnection", req, pb.OpenPortConnectionResponse)
+        if r.connection_id == 0:
+            raise AgentError("agent OpenPortConnection: connection id 0, which names none")
+        return r.connection_id
+
+    async def write_port(self, connection: int, data: bytes) -> None:
+        req = pb.WritePortRequest(connection_id=connection, data=data)
+        await self._call("WritePort", req, pb.WriteStreamResponse, None)
+
+    async def read_port(self, connection: int, length: int) -> tuple[bytes, bool]:
+        """(data, eof) of a port connection: at most ``length`` bytes."""
+        req = pb.ReadPortRequest(connection_id=connection, len=length)
+        r = await self._call("ReadPort", req, pb.ReadStreamResponse, None)
+        if len(r.data) > length:
+            raise AgentError(f"agent ReadPort: {len(r.data)} bytes, more than the {length} asked")
+        return r.data, r.eof
+
+    async def close_port(
+        self, connection: int, write_only: bool = False, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        req = pb.ClosePortRequest(connection_id=connection, write_only=write_only)
+        await self._call("ClosePort", req, pb.Empty, timeout)
+
     async def get_oom_event(self, timeout: float | None = None) -> str | None:
         """The id of the container of the next OOM kill in the sandbox, waiting as long
         as needed (``timeout=None``) or ``timeout`` seconds (then None).

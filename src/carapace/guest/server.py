@@ -29,6 +29,7 @@ from carapace.ttrpc.errors import CARAPACE_CODES
 
 if TYPE_CHECKING:
     from carapace.guest.network import NetworkService
+    from carapace.guest.ports import PortService
 
 log = logging.getLogger("carapace.agent")
 
@@ -105,6 +106,26 @@ class LazyNetwork:
         return call
 
 
+class LazyPorts:
+    """The port forwarding service (guest/ports.py), imported and made the first time
+    one of its verbs is called: a pod no one forwards to never loads it."""
+
+    def __init__(self) -> None:
+        self._service: PortService | None = None
+
+    def verb(self, name: str) -> Handler:
+        async def call(req: Any) -> Message:
+            if self._service is None:
+                from carapace.guest.ports import PortService
+
+                self._service = PortService()
+            handler: Handler = getattr(self._service, name)
+            return await handler(req)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+
 class Agent:
     """The agent of one pod VM: its state, the services of its verbs and their server."""
 
@@ -116,6 +137,7 @@ class Agent:
         sandbox = SandboxService(self.pod, containers)
         network = LazyNetwork()
         clone = CloneService()
+        ports = LazyPorts()
         self.server = Server()
         #: (method, request type, handler) of every verb of the agent API
         self.methods: tuple[tuple[str, type[Message], Handler], ...] = (
@@ -150,6 +172,15 @@ class Agent:
             ("ListRoutes", pb.ListRoutesRequest, network.verb("list_routes")),
             ("ReseedRandomDev", pb.ReseedRandomDevRequest, clone.reseed_random_dev),
             ("SetGuestDateTime", pb.SetGuestDateTimeRequest, clone.set_guest_date_time),
+            ("ListeningPorts", pb.ListeningPortsRequest, ports.verb("listening_ports")),
+            (
+                "OpenPortConnection",
+                pb.OpenPortConnectionRequest,
+                ports.verb("open_port_connection"),
+            ),
+            ("WritePort", pb.WritePortRequest, ports.verb("write_port")),
+            ("ReadPort", pb.ReadPortRequest, ports.verb("read_port")),
+            ("ClosePort", pb.ClosePortRequest, ports.verb("close_port")),
         )
         for name, req, handler in self.methods:
             self.server.register_typed(AGENT_SERVICE, name, req, guard(name, handler))

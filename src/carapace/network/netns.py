@@ -15,8 +15,9 @@ import ctypes
 import fcntl
 import logging
 import os
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from carapace.errors import InvalidArgument, NotFound
@@ -125,3 +126,41 @@ async def run_in_netns_async(path: str, fn: Callable[[], T]) -> T:
     """``run_in_netns`` for a coroutine: the wait happens on an executor thread, so
     the event loop keeps running."""
     return await asyncio.to_thread(run_in_netns, path, fn)
+
+
+def listen_tcp(
+    path: str, address: str, ports: Iterable[int], backlog: int = 128
+) -> dict[int, socket.socket | OSError]:
+    """For each of ``ports``, a non-blocking TCP socket listening on ``address``:port
+    inside the network namespace at ``path`` (it belongs to that namespace for good),
+    or the error that kept it from being made (the port in use there, say). Raises as
+    ``open_netns`` for a path that is no network namespace of a pod."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    def make() -> dict[int, socket.socket | OSError]:
+        made: dict[int, socket.socket | OSError] = {}
+        try:
+            for port in ports:
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                except OSError as e:
+                    made[port] = e
+                    continue
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((address, port))
+                    sock.listen(backlog)
+                    sock.setblocking(False)
+                except OSError as e:
+                    sock.close()
+                    made[port] = e
+                    continue
+                made[port] = sock
+        except BaseException:
+            for s in made.values():
+                if isinstance(s, socket.socket):
+                    s.close()
+            raise
+        return made
+
+    return run_in_netns(path, make)

@@ -439,3 +439,53 @@ class SetGuestDateTimeRequest(_message.Message):
     sec: int
     usec: int
     def __init__(self, sec: _Optional[int] = ..., usec: _Optional[int] = ...) -> None: ...
+
+class ListeningPortsRequest(_message.Message):
+    __slots__ = ("known_ports", "timeout_ms")
+    KNOWN_PORTS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    known_ports: _containers.RepeatedScalarFieldContainer[int]
+    timeout_ms: int
+    def __init__(self, known_ports: _Optional[_Iterable[int]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ListeningPortsResponse(_message.Message):
+    __slots__ = ("ports",)
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ports: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class OpenPortConnectionRequest(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
+class OpenPortConnectionResponse(_message.Message):
+    __slots__ = ("connection_id",)
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    connection_id: int
+    def __init__(self, connection_id: _Optional[int] = ...) -> None: ...
+
+class WritePortRequest(_message.Message):
+    __slots__ = ("connection_id", "data")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    connection_id: int
+    data: bytes
+    def __init__(self, connection_id: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ReadPortRequest(_message.Message):
+    __slots__ = ("connection_id", "len")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    connection_id: int
+    len: int
+    def __init__(self, connection_id: _Optional[int] = ..., len: _Optional[int] = ...) -> None: ...
+
+class ClosePortRequest(_message.Message):
+    __slots__ = ("connection_id", "write_only")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    connection_id: int
+    write_only: bool
+    def __init__(self, connection_id: _Optional[int] = ..., write_only: bool = ...) -> None: ...

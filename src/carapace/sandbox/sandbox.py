@@ -22,12 +22,7 @@ from carapace import hypervisor
 from carapace.agent.client import AgentClient
 from carapace.config import Config
 from carapace.daemons import CAP_MKNOD, drop_capabilities
-from carapace.errors import (
-    AlreadyExists,
-    CarapaceError,
-    ImageError,
-    StateError,
-)
+from carapace.errors import AlreadyExists, CarapaceError, ImageError, StateError
 from carapace.hostcgroup import CgroupDriver, driver
 from carapace.hypervisor import VM, AccelChoice, Nic, VMSpec
 from carapace.image.store import GuestImage, current_image
@@ -39,6 +34,7 @@ from carapace.sandbox.containers import ContainerVerbs, PodContainer
 from carapace.sandbox.network import PodNetwork
 from carapace.sandbox.placement import SandboxCgroupPlacement
 from carapace.sandbox.plan import NIC_SLOTS, HostFacts, SandboxOptions, plan_sandbox, vm_spec
+from carapace.sandbox.portforward import PortForwarder
 from carapace.sandbox.resize import Resizer
 from carapace.sandbox.restore import (
     Restore,
@@ -110,6 +106,7 @@ class Sandbox(ContainerVerbs):
         self.containers: dict[str, PodContainer] = {}
         self.resizer = Resizer(self.plan, self.record, self.placement, self._pod_resources)
         self.network = PodNetwork(self.plan.network, self.record, self.id)
+        self.ports = PortForwarder(self.plan.network, self.id)  # kubectl port-forward
         self._image = image
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
@@ -261,6 +258,7 @@ class Sandbox(ContainerVerbs):
             await self.resizer.place_vcpus()
             self._move(Runstate.RUNNING)
             self.record.save()
+            self.ports.start(agent)
         except BaseException:
             await self._release()
             raise
@@ -368,6 +366,7 @@ class Sandbox(ContainerVerbs):
             watch.cancel()
         self.resizer.detach()
         self.network.close_fds()
+        await self.ports.stop()
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 await self.agent.close()
