@@ -342,9 +342,8 @@ class Sandbox(ContainerVerbs):
                 return
             vm = self.vm
             if self.agent is not None and vm is not None and not vm.exited():
-                for cid in list(self.containers):
-                    with contextlib.suppress(CarapaceError):
-                        await self.remove_container(cid)
+                # the guest ends every container's processes and syncs; their mounts
+                # in the share are released with the rest (_release)
                 with contextlib.suppress(CarapaceError, OSError):
                     await self.agent.destroy_sandbox(timeout=5)
                     # the guest synced its files and answered: nothing in it is lost

@@ -329,7 +329,8 @@ class TaskService:
         if not p.exited.is_set():
             p.finish(0)
         pid = self.task_pid
-        if self.sandbox is not None:
+        # the last container goes with the VM (_stop_sandbox ends its processes)
+        if self.sandbox is not None and self.containers.keys() != {req.id}:
             try:
                 await self.sandbox.remove_container(req.id)
             except CarapaceError as e:
