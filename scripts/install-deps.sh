@@ -2,7 +2,7 @@
 # Installs the Debian packages carapace needs; does nothing when all are present.
 set -euo pipefail
 PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static crun python3.11 python3-venv
-          iproute2 cpio make
+          iproute2 iptables cpio make
           containerd runc containernetworking-plugins
           docker.io podman conmon procps)
 missing=()

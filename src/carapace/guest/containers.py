@@ -47,9 +47,36 @@ def remove_tree(path: str) -> None:
         pass  # gone already, or not all of it could go
 
 
+#: The x_tables modules iptables-legacy loads itself (with a modprobe of its own, in
+#: the container) before it asks the kernel for a table: the kernel never requests
+#: them, so the agent loads them for a container that may administer the network.
+LEGACY_TABLES = ("ip_tables", "ip6_tables")
+
+
+def may_admin_network(config: dict[str, object]) -> bool:
+    """Whether the spec's process keeps CAP_NET_ADMIN (in its bounding set)."""
+    process = config.get("process")
+    caps = process.get("capabilities") if isinstance(process, dict) else None
+    bounding = caps.get("bounding") if isinstance(caps, dict) else None
+    return isinstance(bounding, list) and "CAP_NET_ADMIN" in bounding
+
+
 class ContainerService:
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
+        self._legacy_tables: asyncio.Task[int] | None = None
+
+    async def load_legacy_tables(self) -> None:
+        """Load LEGACY_TABLES once per pod (a failure is logged: iptables-nft needs
+        none of them)."""
+        if self._legacy_tables is None:
+            from carapace.guest import modprobe
+
+            argv = ["-q", "-a", *LEGACY_TABLES]
+            self._legacy_tables = asyncio.ensure_future(asyncio.to_thread(modprobe.main, argv))
+        status = await asyncio.shield(self._legacy_tables)
+        if status:
+            log.warning("loading %s for iptables-legacy: modprobe exit %d", LEGACY_TABLES, status)
 
     async def create_container(self, req: pb.CreateContainerRequest) -> pb.Empty:
         pod = self.pod
@@ -97,6 +124,8 @@ class ContainerService:
                 raise TtrpcError(Code.INVALID_ARGUMENT, f"container {cid!r}: {e}") from e
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f)
+            if may_admin_network(config):
+                await self.load_legacy_tables()
             terminal = bool(config.get("process", {}).get("terminal"))
             command = process_command(config.get("process"))
             proc = Process(container_id=cid, exec_id="", terminal=terminal)

@@ -2,14 +2,15 @@
 
 Runs before anything else: mounts the pseudo filesystems, loads the kernel modules
 the image lists for the start (the others when first needed: ``need_modules``),
-enables cgroup v2 controllers, brings lo up. Stdlib only (ctypes for mount(2) and
-finit_module(2), an ioctl for lo), no subprocess, so it costs milliseconds.
+names the image's modprobe to the kernel, enables cgroup v2 controllers, brings lo
+up. Stdlib only (ctypes for mount(2) and finit_module(2), an ioctl for lo), no
+subprocess, so it costs milliseconds. The modules a workload needs are not loaded
+here: the kernel asks the image's modprobe for them (``carapace.guest.modprobe``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import logging
 import os
@@ -17,27 +18,15 @@ import socket
 import struct
 
 from carapace.guest import MODULE_LIST_DIR, module_list
+from carapace.guest.modprobe import KERNEL_MODPROBE, PROGRAM, load_module
 from carapace.linux import MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_REC, mount
 
 log = logging.getLogger("carapace.agent")
 
 _libc = ctypes.CDLL(None, use_errno=True)
-SYS_FINIT_MODULE = 313  # x86_64
 
 MODULE_LIST = module_list()
 CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def load_module(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        rc = _libc.syscall(SYS_FINIT_MODULE, fd, b"", 0)
-        if rc != 0:
-            err = ctypes.get_errno()
-            if err != errno.EEXIST:
-                raise OSError(err, f"finit_module {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def load_modules(list_path: str = MODULE_LIST) -> list[str]:
@@ -76,6 +65,19 @@ def need_all_modules(list_dir: str = MODULE_LIST_DIR) -> None:
             need_modules(parts[1])
 
 
+def set_modprobe(program: str = PROGRAM, setting: str = KERNEL_MODPROBE) -> None:
+    """Name the image's modprobe as the program the kernel's request_module runs (its
+    default, /sbin/modprobe, does not exist: see ``carapace.guest.modprobe``)."""
+    if not os.path.exists(program):
+        log.warning("no %s in the image: modules load only with the agent's groups", program)
+        return
+    try:
+        with open(setting, "w") as f:
+            f.write(program)
+    except OSError as e:
+        log.warning("cannot set %s to %s: %s", setting, program, e)
+
+
 def make_root_a_mount() -> None:
     """Put a bind mount of the initramfs over / and chroot into it.
 
@@ -112,6 +114,7 @@ def early_init() -> None:
         if not os.path.lexists(target):
             os.symlink(name, target)
     load_modules()
+    set_modprobe()
     enable_cgroup_controllers(CGROUP_ROOT)
     loopback_up()
     with open("/proc/sys/kernel/hostname", "w") as f:

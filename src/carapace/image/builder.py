@@ -1,7 +1,8 @@
 """Builds the guest image (kernel + initramfs) and the default busybox rootfs.
 
 Everything comes from Debian packages installed on the host: the distribution
-kernel (kept as an uncompressed vmlinux for the faster PVH boot), its modules,
+kernel (kept as an uncompressed vmlinux for the faster PVH boot), its modules (the
+agent's, and those workloads need, loaded only on the kernel's request: image/kmod.py),
 Debian's CPython with the stdlib subset the agent imports, crun with its libraries,
 plus protobuf and the agent's own code from the virtualenv; busybox-static for the
 containers' default rootfs. The initramfs holds only what the agent runs (the kernel
@@ -22,21 +23,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from carapace.errors import ImageError
-from carapace.guest import CRUN_VERSION_FILE, SHIPPED, module_list
+from carapace.guest import CRUN_VERSION_FILE, SHIPPED
+from carapace.guest.modprobe import PROGRAM as MODPROBE_PROGRAM
 from carapace.image.cpio import Entry, encode_archive
+from carapace.image.kmod import WORKLOAD_MODULES, modprobe_script, module_files, workload_modules
 from carapace.image.sources import (
     extract_vmlinux,
     kernel_package,
-    module_lists,
     package_version,
     run_tool,
     shared_libraries,
     stdlib_imports,
-    strip_module_signature,
 )
 from carapace.image.store import MANIFEST, GuestImage, current_image
 
@@ -157,7 +159,7 @@ class ImageBuilder:
             h.update(name.encode() + b"\0" + path.read_bytes())
         # the builder itself: a change in how the image is made is a change of input
         builder = hashlib.sha256(Path(__file__).read_bytes())
-        for part in ("cpio.py", "sources.py"):
+        for part in ("cpio.py", "sources.py", "kmod.py"):
             builder.update((Path(__file__).parent / part).read_bytes())
         return {
             "builder_version": BUILDER_VERSION,
@@ -168,6 +170,8 @@ class ImageBuilder:
             "builder_sha256": builder.hexdigest(),
             "modules": list(GUEST_MODULES),
             "modules_on_demand": {g: list(m) for g, m in ON_DEMAND_MODULES.items()},
+            "modules_workload": {g: list(m) for g, m in WORKLOAD_MODULES.items()},
+            "zlib": zlib.ZLIB_RUNTIME_VERSION,  # compresses the workload modules
         }
 
     # -- outputs --------------------------------------------------------------
@@ -271,24 +275,16 @@ class ImageBuilder:
         files.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         files.file("etc/group", b"root:x:0:\n")
         files.file("etc/hostname", b"carapace\n")
-        # kernel modules, in load order
+        # kernel modules: the agent's with its load lists, the workloads' (compressed),
+        # the index of both, and the modprobe the kernel runs for the latter
         moddir = Path(f"/lib/modules/{release}")
-        try:
-            modules_dep = (moddir / "modules.dep").read_text()
-        except OSError as e:
-            raise ImageError(
-                f"cannot read {moddir}/modules.dep ({e.strerror}); is linux-image-{release} "
-                "installed?"
-            ) from e
-        for group, order in module_lists(modules_dep, GUEST_MODULES, ON_DEMAND_MODULES).items():
-            for rel in order:
-                # unsigned: the guest kernel then skips checking each module's signature
-                # at load (a cost at every boot), which guards nothing here: the host
-                # that supplies the modules supplies the kernel too
-                data = strip_module_signature((moddir / rel).read_bytes())
-                files.file(f"lib/modules/{release}/{rel}", data)
-            listing = "".join(f"/lib/modules/{release}/{r}\n" for r in order)
-            files.file(module_list(group).lstrip("/"), listing.encode())
+        modules = module_files(
+            moddir, release, GUEST_MODULES, ON_DEMAND_MODULES, workload_modules()
+        )
+        for name, data in sorted(modules.items()):
+            files.file(name, data)
+        script = modprobe_script(GUEST_PYTHON, GUEST_LIB).encode()
+        files.file(MODPROBE_PROGRAM.lstrip("/"), script, mode=0o755)
         # CPython with just what the agent imports
         elfs = [GUEST_PYTHON, "/usr/bin/crun"]
         for p in elfs:

@@ -80,6 +80,8 @@ TEMPLATE_DIR = Path(f"/dev/shm/carapace-test{_SUFFIX}-templates")
 
 BUSYBOX_IMAGE = "carapace.local/busybox:latest"
 PAUSE_IMAGE = "carapace.local/pause:latest"
+#: busybox plus the host's Debian ip and iptables (nft), when the host has them
+NETTOOLS_IMAGE = "carapace.local/nettools:latest"
 NAMESPACES = ("default", "k8s.io")
 RUNC = "io.containerd.runc.v2"
 CARAPACE = "io.containerd.carapace.v2"
