@@ -174,10 +174,8 @@ class QemuVM:
             os.close(pidfd)
             raise
         self._handed_over = True
-        pump, self._console = self._console, None
-        if pump is not None:  # stopped now: its owner reads the console from here on
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+        # stopped now, without waiting for more output: its owner reads it from here on
+        await self._stop_console(drain=False)
         await self.close_qmp()
         return self.proc.pid, pidfd, console
 
@@ -441,8 +439,9 @@ class QemuVM:
         await self.close_qmp()
         await self._stop_console()
 
-    async def _stop_console(self) -> None:
-        await self._drain_console()
+    async def _stop_console(self, drain: bool = True) -> None:
+        if drain:
+            await self._drain_console()
         pump, self._console = self._console, None
         if pump is not None:
             pump.cancel()
