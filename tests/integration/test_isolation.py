@@ -40,7 +40,7 @@ ALL_CAPS = [
 class Pod:
     sb: carapace.Sandbox
     rw: Path  # a host directory bound read-write at /rw
-    ro: Path  # a host directory bound read-only at /ro, with a tmpfs submount at sub/
+    ro: Path  # a host directory bound read-only (rro) at /ro, with a tmpfs submount at sub/
 
     def root_sh(self, script: str) -> tuple[int, str]:
         """``sh -c script`` as guest root with every capability and device."""
@@ -58,7 +58,7 @@ class Pod:
                 "destination": "/ro",
                 "type": "bind",
                 "source": str(self.ro),
-                "options": ["rbind", "ro"],
+                "options": ["rbind", "rro"],  # recursive: sub/ read-only too
             },
         ]
         out: list[bytes] = []

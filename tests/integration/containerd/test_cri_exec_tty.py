@@ -30,7 +30,12 @@ from carapace.shim.params import SOCKET_DIR
 from ...tooling.kube_stream import ERROR, STDERR, STDOUT, V1, V4, KubeStream, exit_code
 from ..conftest import RUN_ROOT
 from .rig import BUSYBOX_IMAGE, ContainerdRig, CriClient, netns_names, pod_config
-from .test_cri_network import Pod, assert_pod_gone, wait_for
+from .test_cri_network import (  # the module's leak check: relative to a shared pod
+    Pod,
+    assert_pod_gone,
+    containerd_left_clean,  # noqa: F401
+    wait_for,
+)
 from .test_shim_ctr import EventLog, exec_tty
 
 CRI_NAMESPACE = "k8s.io"
@@ -49,35 +54,6 @@ def hex64() -> str:
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def containerd_left_clean(
-    containerd: ContainerdRig, request: pytest.FixtureRequest
-) -> Iterator[None]:
-    """As the package conftest's, but relative to what existed before the test: the
-    module's pod (``tty_pod``) outlives each test that uses it."""
-    before, netns_before = containerd.inventory(), netns_names()
-    yield
-    after = containerd.inventory()
-    left = {k: sorted(set(v) - set(before.get(k, ()))) for k, v in after.items()}
-    left = {k: v for k, v in left.items() if v}
-    new_netns = sorted(netns_names() - netns_before)
-    if left:
-        cri = containerd.cri()
-        try:
-            for pod_id in left.get("cri pods", []):
-                cri.runtime.StopPodSandbox(
-                    api.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=300
-                )
-                cri.runtime.RemovePodSandbox(
-                    api.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=300
-                )
-        finally:
-            cri.close()
-    assert not left and not new_netns, (
-        f"{request.node.name} left behind in containerd: {left}; network namespaces: {new_netns}"
-    )
 
 
 @dataclass

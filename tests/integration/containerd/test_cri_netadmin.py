@@ -27,8 +27,12 @@ from pathlib import Path
 import cri_api as api
 import pytest
 
-from .rig import NETTOOLS_IMAGE, ContainerdRig, CriClient, netns_names, pod_config
-from .test_cri_network import Pod, assert_pod_gone
+from .rig import NETTOOLS_IMAGE, ContainerdRig, CriClient, pod_config
+from .test_cri_network import (  # the module's leak check: relative to a shared pod
+    Pod,
+    assert_pod_gone,
+    containerd_left_clean,  # noqa: F401
+)
 
 IP = "/usr/sbin/ip"  # iproute2's (busybox's sh would run its own ip applet for "ip")
 IPTABLES = "/usr/sbin/iptables"  # iptables-nft
@@ -110,25 +114,6 @@ def links(netpod: NetPod) -> dict[str, str]:
         if m:
             found[m.group(1)] = line
     return found
-
-
-@pytest.fixture(autouse=True)
-def containerd_left_clean(
-    containerd: ContainerdRig, request: pytest.FixtureRequest
-) -> Iterator[None]:
-    """As the package conftest's, but relative to what existed before the test: the
-    module's pod (``netpod``) outlives each test that uses it."""
-    before, netns_before = containerd.inventory(), netns_names()
-    yield
-    after = containerd.inventory()
-    left = {k: sorted(set(v) - set(before.get(k, ()))) for k, v in after.items()}
-    left = {k: v for k, v in left.items() if v}
-    if left:
-        containerd.remove_all()
-    new_netns = sorted(netns_names() - netns_before)
-    assert not left and not new_netns, (
-        f"{request.node.name} left behind in containerd: {left}; network namespaces: {new_netns}"
-    )
 
 
 @pytest.fixture(scope="module")
