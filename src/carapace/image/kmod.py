@@ -27,8 +27,13 @@ from pathlib import Path
 
 from carapace.errors import ImageError
 from carapace.guest import module_list
-from carapace.guest.modprobe import ModuleIndex
-from carapace.image.sources import module_closure, module_lists, strip_module_signature
+from carapace.guest.modprobe import ModuleIndex, module_name
+from carapace.image.sources import (
+    module_closure,
+    module_lists,
+    parse_modules_dep,
+    strip_module_signature,
+)
 
 #: Modules loaded only when a workload needs them (the kernel's request_module), by
 #: what they are for; their dependencies come from modules.dep.
@@ -204,27 +209,6 @@ def with_soft_dependencies(index: ModuleIndex, names: Iterable[str]) -> list[str
                         out.append(found)
                         todo.append(found)
     return out
-
-
-def module_name(path: str) -> str:
-    """The module a file of modules.dep holds (``kernel/net/bridge/bridge.ko`` is bridge;
-    ``-`` read as ``_``, as the kernel names modules)."""
-    base = path.rsplit("/", 1)[-1]
-    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
-
-
-def parse_modules_dep(modules_dep: str) -> dict[str, list[str]]:
-    """modules.dep as {module file: the files it depends on}, in the file's order."""
-    deps: dict[str, list[str]] = {}
-    for line in modules_dep.splitlines():
-        path, colon, rest = line.partition(":")
-        if colon and path.strip():
-            deps[path.strip()] = rest.split()
-    return deps
 
 
 def image_module_paths(

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from carapace.errors import ImageError
+from carapace.guest.modprobe import module_name
 
 
 def run_tool(argv: list[str]) -> str:
@@ -64,22 +65,21 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     return out
 
 
+def parse_modules_dep(modules_dep: str) -> dict[str, list[str]]:
+    """modules.dep as {module file: the files it depends on}, in the file's order."""
+    deps: dict[str, list[str]] = {}
+    for line in modules_dep.splitlines():
+        path, colon, rest = line.partition(":")
+        if colon and path.strip():
+            deps[path.strip()] = rest.split()
+    return deps
+
+
 def module_closure(modules_dep: str, wanted: Iterable[str]) -> list[str]:
     """Paths (relative to /lib/modules/<release>) of ``wanted`` modules and their
     dependencies, in an order where each module comes after what it depends on."""
-    deps: dict[str, list[str]] = {}
-    by_name: dict[str, str] = {}
-    for line in modules_dep.splitlines():
-        if ":" not in line:
-            continue
-        path, _, rest = line.partition(":")
-        deps[path] = rest.split()
-        base = path.rsplit("/", 1)[-1]
-        for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
-            if base.endswith(suffix):
-                base = base[: -len(suffix)]
-                break
-        by_name[base.replace("-", "_")] = path
+    deps = parse_modules_dep(modules_dep)
+    by_name = {module_name(path): path for path in deps}
     order: list[str] = []
 
     def visit(path: str, stack: tuple[str, ...]) -> None:
