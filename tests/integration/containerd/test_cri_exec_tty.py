@@ -72,12 +72,7 @@ def start_container(pod: Pod, name: str, command: list[str], tty: bool = False) 
         stdin=tty,
         tty=tty,
     )
-    cid = pod.cri.runtime.CreateContainer(
-        api.CreateContainerRequest(pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config),
-        timeout=120,
-    ).container_id
-    pod.cri.runtime.StartContainer(api.StartContainerRequest(container_id=cid), timeout=120)
-    return str(cid)
+    return pod.start(config)
 
 
 def container_state(cri: CriClient, cid: str) -> api.ContainerStatus:

@@ -93,12 +93,7 @@ def start(
         devices=list(devices),
     )
     config.linux.security_context.CopyFrom(security)
-    cid = pod.cri.runtime.CreateContainer(
-        api.CreateContainerRequest(pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config),
-        timeout=120,
-    ).container_id
-    pod.cri.runtime.StartContainer(api.StartContainerRequest(container_id=cid), timeout=120)
-    return str(cid)
+    return pod.start(config)
 
 
 def loaded_modules(text: str) -> set[str]:

@@ -196,6 +196,10 @@ class Pod:
             config.linux.security_context.namespace_options.CopyFrom(
                 api.NamespaceOption(network=api.NamespaceMode.POD, pid=pid)
             )
+        return self.start(config)
+
+    def start(self, config: Any) -> str:
+        """Create and start a container of ``config`` (an api.ContainerConfig); its id."""
         cid = self.cri.runtime.CreateContainer(
             api.CreateContainerRequest(
                 pod_sandbox_id=self.id, config=config, sandbox_config=self.config
