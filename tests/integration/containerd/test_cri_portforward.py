@@ -80,13 +80,21 @@ def listening(netns: str) -> dict[tuple[str, int], str]:
 
 
 def fetch(netns: str, url: str, timeout: int = 10) -> subprocess.CompletedProcess[bytes]:
-    """``wget -O- url`` run in ``netns`` (one try, no proxy)."""
-    return subprocess.run(
-        ["nsenter", f"--net={netns}", "wget", "-q", "-O-", "-t", "1", f"-T{timeout}", url],
-        capture_output=True,
-        timeout=timeout + 30,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-    )
+    """``wget -O- url`` run in ``netns`` (one try, no proxy, at most ``timeout``
+    seconds): busybox's, which busybox-static (scripts/install-deps.sh) installs; a
+    newcomer's Debian has no GNU wget."""
+    argv = ["nsenter", f"--net={netns}", "busybox", "wget", "-q", "-O-", "-Y", "off", url]
+    try:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=timeout,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(
+            argv, 124, e.stdout or b"", f"timed out after {timeout} s".encode()
+        )
 
 
 def fetch_until(netns: str, url: str, deadline: float) -> subprocess.CompletedProcess[bytes]:
