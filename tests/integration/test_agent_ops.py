@@ -67,6 +67,21 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def test_a_container_id_is_free_again_as_soon_as_it_is_removed(
+    shared_sandbox: carapace.Sandbox,
+) -> None:
+    """The agent answers RemoveContainer before crun's delete of it ends; a container
+    created again with the same id at once waits for that delete, and runs."""
+
+    async def rounds(s: AsyncSandbox) -> tuple[list[int], list[str]]:
+        codes = [await s.run(["sh", "-c", f"exit {n}"], container_id="again") for n in range(3)]
+        return codes, list(s.containers)
+
+    codes, left = shared_sandbox.call_async(rounds)
+    assert codes == [0, 1, 2]
+    assert "again" not in left
+
+
 def test_pause_freezes_a_container_and_resume_thaws_it(
     shared_sandbox: carapace.Sandbox, tmp_path: Path
 ) -> None:

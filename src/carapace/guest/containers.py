@@ -65,6 +65,9 @@ class ContainerService:
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
         self._legacy_tables: asyncio.Task[int] | None = None
+        #: Removed containers whose crun state and bundle are still being deleted
+        #: (``remove``): a container created again with one of these ids waits for it.
+        self._deleting: dict[str, asyncio.Task[None]] = {}
 
     async def load_legacy_tables(self) -> None:
         """Load LEGACY_TABLES once per pod (a failure is logged: iptables-nft needs
@@ -84,6 +87,9 @@ class ContainerService:
         if not cid or "/" in cid or cid.startswith("."):
             raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid container id {cid!r}")
         if cid in pod.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid!r} exists already")
+        await self.deleted(cid)
+        if cid in pod.containers:  # created by another request meanwhile
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid!r} exists already")
         try:
             spec = json.loads(req.oci_spec)
@@ -177,8 +183,11 @@ class ContainerService:
         return pb.Empty()
 
     async def remove(self, cid: str, timeout: float) -> None:
-        """Kill the container's processes, wait up to ``timeout`` seconds for each, then
-        delete it with crun and undo its mounts and bundle."""
+        """Kill the container's processes, wait up to ``timeout`` seconds for each, undo
+        its mounts and forget it; then, after the answer, delete it with crun and remove
+        its bundle (``deleted`` waits for that). A crun delete costs a process under
+        the pod's vCPU, which the host need not wait for: the container's processes
+        are gone before this returns."""
         pod = self.pod
         c = pod.containers[cid]
         procs = [c.init, *c.execs.values()]
@@ -191,19 +200,40 @@ class ContainerService:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(p.exit), timeout)
         pod.oom.forget(cid)
-        try:
-            await pod.crun.delete(cid)
-        except CrunError as e:
-            log.warning("%s", e)
         for p in procs:
             close_process_streams(p)
         for m in reversed(c.mounts):
             with contextlib.suppress(OSError):
                 linux.umount(m, lazy=True)
         pod.release_ephemeral(cid)
-        remove_tree(c.bundle)
         del pod.containers[cid]
+        task = asyncio.ensure_future(self._delete(cid, c.bundle))
+        self._deleting[cid] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._deleting.get(cid) is task:
+                del self._deleting[cid]
+
+        task.add_done_callback(done)
         log.info("container %s removed", cid)
+
+    async def _delete(self, cid: str, bundle: str) -> None:
+        """crun's state of the removed container ``cid``, then its bundle. Never raises:
+        a failure is logged (nobody waits for the answer any more)."""
+        try:
+            await self.pod.crun.delete(cid)
+        except CrunError as e:
+            log.warning("%s", e)
+        except Exception:
+            log.exception("container %s: crun delete", cid)
+        remove_tree(bundle)
+
+    async def deleted(self, cid: str) -> None:
+        """Return once the crun state and bundle of a removed container ``cid`` are gone
+        (at once if none is being deleted)."""
+        task = self._deleting.get(cid)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def pause_container(self, req: pb.PauseContainerRequest) -> pb.Empty:
         c = self.pod.running(req.container_id)
