@@ -90,7 +90,8 @@ async def _test_create_with_the_same_id_waits_for_the_delete(tmp_path: Path) -> 
     service = ContainerService(pod)
     await service.remove("c1", 1)
     # a rootfs that does not exist: the create fails, but only after the wait
-    req = pb.CreateContainerRequest(container_id="c1", oci_spec=b"{}", rootfs=str(tmp_path / "none"))
+    missing = str(tmp_path / "none")
+    req = pb.CreateContainerRequest(container_id="c1", oci_spec=b"{}", rootfs=missing)
     create = asyncio.ensure_future(service.create_container(req))
     await settle()
     assert not create.done()

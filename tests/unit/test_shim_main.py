@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from carapace.protocols.containerd import shim_pb2 as api
 from carapace.protocols.contract import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID
 from carapace.sandbox.state import STATE_FILE, Runstate, SandboxRecord
 from carapace.shim import main as shim_main
+from carapace.shim.command import ShimArgs
 from carapace.shim.main import SHIM_FILE, cmd_delete, config_path_from_options
-from carapace.shim.params import ShimArgs
 from carapace.shim.service import to_ttrpc_error
 from carapace.ttrpc import Code
 
@@ -369,7 +370,7 @@ def test_start_makes_a_0600_socket_whatever_the_umask(
         shim_main, "socket_path", lambda *a: seen.setdefault("sock", str(sock_dir / "p.sock"))
     )
     monkeypatch.setattr(shim_main, "_read_stdin", lambda: b"")
-    monkeypatch.setattr(shim_main.subprocess, "Popen", Spawned)
+    monkeypatch.setattr(subprocess, "Popen", Spawned)
     bundle = make_bundle(tmp_path)
     args = ShimArgs(
         namespace="default", address=str(tmp_path / "c.sock"), id="p", bundle=str(bundle)

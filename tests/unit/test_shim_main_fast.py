@@ -15,8 +15,9 @@ import pytest
 from carapace.errors import InvalidArgument
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.sandbox.state import Runstate, SandboxRecord
-from carapace.shim.main import SHIM_FILE, checked_pod_id, cmd_delete, logrus_time
-from carapace.shim.params import ShimArgs
+from carapace.shim.command import ShimArgs
+from carapace.shim.daemon import logrus_time
+from carapace.shim.main import SHIM_FILE, checked_pod_id, cmd_delete
 
 
 def test_logrus_time_has_milliseconds_in_utc() -> None:
@@ -74,13 +75,48 @@ def test_delete_leaves_a_pod_its_shim_serves_alone(
 
 def test_start_and_delete_leave_the_sandbox_package_unimported(tmp_path: Path) -> None:
     """Importing the shim's program costs what start and delete need, not the whole
-    host side (the sandbox package, asyncio): a fresh interpreter tells."""
+    host side (the sandbox package, asyncio, logging, protobuf): a fresh interpreter
+    tells."""
     import subprocess
 
+    heavy = ("carapace.sandbox", "carapace.shim.service", "asyncio", "logging", "google")
     code = (
-        "import sys, carapace.shim.main; "
-        "print(sorted(m for m in ('carapace.sandbox', 'carapace.shim.service', 'asyncio') "
-        "if m in sys.modules))"
+        f"import sys, carapace.shim.main; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_a_container_joining_its_pods_shim_answers_without_protobuf(tmp_path: Path) -> None:
+    """containerd runs start for every container of a pod: one whose pod's shim
+    serves answers the shim's address; its runtime options (the pod's, already in
+    force) are not parsed, so garbage there is no error and protobuf stays unimported."""
+    import subprocess
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = {
+        "ociVersion": "1.1.0",
+        "process": {"args": ["sh"]},
+        "root": {"path": "rootfs"},
+        "annotations": {"io.kubernetes.cri.sandbox-id": "p" * 64},
+    }
+    (bundle / "config.json").write_text(json.dumps(spec))
+    sock = tmp_path / "pod.sock"
+    code = (
+        "import sys, carapace.shim.main as m; from carapace.shim.command import ShimArgs; "
+        f"m.socket_path = lambda *a: {str(sock)!r}; m._read_stdin = lambda: b'garbage'; "
+        f"rc = m.cmd_start(ShimArgs(namespace='k8s.io', address='/c.sock', id='c1', "
+        f"bundle={str(bundle)!r})); "
+        "print(); print(rc, sorted(x for x in sys.modules if x.startswith('google')))"
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock))
+        s.listen(4)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    address, status = r.stdout.splitlines()
+    assert address == f"unix://{sock}"
+    assert status == "0 []"
+    assert json.loads((bundle / SHIM_FILE).read_text()) == {"socket": str(sock), "config": None}
+    assert (bundle / "address").read_text() == f"unix://{sock}"

@@ -14,16 +14,8 @@ from carapace.errors import InvalidArgument
 from carapace.guest.spec import guest_spec
 from carapace.oci import Namespace, Spec
 from carapace.protocols.contract import GUEST_NS_PREFIX as GUEST
-from carapace.shim.params import (
-    SOCKET_DIR,
-    ShimArgs,
-    is_type,
-    join_pod_namespaces,
-    mount_options,
-    parse_args,
-    socket_path,
-    strip_unix,
-)
+from carapace.shim.command import SOCKET_DIR, ShimArgs, parse_args, socket_path
+from carapace.shim.params import is_type, join_pod_namespaces, mount_options, strip_unix
 
 ADDRESS = "/run/containerd/containerd.sock"
 ID64 = "a" * 64

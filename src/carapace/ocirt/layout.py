@@ -27,7 +27,7 @@ from typing import Any
 
 from carapace.errors import InvalidArgument, NotFound
 from carapace.sandbox.plan import check_id
-from carapace.shim.params import SOCKET_DIR, socket_path
+from carapace.shim.command import SOCKET_DIR, socket_path
 
 DEFAULT_ROOT = "/run/carapace-oci"
 STATE_FILE = "state.json"

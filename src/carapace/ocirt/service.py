@@ -28,8 +28,9 @@ from carapace.ocirt.layout import PodState, Root, pid_alive
 from carapace.protocols.containerd import shim_pb2 as api
 from carapace.sandbox.state import STATE_FILE, SandboxRecord, release
 from carapace.sandbox.state import pid_alive as sandbox_pid_alive
-from carapace.shim import params
-from carapace.shim.params import LISTEN_FD_ENV, TASK_SERVICE
+from carapace.shim import command
+from carapace.shim.command import LISTEN_FD_ENV
+from carapace.shim.params import TASK_SERVICE
 from carapace.ttrpc import Code, TtrpcError
 from carapace.ttrpc.client import Client
 
@@ -68,7 +69,7 @@ def call(sock: Path, method: str, req: Message, resp: type[M], timeout: float | 
 
 
 def connectable(sock: Path) -> bool:
-    return params.connectable(str(sock))
+    return command.connectable(str(sock))
 
 
 def start(root: Root, pod: str, config_path: str | None, debug: bool) -> PodState:

@@ -10,51 +10,43 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf.any_pb2 import Any as AnyPb
-from google.protobuf.message import DecodeError
-
-from carapace import __version__, linux
 from carapace.errors import CarapaceError, InvalidArgument, NotFound
-from carapace.oci import Bundle
 from carapace.protocols.contract import ID_RE
-from carapace.shim.params import (
+from carapace.shim.command import (
     LISTEN_FD_ENV,
     SOCKET_DIR,
     ShimArgs,
-    config_path_of,
     connectable,
     parse_args,
     socket_path,
 )
 
 if TYPE_CHECKING:
-    from carapace.sandbox.state import SandboxRecord
+    from carapace.oci import Bundle
 
 # containerd runs this program for every container's start and delete, and waits for
-# it: those actions import only what they need (the serving daemon imports the rest,
-# in ``serve``); the sandbox package alone takes a Python tenth of a second.
-
-log = logging.getLogger("carapace.shim")
+# it (a pod's StopPodSandbox waits for a delete per container): those actions import
+# only what they need, each where it is needed; the serving daemon (carapace.shim.daemon)
+# imports the rest. A container joining its pod's running shim reads its bundle and
+# answers; protobuf is imported only to start a pod's shim and to answer a delete.
 
 #: What ``start`` leaves in each bundle for ``delete``: the socket and configuration.
 SHIM_FILE = "carapace-shim.json"
 #: Exit status ``delete`` reports for a task whose shim died (as runc's shim: SIGKILL).
-DEAD_SHIM_STATUS = 128 + signal.SIGKILL
+DEAD_SHIM_STATUS = 128 + 9
 
 
 def read_bundle(bundle: Path) -> Bundle | None:
     """The bundle's spec and rootfs (not required to exist yet), or None when the
     bundle has no config.json (then the container is its own pod)."""
+    from carapace.oci import Bundle
+
     try:
         return Bundle.load(bundle, check_rootfs=False)
     except NotFound:
@@ -66,6 +58,11 @@ def config_path_from_options(data: bytes) -> str | None:
     (a marshalled ``Any`` of ``runtimeoptions.v1.Options``), if any."""
     if not data:
         return None
+    from google.protobuf.any_pb2 import Any as AnyPb
+    from google.protobuf.message import DecodeError
+
+    from carapace.shim.params import config_path_of
+
     any_opts = AnyPb()
     try:
         any_opts.ParseFromString(data)
@@ -104,11 +101,15 @@ def _self() -> list[str]:
 def cmd_start(args: ShimArgs) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     loaded = read_bundle(bundle)
-    pod = loaded.spec.pod_id(args.id) if loaded is not None else args.id
-    config_path = config_path_from_options(_read_stdin()) or os.environ.get("CARAPACE_CONFIG")
+    pod = checked_pod_id(loaded.spec.pod_id(args.id) if loaded is not None else args.id)
+    options = _read_stdin()
     sock = socket_path(args.address, args.namespace, pod)
-    if connectable(sock):  # the pod's shim runs already: this container joins it
-        return _announce(bundle, sock, config_path)
+    if connectable(sock):
+        # the pod's shim runs already, with the pod's configuration (one runtime handler
+        # per pod): this container joins it; its options are not parsed (the pod's
+        # sandbox container, whose start made the shim, records the configuration)
+        return _announce(bundle, sock, None)
+    config_path = config_path_from_options(options) or os.environ.get("CARAPACE_CONFIG")
     if pod != args.id:
         raise InvalidArgument(
             f"container {args.id}: the shim of its pod {pod} is not running (no {sock})"
@@ -129,6 +130,8 @@ def cmd_start(args: ShimArgs) -> int:
         argv += ["-id", pod, "-address", args.address, "-socket", sock]
         if args.debug:
             argv.append("-debug")
+        import subprocess
+
         subprocess.Popen(
             argv,
             cwd=bundle,
@@ -197,6 +200,8 @@ def cmd_delete(args: ShimArgs) -> int:
         print(f"carapace shim delete: {e}", file=sys.stderr)
         pod = ""
     rootfs = loaded.rootfs if loaded is not None else bundle / "rootfs"
+    from carapace import linux
+
     with contextlib.suppress(OSError):
         while linux.is_mountpoint(str(rootfs)):
             linux.umount(str(rootfs), lazy=True)
@@ -221,83 +226,12 @@ def cmd_delete(args: ShimArgs) -> int:
     return 0
 
 
-class LogrusFormatter(logging.Formatter):
-    """Times as containerd's own log lines have them: UTC, RFC 3339, with the
-    milliseconds (a shim's steps take a few of them)."""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return logrus_time(record.created)
-
-
-def logrus_time(seconds: float) -> str:
-    """``seconds`` since the epoch as ``2026-11-26T19:28:58.123Z``."""
-    whole = int(seconds)
-    millis = min(int((seconds - whole) * 1000), 999)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{millis:03d}Z"
-
-
-def _setup_logging(debug: bool, pod: str) -> None:
-    """Log to the ``log`` fifo containerd reads in the bundle (stderr if it is absent)."""
-    stream: Any = sys.stderr
-    with contextlib.suppress(OSError):
-        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(fd, True)
-        stream = os.fdopen(fd, "w", buffering=1)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        LogrusFormatter(
-            f'time="%(asctime)s" level=%(levelname)s msg="%(message)s" '
-            f"runtime=io.containerd.carapace.v2 pod={pod[:12]}"
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # pyroute2 logs every netlink message at debug level: not the shim's detail
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-
-
-async def serve(args: ShimArgs) -> int:
-    import asyncio
-
-    from carapace.shim.events import Publisher
-    from carapace.shim.service import TaskService
-    from carapace.ttrpc import Server
-
-    _setup_logging(args.debug, args.id)
-    fd = int(os.environ.pop(LISTEN_FD_ENV))
-    listener = socket.socket(fileno=fd)
-    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
-    service = TaskService(args.id, args.namespace, publisher, os.environ.get("CARAPACE_CONFIG"))
-    server = Server()
-    service.register(server)
-    srv = await asyncio.start_unix_server(server.serve_connection, sock=listener)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.shutdown_requested.set)
-    log.info(
-        "shim %s serving pod %s on %s (pid %d)", __version__, args.id, args.socket, os.getpid()
-    )
-    try:
-        await service.shutdown_requested.wait()
-        await asyncio.sleep(0.05)  # let the Shutdown reply leave
-    finally:
-        srv.close()
-        await service.close()
-        await publisher.flush(5)
-        await publisher.close()
-        await server.close()
-        if args.socket:
-            with contextlib.suppress(OSError):
-                os.unlink(args.socket)
-        log.info("shim for pod %s exits", args.id)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.version:
+            from carapace import __version__
+
             print(f"containerd-shim-carapace-v2 {__version__}")
             return 0
         if args.action == "start":
@@ -309,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 "no action given; accepted: start, delete (the serving mode is started by start)"
             )
         import asyncio
+
+        from carapace.shim.daemon import serve
 
         return asyncio.run(serve(args))
     except CarapaceError as e:

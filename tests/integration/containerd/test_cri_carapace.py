@@ -14,7 +14,7 @@ from pathlib import Path
 import cri_api as api
 import pytest
 
-from carapace.shim.params import socket_path
+from carapace.shim.command import socket_path
 
 from ..conftest import RUN_ROOT, host_kernel
 from ..procs import processes, qemu_of

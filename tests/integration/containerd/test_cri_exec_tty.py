@@ -25,7 +25,7 @@ import cri_api as api
 import grpc
 import pytest
 
-from carapace.shim.params import SOCKET_DIR
+from carapace.shim.command import SOCKET_DIR
 
 from ...tooling.kube_stream import ERROR, STDERR, STDOUT, V1, V4, KubeStream, exit_code
 from ..conftest import RUN_ROOT

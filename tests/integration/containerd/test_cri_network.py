@@ -39,7 +39,7 @@ import cri_api as api
 import pytest
 
 from carapace.network.tcfilter import traces
-from carapace.shim.params import socket_path
+from carapace.shim.command import socket_path
 
 from ..conftest import RUN_ROOT
 from ..procs import processes, qemu_of

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from carapace.shim.params import SOCKET_DIR, socket_path
+from carapace.shim.command import SOCKET_DIR, socket_path
 
 from ..conftest import RUN_ROOT, host_kernel, qemu_pids
 from .conftest import CtrFn
