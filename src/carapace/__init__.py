@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+# (``typing`` only for the type checker, which reads this constant as True: every
+# process that imports carapace, the shim binary containerd runs per container
+# included, would pay for importing it)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from carapace.api import RunResult, Sandbox
 
 __all__ = ["RunResult", "Sandbox", "__version__"]

@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from carapace.errors import InvalidArgument, NotFound, shown
+from carapace.errors import InvalidArgument, NotFound
+from carapace.oci.files import (
+    CONFIG_FILE,
+    annotations_of,
+    field_error,
+    object_field,
+    read_config,
+    resolve_root,
+    string_field,
+)
 from carapace.protocols import contract
 from carapace.sizing import ascii_int
 
-CONFIG_FILE = "config.json"
 #: The deepest nesting of objects and lists a spec may have: OCI's own is under 10;
 #: a deeper document (a hostile one) would exhaust the recursion of whatever walks it.
 MAX_DEPTH = 64
@@ -61,10 +68,6 @@ class Mount:
         return out
 
 
-def _field(where: str, name: str, value: object, expected: str) -> InvalidArgument:
-    return InvalidArgument(f"{where}: {name} is {shown(value)}; accepted: {expected}")
-
-
 def _check_depth(data: object, where: str) -> None:
     """Refuse a document nested deeper than MAX_DEPTH (walked without recursion)."""
     stack: list[tuple[object, int]] = [(data, 1)]
@@ -83,47 +86,21 @@ def _check_depth(data: object, where: str) -> None:
         stack.extend((c, depth + 1) for c in children)
 
 
-def _object(data: Mapping[str, Any], key: str, where: str, name: str) -> dict[str, Any]:
-    value = data.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _field(where, name, value, "a JSON object")
-    return value
-
-
-def _string(data: Mapping[str, Any], key: str, where: str, name: str) -> str:
-    value = data.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _field(where, name, value, "a string")
-    return value
-
-
-def _annotations(data: Mapping[str, Any], where: str) -> dict[str, str]:
-    raw = _object(data, "annotations", where, "annotations")
-    for k, v in raw.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise _field(where, f"annotations[{shown(k)}]", v, "a string")
-    return dict(raw)
-
-
 def _namespaces(linux: Mapping[str, Any], where: str) -> tuple[Namespace, ...]:
     raw = linux.get("namespaces")
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise _field(where, "linux.namespaces", raw, "a list of {type, path} objects")
+        raise field_error(where, "linux.namespaces", raw, "a list of {type, path} objects")
     out = []
     for i, ns in enumerate(raw):
         name = f"linux.namespaces[{i}]"
         if not isinstance(ns, dict):
-            raise _field(where, name, ns, "an object with a type and an optional path")
-        kind = _string(ns, "type", where, f"{name}.type")
+            raise field_error(where, name, ns, "an object with a type and an optional path")
+        kind = string_field(ns, "type", where, f"{name}.type")
         if not kind:
-            raise _field(where, f"{name}.type", ns.get("type"), "a namespace type such as pid")
-        out.append(Namespace(kind, _string(ns, "path", where, f"{name}.path")))
+            raise field_error(where, f"{name}.type", ns.get("type"), "a namespace type such as pid")
+        out.append(Namespace(kind, string_field(ns, "path", where, f"{name}.path")))
     return tuple(out)
 
 
@@ -132,23 +109,23 @@ def _mounts(data: Mapping[str, Any], where: str) -> tuple[Mount, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise _field(where, "mounts", raw, "a list of mount objects")
+        raise field_error(where, "mounts", raw, "a list of mount objects")
     out = []
     for i, m in enumerate(raw):
         name = f"mounts[{i}]"
         if not isinstance(m, dict):
-            raise _field(where, name, m, "an object with a destination")
-        dest = _string(m, "destination", where, f"{name}.destination")
+            raise field_error(where, name, m, "an object with a destination")
+        dest = string_field(m, "destination", where, f"{name}.destination")
         if not dest.startswith("/"):
-            raise _field(where, f"{name}.destination", dest, "an absolute path")
+            raise field_error(where, f"{name}.destination", dest, "an absolute path")
         options = m.get("options") or []
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-            raise _field(where, f"{name}.options", options, "a list of strings")
+            raise field_error(where, f"{name}.options", options, "a list of strings")
         out.append(
             Mount(
                 dest,
-                _string(m, "type", where, f"{name}.type"),
-                _string(m, "source", where, f"{name}.source"),
+                string_field(m, "type", where, f"{name}.type"),
+                string_field(m, "source", where, f"{name}.source"),
                 tuple(options),
             )
         )
@@ -161,13 +138,15 @@ def _files_limit(resources: Mapping[str, Any], where: str) -> int | None:
         return None
     name = "linux.resources.files.limit (--files-limit)"
     if not isinstance(files, dict):
-        raise _field(where, "linux.resources.files", files, "an object with a limit")
+        raise field_error(where, "linux.resources.files", files, "an object with a limit")
     raw = files.get("limit")
     if raw is None:
         return None
     n = ascii_int(raw)
     if n is None or n < 0:
-        raise _field(where, name, raw, "0 (fs.file-max / 400) or a positive number of open files")
+        raise field_error(
+            where, name, raw, "0 (fs.file-max / 400) or a positive number of open files"
+        )
     return n
 
 
@@ -194,29 +173,29 @@ class Spec:
         """Validate ``data`` (a parsed config.json); wrong types raise InvalidArgument
         naming the field, the value and what is accepted."""
         if not isinstance(data, dict):
-            raise _field(where, "the document", type(data).__name__, "a JSON object")
+            raise field_error(where, "the document", type(data).__name__, "a JSON object")
         _check_depth(data, where)
         process = data.get("process")
         if not isinstance(process, dict):
-            raise _field(where, "process", process, "an object (the container's process)")
+            raise field_error(where, "process", process, "an object (the container's process)")
         terminal = process.get("terminal")
         if terminal is None:
             terminal = False
         if not isinstance(terminal, bool):
-            raise _field(where, "process.terminal", terminal, "true or false")
-        root = _object(data, "root", where, "root")
-        linux = _object(data, "linux", where, "linux")
+            raise field_error(where, "process.terminal", terminal, "true or false")
+        root = object_field(data, "root", where, "root")
+        linux = object_field(data, "linux", where, "linux")
         resources = linux.get("resources")
         if resources is not None and not isinstance(resources, dict):
-            raise _field(where, "linux.resources", resources, "a JSON object")
+            raise field_error(where, "linux.resources", resources, "a JSON object")
         data = copy.deepcopy(data)
         return cls(
             _data=data,
-            annotations=_annotations(data, where),
-            hostname=_string(data, "hostname", where, "hostname"),
-            root_path=_string(root, "path", where, "root.path") or "rootfs",
+            annotations=annotations_of(data, where),
+            hostname=string_field(data, "hostname", where, "hostname"),
+            root_path=string_field(root, "path", where, "root.path") or "rootfs",
             terminal=terminal,
-            cgroups_path=_string(linux, "cgroupsPath", where, "linux.cgroupsPath"),
+            cgroups_path=string_field(linux, "cgroupsPath", where, "linux.cgroupsPath"),
             namespaces=_namespaces(linux, where),
             resources=copy.deepcopy(resources),
             files_limit=_files_limit(resources or {}, where),
@@ -283,10 +262,7 @@ class Spec:
     def pod_id(self, container_id: str) -> str:
         """The pod (shim group) the container belongs to: the sandbox-id annotation, or
         the container itself when it is not part of a pod."""
-        a = self.annotations
-        if a.get(contract.DOCKER_CONTAINER_TYPE) == "podsandbox":
-            return container_id
-        return a.get(contract.CRI_SANDBOX_ID) or a.get(contract.DOCKER_SANDBOX_ID) or container_id
+        return contract.pod_id_of(self.annotations, container_id)
 
     def is_pod_sandbox(self, container_id: str) -> bool:
         """Whether this container makes the pod (CRI's pause container, or a container
@@ -310,56 +286,6 @@ def write_config(bundle: Path, data: Mapping[str, Any]) -> Path:
     return path
 
 
-def _read_config(path: Path) -> object:
-    """The one place a config.json is read and parsed."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise NotFound(f"bundle {path.parent}: no {CONFIG_FILE}; an OCI bundle needs one") from None
-    except OSError as e:
-        raise InvalidArgument(f"bundle {path.parent}: cannot read {CONFIG_FILE}: {e}") from e
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:  # also an int of 4301 digits, deep nesting
-        raise InvalidArgument(
-            f"bundle {path.parent}: {CONFIG_FILE} is not valid JSON: {str(e)[:200]}"
-        ) from e
-
-
-#: Host trees a rootfs may never be (nor lie in).
-FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
-
-
-def resolve_root(bundle: Path, root_path: str, *, inside: bool = True) -> Path:
-    """The rootfs of a bundle, symlinks resolved. ``inside`` (containerd's shims,
-    which mount and unmount it): it must lie in the bundle, as runc's shim requires.
-    Otherwise (a runtime CLI: Podman writes an absolute path to its storage) it may be
-    elsewhere, but never ``/`` nor in /proc, /sys or /dev."""
-    real_bundle = os.path.realpath(bundle)
-    try:
-        resolved = os.path.realpath(os.path.join(real_bundle, root_path))
-    except OSError as e:
-        raise InvalidArgument(
-            f"bundle {bundle}: root.path {root_path!r} cannot be resolved ({e.strerror}); "
-            "accepted: a directory inside the bundle (e.g. rootfs)"
-        ) from None
-    if inside:
-        if resolved == real_bundle or os.path.commonpath([resolved, real_bundle]) != real_bundle:
-            raise InvalidArgument(
-                f"bundle {bundle}: root.path {root_path!r} resolves to {resolved}, outside the "
-                "bundle; accepted: a directory inside the bundle (e.g. rootfs)"
-            )
-        return Path(resolved)
-    if resolved == "/" or any(
-        resolved == t or resolved.startswith(t + "/") for t in FORBIDDEN_ROOTS
-    ):
-        raise InvalidArgument(
-            f"bundle {bundle}: root.path {root_path!r} resolves to {resolved}; accepted: a "
-            "directory other than / and outside /proc, /sys, /dev"
-        )
-    return Path(resolved)
-
-
 @dataclass(frozen=True)
 class Bundle:
     """An OCI bundle: its directory, its spec and its rootfs (resolved once)."""
@@ -376,7 +302,7 @@ class Bundle:
         be a directory now (not so for a shim, which mounts it later);
         ``rootfs_inside``: see ``resolve_root``."""
         bundle = Path(path).absolute()
-        spec = Spec.from_dict(_read_config(bundle / CONFIG_FILE), f"bundle {bundle}")
+        spec = Spec.from_dict(read_config(bundle / CONFIG_FILE), f"bundle {bundle}")
         rootfs = resolve_root(bundle, spec.root_path, inside=rootfs_inside)
         if check_rootfs and not rootfs.is_dir():
             raise NotFound(f"bundle {bundle}: rootfs {rootfs} is not a directory")

@@ -19,7 +19,8 @@ from google.protobuf.empty_pb2 import Empty
 from carapace import __version__
 from carapace.errors import CarapaceError, InvalidArgument, StateError
 from carapace.oci import Bundle
-from carapace.oci.bundle import CONFIG_FILE, write_config
+from carapace.oci.bundle import write_config
+from carapace.oci.files import CONFIG_FILE
 from carapace.oci.spec import default_spec, parse_env
 from carapace.ocirt import holder as holders
 from carapace.ocirt import service

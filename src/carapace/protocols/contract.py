@@ -7,6 +7,7 @@ spell the same way lives here and nowhere else; everything else imports it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 # -- identifiers ---------------------------------------------------------------------
 
@@ -136,3 +137,12 @@ CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "contain
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 DOCKER_CONTAINER_TYPE = "io.kubernetes.docker.type"  # "podsandbox" or "container"
 DOCKER_SANDBOX_ID = "io.kubernetes.sandbox.id"
+
+
+def pod_id_of(annotations: Mapping[str, str], container_id: str) -> str:
+    """The pod (shim group) a container belongs to, by its spec's annotations: CRI's or
+    dockershim's sandbox id, or the container itself when it is not part of a pod (or is
+    dockershim's pod sandbox)."""
+    if annotations.get(DOCKER_CONTAINER_TYPE) == "podsandbox":
+        return container_id
+    return annotations.get(CRI_SANDBOX_ID) or annotations.get(DOCKER_SANDBOX_ID) or container_id

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from dataclasses import dataclass
 
 from carapace.errors import InvalidArgument
 
@@ -26,17 +25,46 @@ _GO_BOOLS = {
 }
 
 
-@dataclass
 class ShimArgs:
-    namespace: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    id: str = ""
-    bundle: str = ""
-    socket: str = ""
-    debug: bool = False
-    version: bool = False
-    action: str = ""  # "start", "delete", or "" for the serving daemon
+    """The flags and the action of one run of the binary (a plain class: ``dataclasses``
+    would cost each start and delete its import)."""
+
+    FIELDS = ("namespace", "address", "publish_binary", "id", "bundle", "socket")
+
+    def __init__(
+        self,
+        namespace: str = "",
+        address: str = "",
+        publish_binary: str = "",
+        id: str = "",
+        bundle: str = "",
+        socket: str = "",
+        debug: bool = False,
+        version: bool = False,
+        action: str = "",  # "start", "delete", or "" for the serving daemon
+    ) -> None:
+        self.namespace = namespace
+        self.address = address
+        self.publish_binary = publish_binary
+        self.id = id
+        self.bundle = bundle
+        self.socket = socket
+        self.debug = debug
+        self.version = version
+        self.action = action
+
+    def _values(self) -> tuple[object, ...]:
+        return (*(getattr(self, f) for f in self.FIELDS), self.debug, self.version, self.action)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShimArgs) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        names = (*self.FIELDS, "debug", "version", "action")
+        return f"ShimArgs({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
 
 def parse_args(argv: list[str]) -> ShimArgs:

@@ -14,10 +14,17 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from carapace.errors import CarapaceError, InvalidArgument, NotFound
-from carapace.protocols.contract import ID_RE
+from carapace.oci.files import (
+    CONFIG_FILE,
+    annotations_of,
+    object_field,
+    read_config,
+    resolve_root,
+    string_field,
+)
+from carapace.protocols.contract import ID_RE, pod_id_of
 from carapace.shim.command import (
     LISTEN_FD_ENV,
     SOCKET_DIR,
@@ -27,8 +34,9 @@ from carapace.shim.command import (
     socket_path,
 )
 
+TYPE_CHECKING = False  # read as True by the type checker; typing is not imported
 if TYPE_CHECKING:
-    from carapace.oci import Bundle
+    from typing import Any
 
 # containerd runs this program for every container's start and delete, and waits for
 # it (a pod's StopPodSandbox waits for a delete per container): those actions import
@@ -42,15 +50,29 @@ SHIM_FILE = "carapace-shim.json"
 DEAD_SHIM_STATUS = 128 + 9
 
 
-def read_bundle(bundle: Path) -> Bundle | None:
-    """The bundle's spec and rootfs (not required to exist yet), or None when the
-    bundle has no config.json (then the container is its own pod)."""
-    from carapace.oci import Bundle
+class BundleView:
+    """What start and delete read of a bundle: the container's pod and its rootfs (not
+    required to exist yet). The whole spec is checked by the serving shim's Create."""
 
+    def __init__(self, container_id: str, annotations: dict[str, str], rootfs: Path) -> None:
+        self.pod = pod_id_of(annotations, container_id)
+        self.rootfs = rootfs
+
+
+def read_bundle(bundle: Path, container_id: str) -> BundleView | None:
+    """``bundle``'s view, or None when it has no config.json (then the container is its
+    own pod). Its annotations and root.path are checked as ``carapace.oci.Bundle`` does,
+    in the same words; the rootfs must lie in the bundle."""
     try:
-        return Bundle.load(bundle, check_rootfs=False)
+        config = read_config(bundle / CONFIG_FILE)
     except NotFound:
         return None
+    where = f"bundle {bundle.absolute()}"
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{where}: {CONFIG_FILE} is not a JSON object")
+    root = string_field(object_field(config, "root", where, "root"), "path", where, "root.path")
+    rootfs = resolve_root(bundle.absolute(), root or "rootfs", inside=True)
+    return BundleView(container_id, annotations_of(config, where), rootfs)
 
 
 def config_path_from_options(data: bytes) -> str | None:
@@ -100,8 +122,8 @@ def _self() -> list[str]:
 
 def cmd_start(args: ShimArgs) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
-    loaded = read_bundle(bundle)
-    pod = checked_pod_id(loaded.spec.pod_id(args.id) if loaded is not None else args.id)
+    loaded = read_bundle(bundle, args.id)
+    pod = checked_pod_id(loaded.pod if loaded is not None else args.id)
     options = _read_stdin()
     sock = socket_path(args.address, args.namespace, pod)
     if connectable(sock):
@@ -189,11 +211,11 @@ def cmd_delete(args: ShimArgs) -> int:
     bundle, and the pod's VM, mounts and run dir if the pod's shim is gone."""
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     try:
-        loaded = read_bundle(bundle)
+        loaded = read_bundle(bundle, args.id)
     except InvalidArgument as e:  # clean up what can be found without it
         print(f"carapace shim delete: {e}", file=sys.stderr)
         loaded = None
-    pod = loaded.spec.pod_id(args.id) if loaded is not None else args.id
+    pod = loaded.pod if loaded is not None else args.id
     try:
         checked_pod_id(pod)  # from an annotation: checked here as in start
     except InvalidArgument as e:
