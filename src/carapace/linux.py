@@ -209,13 +209,25 @@ def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
 
 def mounts_under(top: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Mount points at or below ``top``, the last mounted first."""
-    return [p for p, _ in reversed(mount_table(mountinfo)) if is_under(p, top)]
+    return points_under(mount_table(mountinfo), top)
+
+
+def points_under(table: list[tuple[str, str]], top: str) -> list[str]:
+    """The mount points of ``table`` (``mount_table``'s) at or below ``top``, the last
+    mounted first."""
+    return [p for p, _ in reversed(table) if is_under(p, top)]
 
 
 def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
     """The filesystem type of the mount ``path`` is on (the deepest mount holding it)."""
+    return fs_type_in(mount_table(mountinfo), path)
+
+
+def fs_type_in(table: list[tuple[str, str]], path: str) -> str:
+    """The filesystem type of the mount of ``table`` (``mount_table``'s) that ``path``
+    is on: the deepest one holding it, the last mounted of equals."""
     best, kind = "", ""
-    for point, fstype in mount_table(mountinfo):
+    for point, fstype in table:
         if is_under(path, point) and len(point) >= len(best):
             best, kind = point, fstype
     return kind

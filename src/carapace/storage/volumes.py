@@ -89,7 +89,8 @@ class SourceFacts:
 
 
 def probe_source(path: str) -> SourceFacts:
-    """The host's facts about ``path`` (impure: stat and statfs)."""
+    """The host's facts about ``path`` (impure: stat, statfs and one read of the mount
+    table)."""
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
@@ -110,13 +111,14 @@ def probe_source(path: str) -> SourceFacts:
         else "other"
     )
     vfs = os.statvfs(real)
+    table = linux.mount_table()
     return SourceFacts(
         real,
         kind,
-        on_tmpfs=linux.fs_type(real) == "tmpfs",
+        on_tmpfs=linux.fs_type_in(table, real) == "tmpfs",
         size_bytes=vfs.f_blocks * vfs.f_frsize,
         mode=stat.S_IMODE(m),
-        has_submounts=kind == "dir" and any(p != real for p in linux.mounts_under(real)),
+        has_submounts=kind == "dir" and any(p != real for p in linux.points_under(table, real)),
     )
 
 
