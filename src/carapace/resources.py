@@ -164,13 +164,12 @@ def check_sandbox_only(
 # -- host namespaces ------------------------------------------------------------------
 
 
-def check_namespaces(
+def host_namespaces(
     namespaces: Iterable[Namespace],
-    container_id: str,
     is_host_namespace: Callable[[str, str], bool] = lambda ns_type, path: False,
-) -> None:
-    """Refuse a spec that would share the host's net, ipc, pid or uts namespace: in OCI
-    a namespace type missing from linux.namespaces means the host's, and so does a path
+) -> list[str]:
+    """The types of HOST_NAMESPACES_REFUSED a spec's linux.namespaces would share with
+    the host: in OCI a type missing from the list means the host's, and so does a path
     to the host's own namespace (``is_host_namespace(type, path)`` tells)."""
     entries = list(namespaces)
     have = {ns.type for ns in entries}
@@ -180,6 +179,17 @@ def check_namespaces(
         for ns in entries
         if ns.type in HOST_NAMESPACES_REFUSED and ns.path and is_host_namespace(ns.type, ns.path)
     ]
+    return missing
+
+
+def check_namespaces(
+    namespaces: Iterable[Namespace],
+    container_id: str,
+    is_host_namespace: Callable[[str, str], bool] = lambda ns_type, path: False,
+) -> None:
+    """Refuse a spec that would share the host's net, ipc, pid or uts namespace
+    (``host_namespaces``), in the words of OCI and the engines' flags."""
+    missing = host_namespaces(namespaces, is_host_namespace)
     if missing:
         flags = ", ".join(f"{_NS_FLAG[t]} host" for t in missing)
         raise InvalidArgument(
@@ -188,6 +198,36 @@ def check_namespaces(
             "kernel and cannot share the host's net, ipc, pid or uts namespace; accepted: "
             "private namespaces (or the pod's)"
         )
+
+
+#: The pod field (the kubelet's) for which CRI leaves each namespace out of a pod
+#: sandbox's spec, to share the host's: hostNetwork takes the uts one too.
+POD_HOST_FIELDS = {
+    "network": "hostNetwork",
+    "ipc": "hostIPC",
+    "pid": "hostPID",
+    "uts": "hostNetwork",
+}
+
+
+def check_pod_namespaces(namespaces: Iterable[Namespace], pod_id: str) -> None:
+    """The same refusal for a CRI pod sandbox (pause) spec, in the pod's words
+    (hostNetwork, hostPID, hostIPC). CRI always lists the pod's namespaces (its mount
+    namespace at least): a spec listing none is left to ``check_namespaces``, and so is
+    a path to the host's own namespace."""
+    entries = list(namespaces)
+    missing = host_namespaces(entries) if entries else []
+    if not missing:
+        return
+    fields = dict.fromkeys(POD_HOST_FIELDS[t] for t in missing)
+    plural = "s" if len(missing) > 1 else ""
+    raise InvalidArgument(
+        f"pod {pod_id} asks for the host's {' and '.join(missing)} namespace{plural} "
+        f"({', '.join(f'{f}: true' for f in fields)}); a VM pod has its own kernel and "
+        "cannot share a namespace with the host; accepted: a pod without hostNetwork, "
+        "hostPID or hostIPC (such a pod needs a runtime class whose containers run on the "
+        "host, such as runc)"
+    )
 
 
 # -- containers -------------------------------------------------------------------------

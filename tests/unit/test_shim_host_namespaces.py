@@ -12,7 +12,7 @@ from test_shim_service import POD, Pod, run
 from carapace.errors import InvalidArgument
 from carapace.oci import Spec
 from carapace.protocols.contract import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID
-from carapace.shim.params import refuse_host_namespaces
+from carapace.resources import check_pod_namespaces
 from carapace.ttrpc import Code, TtrpcError
 
 #: The namespaces containerd's CRI lists in a pod sandbox's spec.
@@ -42,7 +42,7 @@ def test_each_host_namespace_is_refused_naming_the_pod_field(
 ) -> None:
     spec = spec_with(*(t for t in CRI_POD if t not in gone))
     with pytest.raises(InvalidArgument) as e:
-        refuse_host_namespaces(spec, "p" * 64)
+        check_pod_namespaces(spec.namespaces, "p" * 64)
     msg = str(e.value)
     assert msg.startswith(f"pod {'p' * 64} asks for the host's {' and '.join(gone)} namespace")
     assert f"({field})" in msg
@@ -52,16 +52,16 @@ def test_each_host_namespace_is_refused_naming_the_pod_field(
 
 def test_all_three_named_once_each() -> None:
     with pytest.raises(InvalidArgument) as e:
-        refuse_host_namespaces(spec_with("mount"), "p1")
+        check_pod_namespaces(spec_with("mount").namespaces, "p1")
     msg = str(e.value)
     assert "the host's network and ipc and pid and uts namespaces" in msg
     assert "(hostNetwork: true, hostIPC: true, hostPID: true)" in msg
 
 
 def test_a_pod_with_its_own_namespaces_passes() -> None:
-    refuse_host_namespaces(spec_with(*CRI_POD), "p1")
+    check_pod_namespaces(spec_with(*CRI_POD).namespaces, "p1")
     # no list at all is not CRI's shape: the sandbox's plan refuses it in OCI's words
-    refuse_host_namespaces(spec_with(), "p1")
+    check_pod_namespaces(spec_with().namespaces, "p1")
 
 
 def test_the_shim_refuses_the_pod_before_anything_is_made(tmp_path: Path) -> None:

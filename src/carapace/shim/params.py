@@ -28,38 +28,6 @@ RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
 #: Namespaces a pod's containers may share with its sandbox container in the guest.
 POD_SHARED_NAMESPACES = ("pid", "ipc", "uts")
 
-#: The namespaces CRI leaves out of a pod sandbox's spec to share the host's, and the
-#: pod field (the kubelet's) that asks for it: hostNetwork takes the uts one too.
-HOST_NAMESPACE_FIELDS = {
-    "network": "hostNetwork",
-    "ipc": "hostIPC",
-    "pid": "hostPID",
-    "uts": "hostNetwork",
-}
-
-
-def refuse_host_namespaces(spec: Spec, pod_id: str) -> None:
-    """Refuse a pod whose sandbox (pause) spec shares a namespace with the host: CRI
-    leaves the namespace out of the spec for hostNetwork, hostPID and hostIPC, and a VM
-    pod cannot share its namespaces with the host. CRI always lists the pod's
-    namespaces (its mount namespace at least); a spec listing none, and a path to the
-    host's own namespace, are refused by the sandbox's plan, in the words of OCI."""
-    if not spec.namespaces:
-        return
-    have = {ns.type for ns in spec.namespaces}
-    missing = [t for t in HOST_NAMESPACE_FIELDS if t not in have]
-    if not missing:
-        return
-    fields = dict.fromkeys(HOST_NAMESPACE_FIELDS[t] for t in missing)
-    plural = "s" if len(missing) > 1 else ""
-    raise InvalidArgument(
-        f"pod {pod_id} asks for the host's {' and '.join(missing)} namespace{plural} "
-        f"({', '.join(f'{f}: true' for f in fields)}); a VM pod has its own kernel and "
-        "cannot share a namespace with the host; accepted: a pod without hostNetwork, "
-        "hostPID or hostIPC (such a pod needs a runtime class whose containers run on the "
-        "host, such as runc)"
-    )
-
 
 def join_pod_namespaces(spec: Spec, sandbox_guest_pid: int) -> Spec:
     """Point the namespaces CRI asks a container to share with the pod (a path to the

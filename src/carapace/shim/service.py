@@ -20,7 +20,7 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from carapace import __version__
+from carapace import __version__, resources
 from carapace.config import Config, load_config
 from carapace.errors import (
     AlreadyExists,
@@ -42,7 +42,6 @@ from carapace.shim.params import (
     TASK_SERVICE,
     config_path_of,
     join_pod_namespaces,
-    refuse_host_namespaces,
 )
 from carapace.shim.podwatch import PodWatch
 from carapace.shim.stdio import ProcessStdio
@@ -215,7 +214,7 @@ class TaskService:
                 f"container {req.id} belongs to pod {pod}, but this shim serves pod {self.pod_id}"
             )
         if spec.is_pause:  # a CRI pod: refused in the pod's words before anything is made
-            refuse_host_namespaces(spec, self.pod_id)
+            resources.check_pod_namespaces(spec.namespaces, self.pod_id)
         stdio = ProcessStdio(req.stdin, req.stdout, req.stderr, req.terminal)
         c = Container(req.id, req.bundle, spec, bundle.rootfs, Proc(req.id, "", stdio))
         booted_here = False
