@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 #: What ``start`` leaves in each bundle for ``delete``: the socket and configuration.
 SHIM_FILE = "carapace-shim.json"
 #: Exit status ``delete`` reports for a task whose shim died (as runc's shim: SIGKILL).
-DEAD_SHIM_STATUS = 128 + 9
+DEAD_SHIM_STATUS = 128 + 9  # SIGKILL (the signal module is not imported for a constant)
 
 
 class BundleView:
