@@ -29,8 +29,6 @@ class ShimArgs:
     """The flags and the action of one run of the binary (a plain class: ``dataclasses``
     would cost each start and delete its import)."""
 
-    FIELDS = ("namespace", "address", "publish_binary", "id", "bundle", "socket")
-
     def __init__(
         self,
         namespace: str = "",
@@ -53,18 +51,11 @@ class ShimArgs:
         self.version = version
         self.action = action
 
-    def _values(self) -> tuple[object, ...]:
-        return (*(getattr(self, f) for f in self.FIELDS), self.debug, self.version, self.action)
-
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ShimArgs) and self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
+        return isinstance(other, ShimArgs) and vars(self) == vars(other)
 
     def __repr__(self) -> str:
-        names = (*self.FIELDS, "debug", "version", "action")
-        return f"ShimArgs({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+        return f"ShimArgs({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def parse_args(argv: list[str]) -> ShimArgs:
