@@ -86,10 +86,8 @@ class ContainerService:
         cid = req.container_id
         if not cid or "/" in cid or cid.startswith("."):
             raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid container id {cid!r}")
+        await self.deleted(cid)  # a removed container of this id: crun's delete first
         if cid in pod.containers:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid!r} exists already")
-        await self.deleted(cid)
-        if cid in pod.containers:  # created by another request meanwhile
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid!r} exists already")
         try:
             spec = json.loads(req.oci_spec)
